@@ -1,0 +1,537 @@
+"""Pooling over sets of vectors: the Generalized Pooling Operator (GPO) and its baselines.
+
+Every pooling module here has the same interface::
+
+    pooled, weights = pool(features, lengths)
+
+``features`` is a padded batch of sets (B × N × D, float), ``lengths`` holds the number of valid
+elements of each set (B, integers in 1..N). Elements at index >= lengths[b] are padding: their
+values (even NaN or inf) never change a result. ``pooled`` is B × D. ``weights`` is B × N: the
+coefficient given to each *sorted* position (k-th largest value of each dimension) for the
+rank-weighted pools, or to each element for the attention-style ones; zero on padding.
+
+GPO (Chen et al., CVPR 2021): for every dimension independently, sort the N values in
+descending order and take a weighted sum with coefficients θ_k that depend only on the position k
+and the set size N. θ comes from a small generator: sin/cos positional encodings of k, read by a
+bidirectional GRU, mapped to a score, softmax with temperature 0.1.
+
+This module imports nothing else from vseinf: it is a plug-and-play layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+__all__ = [
+    "l2norm",
+    "positional_encoding",
+    "check_set_batch",
+    "valid_mask",
+    "RankWeightedPool",
+    "GPO",
+    "GPOReference",
+    "InterpolatedIndexPool",
+    "SinCosMLPPool",
+    "IndexBiGRUPool",
+    "AvgPool",
+    "MaxPool",
+    "KMaxPool",
+    "GeMPool",
+    "rank_weighted_sum",
+    "rank_weighted_sum_reference",
+    "size_augment",
+    "build_pooling",
+    "POOLING_NAMES",
+]
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """Scale ``x`` to unit l2 norm along ``dim`` (zero vectors stay zero)."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def positional_encoding(length: int, dim: int, device=None) -> torch.Tensor:
+    """Transformer sin/cos encoding of positions 0..length-1 (length × dim), 0-based like the authors."""
+    if dim % 2:
+        raise ValueError(f"positional encoding size must be even, got d_pe={dim}")
+    position = torch.arange(length, dtype=torch.float32, device=device).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(position * freq)
+    pe[:, 1::2] = torch.cos(position * freq)
+    return pe
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and masks
+
+
+def check_set_batch(features: torch.Tensor, lengths) -> torch.Tensor:
+    """Validate a padded set batch; return ``lengths`` as a LongTensor on the features' device.
+
+    Raises ValueError saying what was expected, so a user never gets a shape error from deep inside.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features must be a torch.Tensor of shape B×N×D, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must have 3 dimensions (B×N×D), got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
+    batch, n_max, _ = features.shape
+    if lengths is None:
+        return torch.full((batch,), n_max, dtype=torch.long, device=features.device)
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.is_floating_point():
+        if not torch.equal(lengths, lengths.round()):
+            raise ValueError("lengths must be whole numbers")
+    elif lengths.dtype == torch.bool or lengths.is_complex():
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"lengths must have shape ({batch},) to match features {tuple(features.shape)}, "
+                         f"got {tuple(lengths.shape)}")
+    lengths = lengths.to(device=features.device, dtype=torch.long)
+    if batch:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > n_max:
+            raise ValueError(f"every length must be in 1..N={n_max} (the set dimension of features), "
+                             f"got values in {lo}..{hi}")
+    return lengths
+
+
+def valid_mask(lengths: torch.Tensor, n_max: int) -> torch.Tensor:
+    """B × n_max boolean mask, True at valid (non-padding) positions."""
+    return torch.arange(n_max, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The weighted sum over sorted values: reference and fast path
+
+
+def rank_weighted_sum_reference(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Obviously-right twin of :func:`rank_weighted_sum`: one sample at a time, a full sort each."""
+    out = []
+    for b in range(features.shape[0]):
+        n = int(lengths[b])
+        values = features[b, :n].sort(dim=0, descending=True).values  # n × D
+        out.append((weights[b, :n].unsqueeze(1) * values).sum(0))
+    return torch.stack(out) if out else features.new_zeros(0, features.shape[2])
+
+
+class _SortedWeightedSum(torch.autograd.Function):
+    """Σ_k w[b,k] · sort_desc(x[b, :, d])[k], sorting along a contiguous axis, with a hand-written
+    backward: the gradient of each element is g[b,d] · w[b, its rank] (a scatter), and the gradient of
+    w is the sorted values contracted with g. Avoids the strided sort and the copies autograd makes."""
+
+    @staticmethod
+    def forward(ctx, features, weights, mask):
+        xt = features.detach().transpose(1, 2).contiguous()  # B × D × N, sortable rows
+        xt.masked_fill_(~mask.unsqueeze(1), float("-inf"))
+        values, order = xt.sort(dim=2, descending=True)
+        values.masked_fill_(~mask.unsqueeze(1), 0.0)  # padding sorted last; -inf would give NaN
+        w = weights.detach().to(values.dtype)
+        ctx.save_for_backward(values, order, w)
+        return torch.bmm(values, w.unsqueeze(2)).squeeze(2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, order, w = ctx.saved_tensors
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            per_rank = grad_out.unsqueeze(2) * w.unsqueeze(1)  # B × D × N, zero at padded ranks
+            grad_features = torch.empty_like(per_rank).scatter_(2, order, per_rank).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(grad_out.unsqueeze(1).to(values.dtype), values).squeeze(1)
+        return grad_features, grad_weights, None
+
+
+def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor,
+                      tail_eps: float = 1e-6) -> torch.Tensor:
+    """Σ_k weights[b, k] · (k-th largest of features[b, :lengths[b], d]) for every b, d.
+
+    ``weights`` is B × N, zero at padded positions, each row summing to 1. When all but ``tail_eps`` of
+    every row's mass sits on the first K positions (a trained GPO on region features is close to max
+    pooling), only the top K values are selected instead of fully sorting: the neglected part of the
+    sum is at most ``tail_eps`` × max|feature|. With spread weights it sorts once along a contiguous
+    axis and contracts with one batched matrix product.
+    """
+    batch, n_max, dim = features.shape
+    mask = valid_mask(lengths, n_max)
+    k = n_max
+    if tail_eps > 0 and n_max > 1:
+        with torch.no_grad():
+            tail = 1.0 - weights.detach().float().cumsum(1)  # mass beyond positions 0..k
+            k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
+    if k > n_max // 4:
+        return _SortedWeightedSum.apply(features, weights, mask)
+    # Padding must lose every comparison and must not leak NaN/inf: -inf, then zero after selecting.
+    filled = features.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    if k == 1:
+        return weights[:, :1] * filled.max(dim=1).values
+    top = filled.topk(k, dim=1, largest=True, sorted=True).values  # B × k × D
+    top = top.masked_fill(~mask[:, :k].unsqueeze(2), 0.0)
+    return torch.bmm(weights[:, :k].unsqueeze(1).to(top.dtype), top).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank-weighted pools: a coefficient generator + the sorted weighted sum
+
+
+class RankWeightedPool(nn.Module):
+    """Base class: θ depends only on (k, N); subclasses produce the scores for one set size at a time.
+
+    Because θ depends only on the set size, ``forward`` computes it once per *distinct* size in the
+    batch (``coefficients``) and gathers it for every sample.
+    """
+
+    temperature: float = 0.1
+
+    def __init__(self, tail_eps: float = 1e-6):
+        super().__init__()
+        self.tail_eps = tail_eps
+
+    def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        """Scores (U × n_max) for the distinct set sizes ``sizes`` (U); positions >= size are ignored."""
+        raise NotImplementedError
+
+    def coefficients(self, sizes: torch.Tensor, n_max: int | None = None) -> torch.Tensor:
+        """θ for each size in ``sizes`` (U × n_max): softmax(score / T) over the valid positions, 0 after."""
+        sizes = torch.as_tensor(sizes, dtype=torch.long)
+        if n_max is None:
+            n_max = int(sizes.max())
+        scores = self.size_scores(sizes, n_max)
+        mask = valid_mask(sizes.to(scores.device), n_max)
+        scores = scores.float().masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1)
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        n_max = features.shape[1]
+        sizes, inverse = torch.unique(lengths, return_inverse=True)
+        theta = self.coefficients(sizes, n_max)  # U × N
+        weights = theta[inverse].to(features.dtype)  # B × N
+        pooled = rank_weighted_sum(features, lengths, weights, self.tail_eps)
+        return pooled, weights
+
+
+def _run_bigru(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Run a bidirectional GRU on U × n_max inputs with valid lengths ``sizes``; average directions."""
+    packed = pack_padded_sequence(inputs, sizes.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = gru(packed)
+    out, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.shape[1])
+    half = out.shape[2] // 2
+    return (out[..., :half] + out[..., half:]) / 2
+
+
+class GPO(RankWeightedPool):
+    """Generalized Pooling Operator (SPEC §2): sin/cos position encoding → BiGRU → linear → softmax(·/0.1).
+
+    Args:
+        d_pe: size of the positional encoding of each sorted position (paper: 32).
+        d_hidden: hidden size of the bidirectional GRU; directions are averaged (paper: 32).
+        tail_eps: coefficient mass that may be skipped when θ is concentrated on the top positions
+            (see :func:`rank_weighted_sum`); 0 always sorts fully.
+
+    Submodules ``gru`` and ``linear`` use the authors' names, so their GPO state dicts load with
+    ``strict=True``.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, tail_eps: float = 1e-6):
+        super().__init__(tail_eps)
+        self.d_pe = d_pe
+        self.d_hidden = d_hidden
+        self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+        self._pe_cache: dict[tuple, torch.Tensor] = {}
+
+    def _pe(self, n_max: int, device) -> torch.Tensor:
+        key = (n_max, str(device))
+        if key not in self._pe_cache:
+            self._pe_cache[key] = positional_encoding(n_max, self.d_pe, device)
+        return self._pe_cache[key]
+
+    def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        device = self.linear.weight.device
+        sizes = sizes.to(device)
+        pe = self._pe(n_max, device).unsqueeze(0).expand(len(sizes), -1, -1)
+        pe = pe * valid_mask(sizes, n_max).unsqueeze(2)
+        return self.linear(_run_bigru(self.gru, pe.to(self.linear.weight.dtype), sizes)).squeeze(2)
+
+
+class GPOReference(nn.Module):
+    """Obviously-right GPO: per sample, its own generator pass and a full sort. Same parameters as GPO.
+
+    Used to test :class:`GPO`'s fast path; load a GPO state dict into it with ``strict=True``.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32):
+        super().__init__()
+        self.d_pe = d_pe
+        self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+
+    def theta(self, n: int) -> torch.Tensor:
+        pe = positional_encoding(n, self.d_pe, self.linear.weight.device).unsqueeze(0)
+        out, _ = self.gru(pe)  # no padding: a plain run is the packed run
+        out = (out[..., : out.shape[2] // 2] + out[..., out.shape[2] // 2:]) / 2
+        return torch.softmax(self.linear(out).squeeze(0).squeeze(1) / 0.1, dim=0)
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        batch, n_max, _ = features.shape
+        weights = features.new_zeros(batch, n_max)
+        pooled = []
+        for b in range(batch):
+            n = int(lengths[b])
+            theta = self.theta(n)
+            weights[b, :n] = theta
+            values = features[b, :n].sort(dim=0, descending=True).values
+            pooled.append((theta.unsqueeze(1) * values).sum(0))
+        return torch.stack(pooled), weights
+
+
+class InterpolatedIndexPool(RankWeightedPool):
+    """Synthetic-study generator "index + interpolated vector" (FSPool-style).
+
+    A learnable score vector over ``n_pieces`` + 1 evenly spaced knots on [0, 1]; a set of size N reads
+    it at positions k / (N - 1) by linear interpolation.
+
+    Args:
+        n_pieces: number of linear pieces of the score curve.
+    """
+
+    def __init__(self, n_pieces: int = 20, tail_eps: float = 1e-6):
+        super().__init__(tail_eps)
+        self.n_pieces = n_pieces
+        self.knots = nn.Parameter(torch.zeros(n_pieces + 1))
+
+    def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        device = self.knots.device
+        sizes = sizes.to(device).float().unsqueeze(1)
+        k = torch.arange(n_max, device=device, dtype=torch.float32).unsqueeze(0)
+        ratio = (k / (sizes - 1).clamp_min(1)).clamp(0, 1) * self.n_pieces  # U × n_max in [0, n_pieces]
+        left = ratio.floor().long().clamp(max=self.n_pieces - 1)
+        frac = ratio - left
+        return self.knots[left] * (1 - frac) + self.knots[left + 1] * frac
+
+
+class SinCosMLPPool(RankWeightedPool):
+    """Synthetic-study generator "sin/cos + MLP": each position scored independently of the set size's
+    other positions (an MLP on [PE(k), PE-of-size features]) — here the size enters through k / N.
+
+    Args:
+        d_pe: positional encoding size.
+        d_hidden: MLP hidden size.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, tail_eps: float = 1e-6):
+        super().__init__(tail_eps)
+        self.d_pe = d_pe
+        self.mlp = nn.Sequential(nn.Linear(d_pe + 1, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_hidden),
+                                 nn.ReLU(), nn.Linear(d_hidden, 1, bias=False))
+
+    def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        device = self.mlp[0].weight.device
+        sizes = sizes.to(device)
+        pe = positional_encoding(n_max, self.d_pe, device).unsqueeze(0).expand(len(sizes), -1, -1)
+        rel = torch.arange(n_max, device=device).unsqueeze(0) / sizes.unsqueeze(1).float()
+        return self.mlp(torch.cat([pe, rel.unsqueeze(2)], dim=2)).squeeze(2)
+
+
+class IndexBiGRUPool(RankWeightedPool):
+    """Synthetic-study generator "index embedding + BiGRU": a learned embedding per position k (up to
+    ``max_positions``) in place of the sin/cos encoding. Positions beyond the table share its last row,
+    which is why this generator extrapolates poorly to larger sets.
+
+    Args:
+        d_embed: embedding size per position.
+        d_hidden: BiGRU hidden size (directions averaged).
+        max_positions: size of the position table.
+    """
+
+    def __init__(self, d_embed: int = 32, d_hidden: int = 32, max_positions: int = 128, tail_eps: float = 1e-6):
+        super().__init__(tail_eps)
+        self.max_positions = max_positions
+        self.embed = nn.Embedding(max_positions, d_embed)
+        self.gru = nn.GRU(d_embed, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(d_hidden, 1, bias=False)
+
+    def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        device = self.linear.weight.device
+        sizes = sizes.to(device)
+        idx = torch.arange(n_max, device=device).clamp(max=self.max_positions - 1)
+        emb = self.embed(idx).unsqueeze(0).expand(len(sizes), -1, -1)
+        emb = emb * valid_mask(sizes, n_max).unsqueeze(2)
+        return self.linear(_run_bigru(self.gru, emb, sizes)).squeeze(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed pools
+
+
+class AvgPool(nn.Module):
+    """Mean over the valid elements (θ_k = 1/N)."""
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        mask = valid_mask(lengths, features.shape[1])
+        weights = mask.to(features.dtype) / lengths.unsqueeze(1).to(features.dtype)
+        pooled = features.masked_fill(~mask.unsqueeze(2), 0.0).sum(1) / lengths.unsqueeze(1).to(features.dtype)
+        return pooled, weights
+
+
+class MaxPool(nn.Module):
+    """Per-dimension maximum over the valid elements (θ_1 = 1)."""
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        mask = valid_mask(lengths, features.shape[1])
+        pooled = features.masked_fill(~mask.unsqueeze(2), float("-inf")).max(dim=1).values
+        weights = torch.zeros_like(mask, dtype=features.dtype)
+        weights[:, 0] = 1.0
+        return pooled, weights
+
+
+class KMaxPool(nn.Module):
+    """Mean of the K largest values of each dimension (all of them when the set has fewer than K).
+
+    Args:
+        k: how many of the top values to average.
+    """
+
+    def __init__(self, k: int):
+        super().__init__()
+        if int(k) < 1:
+            raise ValueError(f"K-max pooling needs k >= 1, got {k}")
+        self.k = int(k)
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        n_max = features.shape[1]
+        kk = torch.clamp(lengths, max=self.k)
+        weights = valid_mask(kk, n_max).to(features.dtype) / kk.unsqueeze(1).to(features.dtype)
+        return rank_weighted_sum(features, lengths, weights, tail_eps=0.0), weights
+
+
+class GeMPool(nn.Module):
+    """Generalized-mean pooling with a learnable exponent p: (mean_n x_n^p)^(1/p) per dimension.
+
+    Computed in log space, (logsumexp(p·log x) − log N) / p, so large p or small x neither overflow
+    nor underflow (the usual ``x.pow(p).mean().pow(1/p)`` blows up). GeM is defined on positive values:
+    inputs are clamped to ``eps``.
+
+    Args:
+        p: initial exponent (3 is the usual start).
+        eps: lower clamp of the inputs.
+        p_min: p is kept >= p_min.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, p_min: float = 1.0):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+        self.p_min = p_min
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        mask = valid_mask(lengths, features.shape[1])
+        p = self.p.clamp_min(self.p_min)
+        logx = features.float().clamp_min(self.eps).log()
+        scaled = (p * logx).masked_fill(~mask.unsqueeze(2), float("-inf"))
+        log_mean = torch.logsumexp(scaled, dim=1) - lengths.float().log().unsqueeze(1)
+        pooled = torch.exp(log_mean / p).to(features.dtype)
+        weights = mask.to(features.dtype) / lengths.unsqueeze(1).to(features.dtype)
+        return pooled, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Size augmentation
+
+
+def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float = 0.2,
+                 generator: torch.Generator | None = None):
+    """Randomly drop set elements (training only) so the pooling sees many set sizes (SPEC §2).
+
+    Args:
+        features: B × N × D padded sets.
+        lengths: valid sizes (B).
+        mode: "region" drops each element with probability ``p``; "grid" does so for a random 80% of
+            the samples, each with its own rate ``p · r``, r ~ U(0.2, 1]; "none" returns the input.
+        p: base drop probability.
+        generator: optional torch.Generator for reproducibility.
+
+    Returns:
+        (features, lengths): kept elements moved to the front in their original order, the rest
+        zero padding; at least one element of every set is kept.
+    """
+    lengths = check_set_batch(features, lengths)
+    if mode == "none" or p <= 0:
+        return features, lengths
+    batch, n_max, _ = features.shape
+    device = features.device
+    if mode == "region":
+        rate = torch.full((batch, 1), float(p), device=device)
+    elif mode == "grid":
+        r = 1.0 - 0.8 * torch.rand(batch, 1, generator=generator, device=device)  # U(0.2, 1]
+        apply = torch.rand(batch, 1, generator=generator, device=device) < 0.8
+        rate = torch.where(apply, p * r, torch.zeros_like(r))
+    else:
+        raise ValueError(f"size_augment mode must be 'region', 'grid' or 'none', got {mode!r}")
+    mask = valid_mask(lengths, n_max)
+    keep = (torch.rand(batch, n_max, generator=generator, device=device) >= rate) & mask
+    # Never empty a set: keep one random valid element where everything was dropped.
+    empty = keep.sum(1) == 0
+    if empty.any():
+        pick = (torch.rand(batch, generator=generator, device=device) * lengths).long()
+        keep[empty, pick[empty]] = True
+    new_lengths = keep.sum(1)
+    # Stable compaction: kept elements first, in order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    compact = features.gather(1, order.unsqueeze(2).expand(-1, -1, features.shape[2]))
+    compact = compact.masked_fill(~valid_mask(new_lengths, n_max).unsqueeze(2), 0.0)
+    n_new = int(new_lengths.max())
+    return compact[:, :n_new], new_lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+POOLING_NAMES = ("gpo", "avg", "max", "kmax:K", "gem", "interp", "sincos_mlp", "index_bigru")
+
+
+def build_pooling(name: str, dim: int | None = None, **kwargs) -> nn.Module:
+    """Build a pooling layer by name: "gpo", "avg", "max", "kmax:K" (e.g. "kmax:20"), "gem",
+    "interp", "sincos_mlp", "index_bigru".
+
+    Args:
+        name: the pooling's name.
+        dim: feature dimension D (unused by these pools, kept for pools that need it).
+        **kwargs: passed to the constructor (e.g. ``d_pe``, ``d_hidden`` for GPO).
+    """
+    key = name.strip().lower()
+    if key == "gpo":
+        return GPO(**kwargs)
+    if key in ("avg", "mean", "average"):
+        return AvgPool()
+    if key == "max":
+        return MaxPool()
+    if key.startswith("kmax"):
+        _, _, k = key.partition(":")
+        if not k.isdigit():
+            raise ValueError(f"K-max pooling is written 'kmax:K' with a positive integer K, got {name!r}")
+        return KMaxPool(int(k))
+    if key == "gem":
+        return GeMPool(**kwargs)
+    if key == "interp":
+        return InterpolatedIndexPool(**kwargs)
+    if key == "sincos_mlp":
+        return SinCosMLPPool(**kwargs)
+    if key == "index_bigru":
+        return IndexBiGRUPool(**kwargs)
+    raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLING_NAMES)}")
