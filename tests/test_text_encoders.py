@@ -258,7 +258,7 @@ def test_minilm_captions_of_the_same_flickr8k_image_are_nearest(minilm):
     sims = e @ e.T
     sims.fill_diagonal_(-2)
     hit = (owner[sims.argmax(1)] == owner).float().mean()
-    assert hit > 0.5, f"nearest caption from the same image only {hit:.2f} of the time (chance ≈ 0.04)"
+    assert hit > 0.8, f"nearest caption from the same image only {hit:.2f} of the time (chance ≈ 0.04)"
 
 
 def test_token_features_keep_input_order_whatever_the_batching(minilm):
@@ -268,6 +268,8 @@ def test_token_features_keep_input_order_whatever_the_batching(minilm):
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert minilm.training is False
+    half = minilm.token_features(texts[:1], dtype=torch.float16)[0]
+    assert half.dtype == torch.float16 and torch.equal(half, many[0].half())
 
 
 def test_encoder_forward_is_linear_then_pooling_of_token_features(minilm):

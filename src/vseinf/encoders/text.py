@@ -762,8 +762,8 @@ class TransformerTextEncoder(nn.Module):
 
     @torch.no_grad()
     def token_features(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
-                       progress: bool | None = None) -> list[torch.Tensor]:
-        """Frozen transformer outputs per caption: a list of (L_i × hidden) float32 CPU tensors.
+                       progress: bool | None = None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Frozen transformer outputs per caption: a list of (L_i × hidden) CPU tensors.
 
         Runs in eval mode without gradients (the previous mode is restored). Captions are batched
         by length so little time goes into padding; the output keeps the input order.
@@ -773,12 +773,14 @@ class TransformerTextEncoder(nn.Module):
             batch_size: captions per transformer call.
             max_length: truncate longer captions (word pieces, [CLS]/[SEP] included).
             progress: show a tqdm bar; default: when there are more than 20 batches.
+            dtype: dtype of the returned tensors (float16 halves a large cache).
         """
         if isinstance(texts, str):
             raise ValueError("token_features takes a list of captions, not a single string")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids = [self.encode_ids(t, max_length) for t in texts]
+        limit = max_length or self._max_length()
+        ids = [list(x) for x in self._need_tokenizer()(list(texts), truncation=True, max_length=limit)["input_ids"]]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         if progress is None:
@@ -795,7 +797,7 @@ class TransformerTextEncoder(nn.Module):
                 token_ids, lengths = pad_token_ids([ids[i] for i in chunk])
                 hidden = self.token_outputs(token_ids.to(device)).float().cpu()
                 for row, i in enumerate(chunk):
-                    out[i] = hidden[row, : int(lengths[row])].clone()
+                    out[i] = hidden[row, : int(lengths[row])].to(dtype, copy=True)
         finally:
             self.bert.train(was_training)
         return out  # type: ignore[return-value]
