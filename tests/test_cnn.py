@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def mobilenet():
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_parameter_count_matches_torchvision(name):
+    assert set(BACKBONE_NAMES) == set(TORCHVISION_PARAMS) | {"efficientnet_lite0"}
     model = build_backbone(name, weights=None)
     assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name]
 
@@ -177,7 +177,7 @@ def test_wrapped_prefixed_and_safetensors_files_load(tmp_path, mobilenet):
     state = mobilenet.state_dict()
     wrapped = {"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}
     torch.save(wrapped, tmp_path / "ddp.pt")
-    torch.save({"model": state}, tmp_path / "model.pth")
+    torch.save({"model": state, "step": torch.tensor(5)}, tmp_path / "model.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
     for name in ("ddp.pt", "model.pth", "w.safetensors"):
         loaded = build_backbone("mobilenet_v2", weights=str(tmp_path / name))
@@ -233,6 +233,9 @@ def test_bad_requests_raise_value_errors(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="unknown weights format"):
         build_backbone("resnet50", tmp_path / "w.npz")
+    torch.save({"epoch": 3, "weights": [torch.zeros(1)]}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="no state dict found.*epoch"):
+        build_backbone("resnet50", tmp_path / "odd.pth")
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="expected a state dict"):
         build_backbone("resnet50", tmp_path / "list.pth")

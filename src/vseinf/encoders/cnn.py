@@ -427,21 +427,27 @@ def bundled_weights_path(name: str) -> Path | None:
     return None
 
 
+def _name_list(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _unwrap_checkpoint(obj, source: str) -> dict[str, torch.Tensor]:
     """Reduce a loaded checkpoint to a flat {name: tensor} state dict (see :func:`read_state_dict`)."""
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    # A state dict's values are tensors, so a mapping under "state_dict" / "model" is a wrapper.
+    while isinstance(obj, Mapping):
         inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
-            raise ValueError(f"{source}: no state dict found: expected a mapping of parameter names to "
-                             f"tensors, or one wrapped as {{'state_dict': …}} / {{'model': …}}; "
-                             f"top-level keys are {sorted(map(str, obj))[:10]}")
+            break
         obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), "
                          f"got {type(obj).__name__}")
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{source}: entries that are not tensors: {', '.join(bad[:10])}")
+        raise ValueError(f"{source}: no state dict found: expected a mapping of parameter names to tensors, "
+                         f"or one wrapped as {{'state_dict': …}} / {{'model': …}}; entries that are not "
+                         f"tensors: {_name_list(bad, 10)}")
     # nn.DataParallel / DistributedDataParallel save their wrapped model under "module.".
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
@@ -475,11 +481,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(f"{path}: unknown weights format {suffix!r}; use .safetensors, .pth or .pt")
     return _unwrap_checkpoint(obj, str(path))
-
-
-def _name_list(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
