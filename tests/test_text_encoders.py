@@ -269,7 +269,7 @@ def test_token_features_keep_input_order_whatever_the_batching(minilm):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert minilm.training is False
     half = minilm.token_features(texts[:1], dtype=torch.float16)[0]
-    assert half.dtype == torch.float16 and torch.equal(half, many[0].half())
+    assert half.dtype == torch.float16 and torch.equal(half, one[0].half())
 
 
 def test_encoder_forward_is_linear_then_pooling_of_token_features(minilm):
