@@ -1,0 +1,170 @@
+"""The ``vseinf`` command line: argument parsing and printing only.
+
+Errors a user can cause (bad files, bad config keys, bad arguments) print one line on stderr and
+exit with status 2; set VSEINF_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a VSE∞ model",
+                       description="Train VSE∞. Any config key can be overridden: --lr 2e-4, "
+                                   "--model.image_pooling max, --epochs 10 …")
+    p.add_argument("--config", help="YAML or JSON config file (defaults reproduce the paper)")
+    p.add_argument("--data", help="dataset folder or file (overrides data.path)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log, plot)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _cmd_train(args, extra):
+    from .config import load_config, parse_overrides
+    from .train import train
+
+    overrides = parse_overrides(extra)
+    if args.data:
+        overrides.insert(0, ("data.path", args.data))
+    cfg = load_config(args.config, overrides)
+    metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if metrics:
+        from .evaluation import format_table
+
+        print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
+        print(format_table(metrics))
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
+    p.add_argument("--data", help="dataset folder or file (default: the checkpoint's data.path)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
+    p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
+    p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _cmd_eval(args, extra):
+    from .evaluation import format_table
+    from .evaluate import evaluate_checkpoints
+
+    if extra:
+        raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
+    metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
+                                   device=args.device)
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_extract(sub):
+    p = sub.add_parser("extract", help="run frozen backbones once over a dataset and cache their features")
+    p.add_argument("--config", help="config file (model and data sections are used)")
+    p.add_argument("--data", help="dataset folder or file (overrides data.path)")
+    p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
+    p.add_argument("--rebuild", action="store_true", help="recompute even if a valid cache exists")
+    return p
+
+
+def _cmd_extract(args, extra):
+    from .config import load_config, parse_overrides
+    from .data.splits import open_split
+    from .features import image_sets, text_sets
+    from .model import build_model
+    from .train import uses_image_cache, uses_text_cache
+
+    overrides = parse_overrides(extra)
+    if args.data:
+        overrides.insert(0, ("data.path", args.data))
+    cfg = load_config(args.config, overrides)
+    if not cfg.data.path:
+        raise ValueError("extract: pass --data DIR or set data.path in the config")
+    model = build_model(cfg.model)
+    for name in args.split or [cfg.data.train_split, cfg.data.val_split]:
+        split = open_split(cfg.data.path, name)
+        if cfg.model.image_encoder == "grid" and uses_image_cache(cfg):
+            src = image_sets(model, split, num_workers=cfg.data.num_workers, rebuild=args.rebuild)
+            print(f"{split.name}: image features {src.cache.directory} "
+                  f"({len(src)} images, {int(src.broken.sum())} unreadable)")
+        if uses_text_cache(cfg):
+            src = text_sets(model, split, rebuild=args.rebuild)
+            print(f"{split.name}: text features {src.cache.directory} ({len(src)} captions)")
+    return 0
+
+
+def _add_synth(sub):
+    p = sub.add_parser("synth", help="the paper's synthetic check of the coefficient generators (supp. Table 6)")
+    try:
+        from .synth import add_arguments
+    except ImportError:  # pragma: no cover
+        return p
+    add_arguments(p)
+    return p
+
+
+def _cmd_synth(args, extra):
+    from .synth import run
+
+    if extra:
+        raise ValueError(f"synth: unknown arguments {' '.join(extra)}")
+    return run(args)
+
+
+COMMANDS = {
+    "train": (_add_train, _cmd_train),
+    "eval": (_add_eval, _cmd_eval),
+    "extract": (_add_extract, _cmd_extract),
+    "synth": (_add_synth, _cmd_synth),
+}
+
+# Commands whose unknown --key value arguments are config overrides.
+TAKES_OVERRIDES = {"train", "extract"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add, _) in COMMANDS.items():
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    if extra and args.command not in TAKES_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _, run = COMMANDS[args.command]
+    try:
+        return int(run(args, extra) or 0)
+    except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:
+        if os.environ.get("VSEINF_DEBUG"):
+            raise
+        if isinstance(exc, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        print(f"vseinf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

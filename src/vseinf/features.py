@@ -1,0 +1,231 @@
+"""Feature sources for training and evaluation: frozen-backbone caches and precomputed sets.
+
+A frozen CNN (or text transformer) gives the same output every epoch, so it runs once over a split
+and its outputs are stored memory-mapped in fp16 (:mod:`vseinf.data.cache`); training then reads
+them at the speed of the disk. Caches are keyed by everything the features depend on (backbone,
+weights file, input size, the split's files), so a stale cache is rebuilt, never silently reused.
+
+Every source has ``batch(indices) -> (B × N × C float32 tensor, lengths)`` and ``len()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.cache import FeatureCache, FeatureCacheWriter, cache_path, open_cache
+from .data.splits import CaptionSplit
+
+log = logging.getLogger(__name__)
+
+BROKEN_KEY = ""  # cache key of an image that could not be read (its features are zeros)
+
+
+class ArraySets:
+    """Fixed-size precomputed sets (N × R × D, e.g. a memory-mapped ``<split>_ims.npy``)."""
+
+    def __init__(self, array: np.ndarray):
+        if array.ndim != 3:
+            raise ValueError(f"precomputed features must be N×R×D, got shape {array.shape}")
+        self.array = array
+        self.broken = np.zeros(len(array), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[2])
+
+    def batch(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        out = torch.from_numpy(np.asarray(self.array[np.sort(idx)], dtype=np.float32))
+        # memmap fancy-indexing is fastest on sorted rows; restore the requested order
+        order = np.argsort(np.argsort(idx, kind="stable"), kind="stable")
+        out = out[torch.from_numpy(order)]
+        return out, torch.full((len(idx),), self.array.shape[1], dtype=torch.long)
+
+
+class CachedSets:
+    """A :class:`FeatureCache` plus which items are broken images (zero features, to be skipped)."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+        keys = cache.keys or []
+        self.broken = np.array([k == BROKEN_KEY for k in keys], dtype=bool) if keys else \
+            np.zeros(len(cache), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    @property
+    def dim(self) -> int:
+        return self.cache.dim
+
+    def batch(self, indices):
+        return self.cache.batch(indices)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "split"
+
+
+def _file_id(path: str | Path | None) -> str:
+    """Identify a weights file cheaply (name, size, mtime) without hashing gigabytes."""
+    if not path:
+        return "none"
+    p = Path(path)
+    if not p.is_file():
+        return str(path)
+    st = p.stat()
+    return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _split_id(split: CaptionSplit) -> str:
+    h = hashlib.sha256()
+    h.update(str(split.image_root).encode())
+    for key in split.image_keys:
+        h.update(key.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _captions_id(split: CaptionSplit) -> str:
+    h = hashlib.sha256()
+    for c in split.captions:
+        h.update(c.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def image_sets(model, split: CaptionSplit, batch_size: int = 32, num_workers: int = 0,
+               progress: bool = True, rebuild: bool = False):
+    """The image side of ``split`` as sets for the model's set-level head.
+
+    Precomputed features (region / frame splits) are used as they are; for a grid model the frozen
+    backbone is run once over the images and its grid vectors cached (fp16, memory-mapped).
+    """
+    cfg = model.config
+    if split.features is not None:
+        return ArraySets(split.features)
+    if getattr(split, "feature_source", None) is not None:  # e.g. video frame-feature folders
+        return split.feature_source
+    if cfg.image_encoder != "grid":
+        raise ValueError(f"{split.name}: model.image_encoder={cfg.image_encoder!r} needs precomputed "
+                         "features, but this split has image files")
+    signature = {
+        "kind": "grid", "backbone": cfg.backbone, "weights": _backbone_weights_id(model),
+        "image_size": cfg.image_size, "images": _split_id(split), "n_images": split.n_images,
+    }
+    path = cache_path(f"{_slug(split.name)}-{cfg.backbone}-{cfg.image_size}", signature)
+    cache = None if rebuild else open_cache(path, signature)
+    if cache is None:
+        cache = extract_grid_features(model, split, path, signature, batch_size, num_workers, progress)
+    return CachedSets(cache)
+
+
+def _backbone_weights_id(model) -> str:
+    w = model.config.backbone_weights
+    if w == "default":
+        return f"default:{model.config.backbone}"
+    return _file_id(w)
+
+
+@torch.no_grad()
+def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dict, batch_size: int = 32,
+                          num_workers: int = 0, progress: bool = True) -> FeatureCache:
+    """Run the frozen CNN over every image of ``split`` and write its grid vectors to ``path``.
+
+    An unreadable image gets zero features and an empty key; it is reported, and training and
+    evaluation skip it.
+    """
+    from torch.utils.data import DataLoader
+
+    from .data.images import ImageDataset, collate_skip_broken
+
+    encoder = model.image
+    encoder.eval()
+    dataset = ImageDataset(split, model.image_transform(train=False))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skip_broken)
+    size = model.config.image_size
+    with torch.no_grad():
+        probe = encoder.features(torch.zeros(1, 3, size, size, device=model.device))
+    n_grid, dim = probe.shape[1], probe.shape[2]
+    keys = list(split.image_keys)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=split.n_images, desc=f"grid features {split.name}", unit="img")
+    writer = FeatureCacheWriter(path, dim, split.n_images, set_size=n_grid, keys=keys, signature=signature)
+    try:
+        next_index = 0
+        for batch in loader:
+            if batch is None:
+                continue
+            pixels, indices = batch
+            feats = encoder.features(pixels.to(model.device)).float().cpu()
+            for row, i in enumerate(indices.tolist()):
+                while next_index < i:  # images the loader skipped as unreadable
+                    writer.append(np.zeros((n_grid, dim), dtype=np.float32))
+                    keys[next_index] = BROKEN_KEY
+                    next_index += 1
+                writer.append(feats[row])
+                next_index += 1
+            if bar:
+                bar.update(len(indices))
+        while next_index < split.n_images:
+            writer.append(np.zeros((n_grid, dim), dtype=np.float32))
+            keys[next_index] = BROKEN_KEY
+            next_index += 1
+        writer.keys = keys
+        cache = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+    if dataset.n_skipped:
+        log.warning("%s", dataset.skipped_report())
+        print(dataset.skipped_report())
+    return cache
+
+
+def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool = True, rebuild: bool = False):
+    """Frozen-transformer token features of every caption of ``split`` (cached, variable length)."""
+    cfg = model.config
+    if cfg.text_encoder != "transformer":
+        raise ValueError("only a transformer text encoder can be cached (the BiGRU trains end to end)")
+    signature = {"kind": "tokens", "text_model": cfg.text_model or "minilm-default",
+                 "weights": _file_id(_text_weights_file(model)), "max_length": cfg.max_text_length,
+                 "captions": _captions_id(split), "n_captions": split.n_captions}
+    path = cache_path(f"{_slug(split.name)}-text", signature)
+    cache = None if rebuild else open_cache(path, signature)
+    if cache is not None:
+        return CachedSets(cache)
+    feats = model.text.token_features(split.captions, batch_size=batch_size, max_length=cfg.max_text_length,
+                                      progress=progress)
+    writer = FeatureCacheWriter(path, model.text.hidden_size, len(feats), signature=signature)
+    try:
+        for f in feats:
+            writer.append(f)
+        cache = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return CachedSets(cache)
+
+
+def _text_weights_file(model) -> Path | None:
+    from .encoders.text import default_transformer_path
+
+    folder = Path(model.config.text_model) if model.config.text_model else default_transformer_path()
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None

@@ -1,0 +1,272 @@
+"""The two-tower VSE∞ model, built from a :class:`~vseinf.config.ModelConfig`, and ``load_model``.
+
+    >>> import vseinf
+    >>> model = vseinf.load_model()                       # the bundled Flickr8k model
+    >>> img = model.encode_images(["photo.jpg"])          # n × d, unit norm
+    >>> txt = model.encode_texts(["a dog on the beach"])  # m × d, unit norm
+    >>> scores = img @ txt.T
+
+Towers: grid (CNN feature map → fc → pooling), region/frames (precomputed sets → fc + MLP →
+pooling), text (transformer → linear → pooling, or BiGRU → pooling). A checkpoint stores only what
+training changed: pretrained backbones that stayed frozen are rebuilt from their packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelConfig, RunConfig, config_from_dict
+from .pooling import l2norm
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "flickr8k_mobilenet_minilm"
+VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
+
+
+class VSEModel(nn.Module):
+    """Image (or video) tower + text tower sharing one embedding space.
+
+    Args:
+        config: the model section of a run config.
+        vocab: word list for the BiGRU text encoder (built from the training captions).
+        pretrained: load pretrained backbone weights (False: random init, for tests/conversion).
+    """
+
+    def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None, pretrained: bool = True):
+        super().__init__()
+        from .encoders.image import GridImageEncoder, RegionEncoder
+
+        self.config = config
+        kind = config.image_encoder
+        if kind == "grid":
+            weights = config.backbone_weights if pretrained else None
+            if weights in ("none", ""):
+                weights = None
+            self.image = GridImageEncoder(config.backbone, weights, config.embed_dim, config.image_pooling,
+                                          config.size_augment)
+        elif kind in ("region", "frames"):
+            self.image = RegionEncoder(config.feature_dim, config.embed_dim, config.image_pooling,
+                                       config.size_augment)
+        else:
+            raise ValueError(f"model.image_encoder: expected 'grid', 'region' or 'frames', got {kind!r}")
+
+        self.vocab = None
+        if config.text_encoder == "transformer":
+            from .encoders.text import TransformerTextEncoder
+
+            if pretrained:
+                self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling)
+            else:
+                self.text = TransformerTextEncoder.build_from_config(
+                    _transformer_config(config.text_model), config.embed_dim, config.text_pooling)
+        elif config.text_encoder == "bigru":
+            from .encoders.text import BiGRUTextEncoder, Vocabulary
+
+            if vocab is None:
+                raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
+            self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
+            self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
+        else:
+            raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def image_head(self) -> nn.Module:
+        """The part of the image tower that runs on cached backbone features."""
+        return self.image.image_encoder if self.config.image_encoder == "grid" else self.image
+
+    # -- set-level forward (cached features) ----------------------------------------------------
+
+    def embed_image_features(self, features: torch.Tensor, lengths: torch.Tensor):
+        """Grid vectors (from a cache) or region/frame sets (B × N × C) → (unit embeddings, weights)."""
+        return self.image_head(features, lengths)
+
+    def embed_text_features(self, features: torch.Tensor, lengths: torch.Tensor):
+        """Frozen transformer token outputs (B × L × H, from a cache) → (unit embeddings, weights)."""
+        pooled, weights = self.text.gpool(self.text.linear(features), lengths)
+        return l2norm(pooled), weights
+
+    def embed_tokens(self, token_ids: torch.Tensor, lengths: torch.Tensor):
+        """Token ids (B × L) through the live text tower → (unit embeddings, weights)."""
+        return self.text(token_ids, lengths)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → padded token ids and lengths for :meth:`embed_tokens`."""
+        if self.config.text_encoder == "transformer":
+            return self.text.tokenize(list(texts), max_length=self.config.max_text_length)
+        from .encoders.text import pad_token_ids
+
+        return pad_token_ids([self.vocab.encode(t) for t in texts], self.vocab.pad_id)
+
+    # -- inference API ---------------------------------------------------------------------------
+
+    def image_transform(self, train: bool = False):
+        from .data.images import ImageTransform
+
+        if self.config.image_encoder != "grid":
+            raise ValueError("this model reads precomputed features, not images")
+        backbone = self.image.backbone
+        return ImageTransform(self.config.image_size, train=train, mean=backbone.mean, std=backbone.std)
+
+    @torch.no_grad()
+    def encode_images(self, images, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Embed images given as paths or PIL images → (n × d) unit vectors on the model's device.
+
+        Raises :class:`vseinf.data.BadImageError` naming a file that is not a readable image (use
+        :func:`vseinf.index.encode_image_files` to skip such files instead).
+        """
+        from PIL import Image
+
+        from .data.images import load_rgb
+
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        transform = self.image_transform(train=False)
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            batches = range(0, len(images), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc="images", unit="batch")
+            for start in batches:
+                chunk = images[start:start + batch_size]
+                pixels = [transform(im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(im))
+                          for im in chunk]
+                emb, _ = self.image(torch.stack(pixels).to(self.device))
+                out.append(emb)
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+    @torch.no_grad()
+    def encode_image_features(self, features: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+        """Embed precomputed sets (a list of N_i × C arrays: regions, grid vectors or video frames)."""
+        from .encoders.text import pad_token_features
+
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for start in range(0, len(features), batch_size):
+                chunk = [torch.as_tensor(f, dtype=torch.float32) for f in features[start:start + batch_size]]
+                padded, lengths = pad_token_features(chunk)
+                emb, _ = self.embed_image_features(padded.to(self.device), lengths.to(self.device))
+                out.append(emb)
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+        """Embed captions or queries → (n × d) unit vectors on the model's device."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
+            batches = range(0, len(texts), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc="captions", unit="batch")
+            for start in batches:
+                idx = order[start:start + batch_size]
+                ids, lengths = self.tokenize([texts[i] for i in idx])
+                emb, _ = self.embed_tokens(ids.to(self.device), lengths.to(self.device))
+                out.append((idx, emb))
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        result = torch.empty(len(texts), self.embed_dim, device=self.device)
+        for idx, emb in out:
+            result[torch.tensor(idx, device=self.device)] = emb
+        return result
+
+    # -- what a checkpoint stores ---------------------------------------------------------------
+
+    def frozen_prefixes(self, finetuned_backbone: bool, finetuned_text: bool) -> tuple[str, ...]:
+        """State-dict prefixes rebuilt from pretrained packages rather than stored."""
+        prefixes = []
+        if self.config.image_encoder == "grid" and not finetuned_backbone:
+            prefixes.append("image.backbone.")
+        if self.config.text_encoder == "transformer" and not finetuned_text:
+            prefixes.append("text.bert.")
+        return tuple(prefixes)
+
+
+def _transformer_config(text_model: str) -> dict | None:
+    """Config of the text transformer for building it without weights (same architecture)."""
+    import json
+
+    if text_model and (Path(text_model) / "config.json").is_file():
+        return json.loads((Path(text_model) / "config.json").read_text())
+    if not text_model:
+        from .encoders.text import default_transformer_path
+
+        return json.loads((default_transformer_path() / "config.json").read_text())
+    return None  # BERT-base
+
+
+def build_model(config: ModelConfig | RunConfig, vocab: Sequence[str] | None = None, pretrained: bool = True) -> VSEModel:
+    """Factory: a VSE∞ model from a config (model section or whole run config)."""
+    if isinstance(config, RunConfig):
+        config = config.model
+    return VSEModel(config, vocab=vocab, pretrained=pretrained)
+
+
+def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics: dict | None = None,
+               trainer_state=None) -> Path:
+    """Save the trained parts of ``model`` with the run's full config (atomically)."""
+    skip = model.frozen_prefixes(run_config.train.finetune_backbone, run_config.train.finetune_text)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    config = run_config.to_dict()
+    config["stored_prefixes_skipped"] = list(skip)
+    if model.vocab is not None:
+        config[VOCAB_KEY] = list(model.vocab.words)
+    return save_checkpoint(path, state, config, metrics, trainer_state)
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> VSEModel:
+    """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model)."""
+    path = Path(path) if path is not None else BUNDLED_DIR
+    state, config_dict, metrics = load_checkpoint(path)
+    vocab = config_dict.pop(VOCAB_KEY, None)
+    skipped = tuple(config_dict.pop("stored_prefixes_skipped", []))
+    run_config = config_from_dict({k: v for k, v in config_dict.items() if k in ("model", "data", "train")},
+                                  str(path / "config.json"))
+    model = build_model(run_config.model, vocab=vocab, pretrained=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(skipped)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.run_config = run_config
+    model.metrics = metrics
+    model.checkpoint_path = path
+    return model.to(device).eval()
+
+
+def model_config_dict(model: VSEModel) -> dict:
+    return dataclasses.asdict(model.config)

@@ -1,0 +1,317 @@
+"""The paper's synthetic check of GPO's coefficient generator (SPEC §8, supplementary Table 6).
+
+Question: can a coefficient generator g(k, N) learn a known pooling pattern from pooled outputs
+alone, and does what it learned carry over to set sizes it never saw?
+
+Setup (ours; the paper gives the idea and the numbers, not every detail):
+
+* Features: each set holds N vectors of D values drawn i.i.d. (standard normal by default); every
+  dimension is an independent sample of the same pooling problem, so D is a cheap batch multiplier.
+* Target: the set pooled under a fixed pattern θ*(N) — the weighted sum of each dimension's values
+  sorted in descending order. Patterns (k = 1..N):
+    - ``A``      average, θ*_k = 1/N;
+    - ``M-1``    max, θ*_1 = 1;
+    - ``M-10``   K-max with K = 10, θ*_k = 1/10 for k ≤ 10 (1/N for all k when N < 10);
+    - ``T-50%``  mean of the top half, θ*_k = 1/⌈N/2⌉ for k ≤ ⌈N/2⌉ (we round the half *up*, so a
+                 one-element set keeps its element);
+    - ``L``      linear decay to zero, θ*_k ∝ N − k, i.e. θ*_k = 2(N − k) / (N(N − 1)); θ*_1 = 1 for N = 1.
+* Training: each generator (built by :func:`vseinf.pooling.build_pooling`) is trained with Adam on
+  the mean squared error between its pooled output and the target. Every step mixes several set
+  sizes drawn uniformly from 20–100 (the paper's training range). All generators get the same
+  steps, learning rate and data stream (same seed), so the comparison is an equal budget.
+* Score: the generator's coefficients θ(N) against θ*(N), as the RMSE over the N positions,
+  averaged over the sizes of a range: seen (20–100), unseen smaller (10–19), unseen larger
+  (101–120). The paper reports the seen sizes only (numbers in :data:`PAPER_SEEN`).
+
+    vseinf synth [--quick] [--seed S] [--steps N] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .pooling import build_pooling
+
+__all__ = [
+    "PATTERNS",
+    "GENERATORS",
+    "GENERATOR_LABELS",
+    "PAPER_SEEN",
+    "SIZE_RANGES",
+    "SynthConfig",
+    "pattern_coefficients",
+    "pooled_by_pattern",
+    "coefficient_rmse",
+    "train_generator",
+    "run_synth",
+    "format_table",
+    "add_arguments",
+    "run",
+]
+
+PATTERNS = ("A", "M-1", "M-10", "T-50%", "L")
+GENERATORS = ("interp", "sincos_mlp", "index_bigru", "gpo")
+GENERATOR_LABELS = {
+    "interp": "index + interpolated vector",
+    "sincos_mlp": "sin/cos + MLP",
+    "index_bigru": "index embedding + BiGRU",
+    "gpo": "sin/cos + BiGRU (GPO)",
+}
+# Supplementary Table 6, seen set sizes (RMSE between learned and true coefficients).
+PAPER_SEEN = {
+    "interp": {"A": 0.0, "M-1": 0.065, "M-10": 0.030, "T-50%": 0.011, "L": 0.004},
+    "sincos_mlp": {"A": 0.012, "M-1": 0.003, "M-10": 0.047, "T-50%": 0.032, "L": 0.022},
+    "index_bigru": {"A": 0.002, "M-1": 0.002, "M-10": 0.026, "T-50%": 0.011, "L": 0.008},
+    "gpo": {"A": 0.0, "M-1": 0.005, "M-10": 0.010, "T-50%": 0.006, "L": 0.0},
+}
+# Inclusive set-size ranges the coefficients are scored on; training uses "seen" only.
+SIZE_RANGES = {"seen": (20, 100), "unseen_smaller": (10, 19), "unseen_larger": (101, 120)}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Training budget of one (generator, pattern) run; the same for every generator.
+
+    Args:
+        steps: Adam steps.
+        lr: peak learning rate (cosine decay to 0 over the steps).
+        sizes_per_step: distinct set sizes drawn per step, uniformly from the seen range.
+        sets_per_size: sets drawn for each of those sizes.
+        dim: values per element (each dimension is an independent pooling problem).
+        features: element distribution, "normal" (standard normal) or "uniform" (on [0, 1)).
+    """
+
+    steps: int = 400
+    lr: float = 0.01
+    sizes_per_step: int = 16
+    sets_per_size: int = 4
+    dim: int = 32
+    features: str = "normal"
+
+
+FULL = SynthConfig()
+QUICK = SynthConfig(steps=60, lr=0.03, sizes_per_step=8, sets_per_size=2, dim=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The patterns
+
+
+def pattern_coefficients(pattern: str, n: int) -> torch.Tensor:
+    """θ*(n) of a pattern as a float64 vector of length n summing to 1 (see the module docstring)."""
+    if n < 1:
+        raise ValueError(f"set size must be >= 1, got {n}")
+    k = torch.arange(n, dtype=torch.float64)  # 0-based position: k = 0 is the largest value
+    if pattern == "A":
+        theta = torch.ones(n, dtype=torch.float64)
+    elif pattern == "M-1":
+        theta = (k < 1).double()
+    elif pattern == "M-10":
+        theta = (k < 10).double()
+    elif pattern == "T-50%":
+        theta = (k < math.ceil(n / 2)).double()
+    elif pattern == "L":
+        theta = (n - 1 - k) if n > 1 else torch.ones(1, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    return theta / theta.sum()
+
+
+def _pattern_table(pattern: str, n_max: int) -> torch.Tensor:
+    """(n_max + 1) × n_max table: row n holds θ*(n) padded with zeros (row 0 unused)."""
+    table = torch.zeros(n_max + 1, n_max, dtype=torch.float64)
+    for n in range(1, n_max + 1):
+        table[n, :n] = pattern_coefficients(pattern, n)
+    return table
+
+
+def pooled_by_pattern(features: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The training target: each dimension's valid values sorted in descending order, weighted by
+    θ*(length). Written independently of vseinf.pooling so the target cannot share its bugs."""
+    n_max = features.shape[1]
+    mask = (torch.arange(n_max).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(2)
+    ordered = features.masked_fill(~mask, -math.inf).sort(dim=1, descending=True).values
+    ordered = ordered.masked_fill(~mask, 0.0)
+    theta = table[lengths, :n_max].to(features.dtype).unsqueeze(2)
+    return (ordered * theta).sum(1)
+
+
+def coefficient_rmse(pool: nn.Module, pattern: str, sizes: range | list[int]) -> float:
+    """Mean over ``sizes`` of the RMSE (over the N positions) between θ(N) and θ*(N)."""
+    sizes = list(sizes)
+    with torch.no_grad():
+        theta = pool.coefficients(torch.tensor(sizes), max(sizes)).double()
+    errors = []
+    for row, n in enumerate(sizes):
+        diff = theta[row, :n] - pattern_coefficients(pattern, n)
+        errors.append(diff.pow(2).mean().sqrt().item())
+    return sum(errors) / len(errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _sample(config: SynthConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = SIZE_RANGES["seen"]
+    sizes = torch.randint(low, high + 1, (config.sizes_per_step,), generator=generator)
+    lengths = sizes.repeat_interleave(config.sets_per_size)
+    shape = (len(lengths), int(lengths.max()), config.dim)
+    if config.features == "normal":
+        features = torch.randn(shape, generator=generator)
+    elif config.features == "uniform":
+        features = torch.rand(shape, generator=generator)
+    else:
+        raise ValueError(f"SynthConfig.features must be 'normal' or 'uniform', got {config.features!r}")
+    return features, lengths
+
+
+def train_generator(name: str, pattern: str, config: SynthConfig = FULL, seed: int = 0,
+                    on_step=None) -> nn.Module:
+    """Train the coefficient generator ``name`` to reproduce ``pattern``; returns the trained pool.
+
+    The data stream depends only on ``seed`` and ``pattern``, so every generator sees the same sets.
+    ``on_step`` (optional) is called after every step, e.g. to advance a progress bar.
+    """
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    torch.manual_seed(seed)
+    pool = build_pooling(name)
+    if not hasattr(pool, "coefficients"):
+        raise ValueError(f"{name!r} is not a coefficient generator; choose from {', '.join(GENERATORS)}")
+    data = torch.Generator().manual_seed(seed * 1000 + PATTERNS.index(pattern))
+    table = _pattern_table(pattern, SIZE_RANGES["seen"][1])
+    optimizer = torch.optim.Adam(pool.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.steps, 1))
+    for _ in range(config.steps):
+        features, lengths = _sample(config, data)
+        target = pooled_by_pattern(features, lengths, table)
+        pooled, _ = pool(features, lengths)
+        loss = (pooled - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if on_step is not None:
+            on_step(loss.item())
+    return pool
+
+
+def run_synth(quick: bool = False, seed: int = 0, patterns=PATTERNS, generators=GENERATORS,
+              steps: int | None = None, progress: bool = True, config: SynthConfig | None = None) -> dict:
+    """Train every generator on every pattern and score the learned coefficients.
+
+    Args:
+        quick: a small budget (seconds, for tests) instead of the full one.
+        seed: seeds the generators' initialisation and the data stream.
+        patterns: which of :data:`PATTERNS` to run.
+        generators: which of :data:`GENERATORS` to run.
+        steps: override the number of training steps.
+        progress: show a tqdm progress bar.
+        config: override the whole training budget.
+
+    Returns:
+        ``{"rmse": {generator: {"seen" | "unseen_smaller" | "unseen_larger": {pattern: float}}},
+        "paper": {generator: {pattern: float}} (seen sizes), "config": {...}, "seconds": float}``.
+    """
+    for pattern in patterns:
+        if pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    for name in generators:
+        if name not in GENERATORS:
+            raise ValueError(f"unknown generator {name!r}; choose from {', '.join(GENERATORS)}")
+    config = config or (QUICK if quick else FULL)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        config = replace(config, steps=int(steps))
+
+    from tqdm.auto import tqdm
+
+    # The work is thousands of tiny ops (a GRU step is a 32×96 matmul): thread hand-offs cost more
+    # than they save, and on a shared CPU one thread runs several times faster. Restored after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rmse = _train_and_score(config, seed, patterns, generators, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return {total=config.steps * len(patterns) * len(generators), disable=not progress,
+XX
+        "rmse": rmse,
+        "paper": {name: dict(PAPER_SEEN[name]) for name in generators},
+        "config": {**asdict(config), "seed": seed, "quick": quick, "patterns": list(patterns),
+                   "generators": list(generators), "train_sizes": list(SIZE_RANGES["seen"]),
+                   "size_ranges": {k: list(v) for k, v in SIZE_RANGES.items()}},
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting and command line
+
+
+def _fmt(value: float) -> str:
+    """Table 6 style: three decimals, no leading zero ('.010'), '0' when it rounds to zero."""
+    text = f"{value:.3f}"
+    if float(text) == 0:
+        return "0"
+    return text[1:] if text.startswith("0.") else text
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: our RMSE per split next to the paper's seen-size numbers."""
+    rmse, paper = result["rmse"], result.get("paper", {})
+    patterns = [p for p in PATTERNS if any(p in rmse[g]["seen"] for g in rmse)]
+    header = ["generator", "sizes"] + patterns + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(label, split, values):
+        cells = [_fmt(values[p]) if p in values else "–" for p in patterns]
+        present = [values[p] for p in patterns if p in values]
+        mean = _fmt(sum(present) / len(present)) if present else "–"
+        lines.append("| " + " | ".join([label, split] + cells + [mean]) + " |")
+
+    for name in rmse:
+        label = GENERATOR_LABELS.get(name, name)
+        row(label, "seen 20–100", rmse[name]["seen"])
+        if name in paper:
+            row("", "paper, seen", paper[name])
+        row("", "unseen 10–19", rmse[name]["unseen_smaller"])
+        row("", "unseen 101–120", rmse[name]["unseen_larger"])
+    config = result.get("config", {})
+    lines.append("")
+    lines.append(f"RMSE between learned and true coefficients, averaged over set sizes; "
+                 f"{config.get('steps', '?')} Adam steps per run, seed {config.get('seed', '?')}, "
+                 f"{result.get('seconds', float('nan')):.0f} s in all.")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``vseinf synth``."""
+    parser.add_argument("--quick", action="store_true", help="small budget (seconds), for smoke tests")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default 0)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (overrides the budget)")
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON to this file")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the synthetic check, print the table, optionally save the JSON; returns an exit code."""
+    result = run_synth(quick=args.quick, seed=args.seed, steps=args.steps, progress=getattr(args, "progress", True))
+    print(format_table(result))
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+    return 0

@@ -1,0 +1,521 @@
+"""The training loop: AdamW, the paper's schedule, validation RSUM each epoch, best/last checkpoints.
+
+    vseinf train --config configs/flickr8k.yaml --out runs/f8k         # or
+    torchrun --nproc_per_node 2 -m vseinf train --config … --out …
+
+A run directory holds ``config.json`` (the full config), ``best/`` (the checkpoint with the highest
+validation RSUM), ``last/`` (the latest state, with optimizer moments and counters, written
+atomically every ``save_every`` steps and at each epoch's end), ``log.jsonl`` and ``training.png``.
+``--resume`` continues a killed run from ``last/``: same batches, same schedule.
+
+Each side of a batch is either read from a feature cache (frozen backbone: grid vectors, or token
+outputs of a frozen transformer; and precomputed region/frame sets) or computed live (fine-tuned
+CNN on images, BiGRU or fine-tuned transformer on tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat
+from .config import RunConfig
+from .data.splits import CaptionSplit, open_split
+from .evaluation import retrieval_metrics
+from .losses import VSELoss, gather_batch
+from .model import VSEModel, build_model, save_model
+
+SAVE_EVERY_STEPS = 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> World:
+    """Join the process group torchrun set up (env WORLD_SIZE > 1); nccl on GPUs, gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return World(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _device(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
+    if not cfg.data.path:
+        raise ValueError("data.path is not set: pass --data DIR or set data.path in the config")
+    train = open_split(cfg.data.path, cfg.data.train_split)
+    val = open_split(cfg.data.path, cfg.data.val_split)
+    if cfg.data.max_train_images:
+        train = train.subset(range(min(cfg.data.max_train_images, train.n_images)))
+    if cfg.data.max_val_images:
+        val = val.subset(range(min(cfg.data.max_val_images, val.n_images)))
+    return train, val
+
+
+def uses_image_cache(cfg: RunConfig) -> bool:
+    """Grid features come from the cache when the CNN never trains (or the data is precomputed)."""
+    return cfg.model.image_encoder != "grid" or (cfg.data.use_cache and not cfg.train.finetune_backbone)
+
+
+def uses_text_cache(cfg: RunConfig) -> bool:
+    return cfg.model.text_encoder == "transformer" and cfg.data.use_cache and not cfg.train.finetune_text
+
+
+class Side:
+    """One modality of the training data: cached sets, or live inputs run through the tower."""
+
+    def __init__(self, kind: str, source=None, split: CaptionSplit | None = None):
+        self.kind = kind  # "sets" | "images" | "tokens"
+        self.source = source
+        self.split = split
+
+
+def image_side(model: VSEModel, split: CaptionSplit, cfg: RunConfig, progress: bool) -> Side:
+    from .features import image_sets
+
+    if uses_image_cache(cfg):
+        return Side("sets", image_sets(model, split, num_workers=cfg.data.num_workers, progress=progress), split)
+    return Side("images", split=split)
+
+
+def text_side(model: VSEModel, split: CaptionSplit, cfg: RunConfig, progress: bool) -> Side:
+    from .features import text_sets
+
+    if uses_text_cache(cfg):
+        return Side("sets", text_sets(model, split, progress=progress), split)
+    return Side("tokens", split=split)
+
+
+class ImageLoader:
+    """Loads and transforms the images of a batch (live CNN path); unreadable ones are dropped."""
+
+    def __init__(self, model: VSEModel, split: CaptionSplit, train: bool):
+        from .data.images import ImageDataset
+
+        self.dataset = ImageDataset(split, model.image_transform(train=train))
+
+    def __call__(self, image_indices):
+        items = [self.dataset[int(i)] for i in image_indices]
+        keep = [k for k, item in enumerate(items) if item is not None]
+        if not keep:
+            return None, keep
+        return torch.stack([items[k][0] for k in keep]), keep
+
+
+def embed_images(model: VSEModel, side: Side, image_indices, device, loader: ImageLoader | None = None):
+    """Image embeddings of ``image_indices``; returns (embeddings, kept positions)."""
+    if side.kind == "sets":
+        feats, lengths = side.source.batch(image_indices)
+        emb, _ = model.embed_image_features(feats.to(device), lengths.to(device))
+        return emb, list(range(len(image_indices)))
+    pixels, keep = loader(image_indices)
+    if pixels is None:
+        return None, keep
+    emb, _ = model.image(pixels.to(device))
+    return emb, keep
+
+
+def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment: bool,
+                   rng: random.Random | None = None, generator: torch.Generator | None = None):
+    if side.kind == "sets":
+        feats, lengths = side.source.batch(caption_indices)
+        feats, lengths = feats.to(device), lengths.to(device)
+        if augment and model.config.size_augment:
+            from .encoders.text import drop_token_features
+
+            feats, lengths = drop_token_features(feats, lengths, generator=generator)
+        emb, _ = model.embed_text_features(feats, lengths)
+        return emb
+    texts = [side.split.captions[int(j)] for j in caption_indices]
+    if augment and model.config.text_augment:
+        ids, lengths = _augmented_tokens(model, texts, rng or random.Random())
+    else:
+        ids, lengths = model.tokenize(texts)
+    emb, _ = model.embed_tokens(ids.to(device), lengths.to(device))
+    return emb
+
+
+def _augmented_tokens(model: VSEModel, texts, rng: random.Random):
+    from .encoders.text import augment_tokens, pad_token_ids
+
+    if model.config.text_encoder == "transformer":
+        enc = model.text
+        seqs = [enc.encode_ids(t, model.config.max_text_length) for t in texts]
+        special, mask_id, vocab_size = enc.special_ids, enc.mask_id, enc.vocab_size
+    else:
+        vocab = model.vocab
+        seqs = [vocab.encode(t) for t in texts]
+        special, mask_id, vocab_size = vocab.special_ids, vocab.mask_id, len(vocab)
+    seqs = [augment_tokens(s, mask_id, vocab_size, rng, special_ids=special) for s in seqs]
+    return pad_token_ids(seqs, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation on a split
+
+
+@torch.no_grad()
+def encode_split(model: VSEModel, image: Side, text: Side, batch_size: int = 256, device="cpu"):
+    """Embed every image once and every caption once; returns (image_emb, text_emb, usable-image mask)."""
+    model.eval()
+    split = image.split
+    loader = ImageLoader(model, split, train=False) if image.kind == "images" else None
+    img_rows = []
+    usable = np.ones(split.n_images, dtype=bool)
+    for start in range(0, split.n_images, batch_size):
+        idx = list(range(start, min(start + batch_size, split.n_images)))
+        emb, keep = embed_images(model, image, idx, device, loader)
+        full = torch.zeros(len(idx), model.embed_dim, device=device)
+        if emb is not None:
+            full[torch.tensor(keep, dtype=torch.long)] = emb.float()
+        dropped = sorted(set(range(len(idx))) - set(keep))
+        usable[[idx[d] for d in dropped]] = False
+        img_rows.append(full)
+    if image.kind == "sets" and getattr(image.source, "broken", None) is not None:
+        usable &= ~image.source.broken
+    txt_rows = []
+    for start in range(0, split.n_captions, batch_size):
+        idx = list(range(start, min(start + batch_size, split.n_captions)))
+        txt_rows.append(embed_captions(model, text, idx, device, augment=False).float())
+    return torch.cat(img_rows), torch.cat(txt_rows), usable
+
+
+def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu") -> dict:
+    """Recall@K table of ``model`` on a split (images that could not be read are left out)."""
+    img, txt, usable = encode_split(model, image, text, device=device)
+    split = image.split
+    t2i = split.caption_to_image
+    if not usable.all():
+        keep_img = np.flatnonzero(usable)
+        remap = -np.ones(split.n_images, dtype=np.int64)
+        remap[keep_img] = np.arange(len(keep_img))
+        keep_txt = np.flatnonzero(usable[t2i])
+        img, txt, t2i = img[torch.from_numpy(keep_img)], txt[torch.from_numpy(keep_txt)], remap[t2i[keep_txt]]
+    sims = img @ txt.T
+    metrics = retrieval_metrics(sims.cpu(), t2i)
+    metrics["n_images"] = int(len(img))
+    metrics["n_captions"] = int(len(txt))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW with the paper's groups: heads at lr, CNN and text transformer at lr × their multipliers."""
+    t = cfg.train
+    backbone, text_backbone, heads = [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith("image.backbone."):
+            if t.finetune_backbone:
+                backbone.append(p)
+        elif name.startswith("text.bert."):
+            if t.finetune_text:
+                text_backbone.append(p)
+        else:
+            heads.append(p)
+    heads += list(loss_fn.parameters())
+    groups = [{"params": heads, "lr": t.lr, "lr_mult": 1.0, "name": "heads"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_mult, "lr_mult": t.backbone_lr_mult,
+                       "name": "backbone"})
+    if text_backbone:
+        groups.append({"params": text_backbone, "lr": t.lr * t.text_backbone_lr_mult,
+                       "lr_mult": t.text_backbone_lr_mult, "name": "text_backbone"})
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def learning_rate(cfg: RunConfig, epoch: int) -> float:
+    """The paper's step schedule: lr, then lr / 10 from ``lr_decay_epoch`` on."""
+    return cfg.train.lr * (0.1 if epoch >= cfg.train.lr_decay_epoch else 1.0)
+
+
+def set_backbone_trainable(model: VSEModel, cfg: RunConfig, epoch: int) -> bool:
+    """The CNN is frozen for ``freeze_backbone_epochs`` epochs, then fine-tuned (if asked to)."""
+    if cfg.model.image_encoder != "grid":
+        return False
+    train_it = cfg.train.finetune_backbone and epoch >= cfg.train.freeze_backbone_epochs
+    model.image.set_backbone_trainable(train_it)
+    return train_it
+
+
+def epoch_order(n: int, seed: int, epoch: int, world: World, batch_size: int) -> np.ndarray:
+    """This rank's caption order for an epoch: a seeded permutation, sharded, whole batches only."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = len(perm) // world.size
+    mine = perm[world.rank * per_rank:(world.rank + 1) * per_rank]
+    steps = len(mine) // batch_size
+    if steps == 0:
+        raise ValueError(f"batch size {batch_size} × {world.size} process(es) is larger than the "
+                         f"{n} training captions")
+    return mine[: steps * batch_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _log(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_history(run_dir: Path) -> Path | None:
+    """Loss per step and validation RSUM per epoch from ``log.jsonl`` → ``training.png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps, losses, epochs, rsums = [], [], [], []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+        if "val" in rec:
+            epochs.append(rec["epoch"] + 1)
+            rsums.append(rec["val"]["rsum"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a1.plot(steps, losses, lw=1)
+    a1.set_xlabel("step")
+    a1.set_ylabel("training loss")
+    a1.set_title("loss")
+    a2.plot(epochs, rsums, marker="o")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("validation RSUM")
+    a2.set_title("validation RSUM")
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train a VSE∞ model; returns the best validation metrics.
+
+    Args:
+        cfg: the run's full config.
+        run_dir: output directory (created).
+        resume: continue from ``run_dir/last``.
+        progress: show progress bars.
+    """
+    world = init_distributed()
+    device = _device(world)
+    run_dir = Path(run_dir)
+    progress = progress and world.main
+    t = cfg.train
+    if resume:
+        if not (run_dir / "last").exists() and not (run_dir / ".last.old").exists():
+            raise ValueError(f"{run_dir}: nothing to resume (no last/ checkpoint)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        from .config import config_from_dict
+
+        cfg = config_from_dict({k: saved[k] for k in ("model", "data", "train")}, str(run_dir / "config.json"))
+        t = cfg.train
+    elif (run_dir / "last").exists():
+        raise ValueError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed + world.rank)
+    train_split, val_split = load_splits(cfg)
+    vocab = None
+    if cfg.model.text_encoder == "bigru":
+        from .encoders.text import Vocabulary
+
+        if resume:
+            vocab = json.loads((run_dir / "last" / "config.json").read_text()).get("text.vocab")
+        else:
+            vocab = Vocabulary.build(train_split.captions).words
+    model = build_model(cfg.model, vocab=vocab).to(device)
+    if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume:
+        model.text.init_from_glove(model.vocab)
+    if world.main:
+        print(f"train: {train_split.n_images} images, {train_split.n_captions} captions; "
+              f"val: {val_split.n_images} images, {val_split.n_captions} captions")
+
+    # Feature caches are built by rank 0 first; the other ranks then open them.
+    if world.size > 1 and not world.main:
+        dist.barrier()
+    tr_img, tr_txt = image_side(model, train_split, cfg, progress), text_side(model, train_split, cfg, progress)
+    va_img, va_txt = image_side(model, val_split, cfg, progress), text_side(model, val_split, cfg, progress)
+    if world.size > 1 and world.main:
+        dist.barrier()
+
+    loss_fn = VSELoss(t.loss, t.margin).to(device)
+    optimizer = build_optimizer(model, loss_fn, cfg)
+    ddp_model = model
+    if world.size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # Captions whose image is unreadable never enter a batch.
+    usable_caps = np.arange(train_split.n_captions)
+    if tr_img.kind == "sets" and tr_img.source.broken.any():
+        usable_caps = usable_caps[~tr_img.source.broken[train_split.caption_to_image]]
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
+    if resume:
+        state = _restore(run_dir, model, loss_fn, optimizer, device)
+        if world.main:
+            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+
+    image_loader = ImageLoader(model, train_split, train=True) if tr_img.kind == "images" else None
+    text_rng = random.Random(t.seed * 1000 + world.rank)
+    aug_gen = torch.Generator().manual_seed(t.seed + 7919 * world.rank)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    log_path = run_dir / "log.jsonl"
+
+    for epoch in range(state["epoch"], t.epochs):
+        backbone_training = set_backbone_trainable(model, cfg, epoch)
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        order = epoch_order(len(usable_caps), t.seed, epoch, world, t.batch_size)
+        steps = len(order) // t.batch_size
+        if t.max_steps_per_epoch:
+            steps = min(steps, t.max_steps_per_epoch)
+        warmup = epoch < t.warmup_epochs
+        model.train()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
+        run_loss, run_n, t0 = 0.0, 0, time.time()
+        for step in range(state["step_in_epoch"], steps):
+            caps = usable_caps[order[step * t.batch_size:(step + 1) * t.batch_size]]
+            imgs = train_split.caption_to_image[caps]
+            with amp:
+                img_emb, keep = embed_images(ddp_model if False else model, tr_img, imgs, device, image_loader)
+                if img_emb is None:
+                    continue
+                caps_k, imgs_k = caps[keep], imgs[keep]
+                txt_emb = embed_captions(model, tr_txt, caps_k, device, augment=True, rng=text_rng,
+                                         generator=aug_gen)
+            img_all, txt_all, ids_all, rows = gather_batch(img_emb.float(), txt_emb.float(),
+                                                           torch.as_tensor(imgs_k, device=device))
+            loss = loss_fn(img_all, txt_all, ids_all, warmup=warmup, local_rows=rows)
+            if backbone_training and epoch == t.freeze_backbone_epochs:
+                # The authors ramp the loss from 0 to 1 over the CNN's first training epoch.
+                loss = loss * min(1.0, (step + 1) / steps)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world.size).backward()
+            if world.size > 1:
+                _allreduce_grads(model, loss_fn, world)
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
+            optimizer.step()
+            state["global_step"] += 1
+            state["step_in_epoch"] = step + 1
+            run_loss += float(loss)
+            run_n += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
+            if world.main and (state["global_step"] % t.log_every == 0):
+                _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
+                                "sec_per_step": (time.time() - t0) / run_n})
+                run_loss, run_n, t0 = 0.0, 0, time.time()
+            if world.main and state["global_step"] % SAVE_EVERY_STEPS == 0 and step + 1 < steps:
+                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch))
+        if bar:
+            bar.close()
+        if world.main and run_n:
+            _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
+                            "sec_per_step": (time.time() - t0) / run_n})
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
+            metrics = evaluate_split(model, va_img, va_txt, device)
+            metrics["epoch"] = epoch + 1
+            _log(log_path, {"epoch": epoch, "val": metrics})
+            print(f"epoch {epoch + 1}: val rsum {metrics['rsum']:.1f} "
+                  f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})", flush=True)
+            if metrics["rsum"] > state["best_rsum"]:
+                state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1
+                save_model(model, run_dir / "best", cfg, metrics)
+            plot_history(run_dir)
+        if world.main:
+            _save_last(model, loss_fn, optimizer, cfg, run_dir, state)
+        if world.size > 1:
+            dist.barrier()
+
+    best = None
+    if world.main:
+        best_dir = run_dir / "best"
+        best = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
+        (run_dir / "metrics.json").write_text(json.dumps(best, indent=2) + "\n")
+    return best
+
+
+def _allreduce_grads(model, loss_fn, world: World):
+    """Average gradients across ranks (each rank's loss covers only its own anchor rows)."""
+    for p in list(model.parameters()) + list(loss_fn.parameters()):
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world.size
+
+
+def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict):
+    tensors, opt_state = optimizer_to_flat(optimizer)
+    for k, v in loss_fn.state_dict().items():
+        tensors[f"loss.{k}"] = v
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_model(model, run_dir / "last", cfg, None, (tensors, {"optimizer": opt_state, "state": state}))
+
+
+def _restore(run_dir: Path, model, loss_fn, optimizer, device) -> dict:
+    state_dict, _, _ = load_checkpoint(run_dir / "last")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise ValueError(f"{run_dir / 'last'}: unexpected tensors {unexpected[:5]}")
+    tensors, saved = load_trainer_state(run_dir / "last")
+    loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+    optimizer_from_flat(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim.")},
+                        saved["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return saved["state"]
