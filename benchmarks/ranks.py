@@ -1,8 +1,8 @@
 """Time the counting rank evaluation against the per-query argsort evaluation.
 
-The shape is COCO 5K's: 5,000 images × 25,000 captions (5 per image) of random scores. Both
-evaluations must give identical per-query ranks and top-1 indices (random float scores have no
-ties); the script fails otherwise. Prints one JSON object and, with --out, writes it to a file.
+The shape is COCO 5K's: 5,000 images × 25,000 captions (5 per image) of random float64 scores.
+Both evaluations must give identical per-query ranks and top-1 indices (random float64 scores
+have no ties); the script fails otherwise. Prints one JSON object and, with --out, writes it to a file.
 
     python benchmarks/ranks.py              # COCO-5K shape, CPU
     python benchmarks/ranks.py --quick      # 1,000 × 5,000
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     n_texts = n_images * args.captions
 
     gen = torch.Generator().manual_seed(args.seed)
-    sims_cpu = torch.rand(n_images, n_texts, generator=gen)
+    # float64: 125M float32 uniforms would repeat values (2^24 levels), and on exact ties the
+    # argsort order and the counting legitimately differ. float64 scores have no ties.
+    sims_cpu = torch.rand(n_images, n_texts, generator=gen, dtype=torch.float64)
     t2i = np.repeat(np.arange(n_images), args.captions)  # COCO order: an image's captions together
     sims = sims_cpu.to(device)
 
@@ -77,8 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         "shape": [n_images, n_texts],
         "captions_per_image": args.captions,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "torch_threads": torch.get_num_threads(),
+        "dtype": str(sims.dtype).replace("torch.", ""),
         "chunk_size": args.chunk_size,
         "fast_s": round(fast_s, 4),
         "reference_s": round(reference_s, 4),
