@@ -2,7 +2,8 @@
 
 The shape is COCO 5K's: 5,000 images × 25,000 captions (5 per image) of random float64 scores.
 Both evaluations must give identical per-query ranks and top-1 indices (random float64 scores
-have no ties); the script fails otherwise. Prints one JSON object and, with --out, writes it to a file.
+have no ties); the script fails otherwise. Prints one JSON object and, with --out, writes it to
+a file.
 
     python benchmarks/ranks.py              # COCO-5K shape, CPU
     python benchmarks/ranks.py --quick      # 1,000 × 5,000
@@ -46,7 +47,9 @@ def _time_fast(sims: torch.Tensor, t2i: np.ndarray, chunk_size: int, repeats: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1,000 × 5,000 instead of 5,000 × 25,000")
+    parser.add_argument(
+        "--quick", action="store_true", help="1,000 × 5,000 instead of 5,000 × 25,000"
+    )
     parser.add_argument("--device", default="cpu", help="where the fast routine runs (cpu, cuda)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="image rows per block")
     parser.add_argument("--captions", type=int, default=5, help="captions per image")

@@ -73,7 +73,9 @@ def test_sims_fast_path_matches_argsort_oracle(chunk_size, as_tensor):
     ref = rank_details_reference(sims, t2i)
     fast = rank_details(torch.from_numpy(sims) if as_tensor else sims, t2i, chunk_size)
     assert_same_details(fast, ref)
-    assert_same_metrics(retrieval_metrics(sims, t2i, chunk_size), retrieval_metrics_reference(sims, t2i))
+    assert_same_metrics(
+        retrieval_metrics(sims, t2i, chunk_size), retrieval_metrics_reference(sims, t2i)
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [4, 17, 4096])
@@ -154,7 +156,8 @@ def test_hand_computed_ranks_and_metrics():
     d = rank_details(sims, t2i)
     np.testing.assert_array_equal(d.i2t_ranks, [1, 2])
     np.testing.assert_array_equal(d.i2t_top1, [1, 0])
-    # text 0: image 1 (0.8) beats image 0 (0.1) -> 1; text 1: 0.9 beats 0.2 -> 1; text 2: 0.5 > 0.3 -> 0
+    # text 0: image 1 (0.8) beats image 0 (0.1) -> 1; text 1: 0.9 beats 0.2 -> 1;
+    # text 2: its image 0 (0.5) beats image 1 (0.3) -> 0
     np.testing.assert_array_equal(d.t2i_ranks, [1, 1, 0])
     np.testing.assert_array_equal(d.t2i_top1, [1, 0, 0])
     m = retrieval_metrics(sims, t2i)

@@ -58,7 +58,9 @@ def loss_and_grads(fn, img, txt, *extra):
 @pytest.mark.parametrize("ids", [None, IMAGE_IDS])
 def test_hinge_matches_loop_reference_in_value_and_gradient(hardest, ids):
     img, txt = make_batch()
-    fast, g_fast = loss_and_grads(lambda i, t: hinge_triplet_loss(i, t, ids, 0.2, hardest), img, txt)
+    fast, g_fast = loss_and_grads(
+        lambda i, t: hinge_triplet_loss(i, t, ids, 0.2, hardest), img, txt
+    )
     slow, g_slow = loss_and_grads(
         lambda i, t: hinge_triplet_loss_reference(i, t, ids, 0.2, hardest), img, txt
     )
@@ -248,7 +250,7 @@ def _loss(kind, img, txt, ids, scale, local_rows=None):
 
 
 def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One rank: its own rows as leaves, the global batch gathered, its local loss backpropagated."""
+    """One rank: its rows as leaves, the global batch gathered, its local loss backpropagated."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(SPLIT)

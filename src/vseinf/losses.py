@@ -115,7 +115,7 @@ def hinge_triplet_loss(
     hardest: bool = True,
     local_rows: slice | None = None,
 ) -> torch.Tensor:
-    """VSE++ loss: ``[α − s(i,t) + s(i,t̂)]₊ + [α − s(i,t) + s(î,t)]₊`` summed over the batch.
+    """VSE++ loss ``[α − s(i,t) + s(i,t̂)]₊ + [α − s(i,t) + s(î,t)]₊``, summed over the batch.
 
     Args:
         img: (G, d) l2-normalised image embeddings; row i pairs with ``txt[i]``.
