@@ -27,6 +27,9 @@ from .pooling import l2norm
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "flickr8k_mobilenet_minilm"
 VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
+# model.text_model value meaning "BERT-base built from its config; its weights are in the checkpoint"
+# (the authors' released models, imported by ``vseinf convert``: there is no BERT-base folder here).
+BERT_BASE_FROM_CHECKPOINT = "bert-base-uncased-config"
 
 
 class VSEModel(nn.Module):
@@ -60,7 +63,7 @@ class VSEModel(nn.Module):
         if config.text_encoder == "transformer":
             from .encoders.text import TransformerTextEncoder
 
-            if pretrained:
+            if pretrained and config.text_model != BERT_BASE_FROM_CHECKPOINT:
                 self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling)
             else:
                 self.text = TransformerTextEncoder.build_from_config(
@@ -211,7 +214,8 @@ class VSEModel(nn.Module):
         prefixes = []
         if self.config.image_encoder == "grid" and not finetuned_backbone:
             prefixes.append("image.backbone.")
-        if self.config.text_encoder == "transformer" and not finetuned_text:
+        if (self.config.text_encoder == "transformer" and not finetuned_text
+                and self.config.text_model != BERT_BASE_FROM_CHECKPOINT):  # no package to rebuild it from
             prefixes.append("text.bert.")
         return tuple(prefixes)
 
