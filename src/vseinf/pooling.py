@@ -228,6 +228,98 @@ def _run_bigru(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor) -> torch.
     return (out[..., :half] + out[..., half:]) / 2
 
 
+class _GRUScan(torch.autograd.Function):
+    """A GRU recurrence over precomputed input gates, several weight sets in one batch, with a
+    hand-written backward pass.
+
+    Rows of the batch may use different recurrent weights (``row_weight`` picks one of the stacked
+    sets), so GPO's forward direction (shared by all set sizes) and its reverse direction (one row per
+    size) run in one loop. Autograd through ``nn.GRU`` on the CPU costs several small kernels per step
+    in the backward pass; here the parameter gradients are two contractions after the loop.
+
+    Inputs: gi (R × T × 3H, input projections incl. bias, gate order r, z, n as in ``nn.GRU``),
+    w_hh (S × 3H × H), b_hh (S × 3H), row_weight (R, long). Output: hidden states R × T × H (h0 = 0).
+    """
+
+    @staticmethod
+    def forward(ctx, gi, w_hh, b_hh, row_weight):
+        rows, steps, three_h = gi.shape
+        hid = three_h // 3
+        w_rows = w_hh[row_weight]  # R × 3H × H
+        w_rows_t = w_rows.transpose(1, 2)  # R × H × 3H
+        b_rows = b_hh[row_weight].unsqueeze(1)  # R × 1 × 3H
+        h = gi.new_zeros(rows, hid)
+        hs = gi.new_empty(steps, rows, hid)
+        h_prev = gi.new_empty(steps, rows, hid)
+        gates = gi.new_empty(steps, rows, three_h)  # r, z, n
+        gh_n = gi.new_empty(steps, rows, hid)
+        for t in range(steps):
+            gh = torch.baddbmm(b_rows, h.unsqueeze(1), w_rows_t).squeeze(1)
+            g = gi[:, t]
+            rz = torch.sigmoid(g[:, :2 * hid] + gh[:, :2 * hid])
+            r, z = rz[:, :hid], rz[:, hid:]
+            n = torch.tanh(g[:, 2 * hid:] + r * gh[:, 2 * hid:])
+            h_prev[t] = h
+            h = n + z * (h - n)
+            hs[t] = h
+            gates[t, :, :2 * hid] = rz
+            gates[t, :, 2 * hid:] = n
+            gh_n[t] = gh[:, 2 * hid:]
+        ctx.save_for_backward(w_rows, h_prev, gates, gh_n, row_weight)
+        ctx.n_sets = w_hh.shape[0]
+        return hs.transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        w_rows, h_prev, gates, gh_n, row_weight = ctx.saved_tensors
+        steps, rows, hid = h_prev.shape
+        grad_hs = grad_hs.transpose(0, 1)  # T × R × H
+        d_gi = grad_hs.new_empty(steps, rows, 3 * hid)
+        d_gh = grad_hs.new_empty(steps, rows, 3 * hid)
+        dh = grad_hs.new_zeros(rows, hid)
+        for t in range(steps - 1, -1, -1):
+            dh = dh + grad_hs[t]
+            r, z, n = gates[t, :, :hid], gates[t, :, hid:2 * hid], gates[t, :, 2 * hid:]
+            da_n = dh * (1 - z) * (1 - n * n)
+            da_z = dh * (h_prev[t] - n) * z * (1 - z)
+            da_r = da_n * gh_n[t] * r * (1 - r)
+            d_gi[t, :, :hid] = da_r
+            d_gi[t, :, hid:2 * hid] = da_z
+            d_gi[t, :, 2 * hid:] = da_n
+            d_gh[t, :, :2 * hid] = d_gi[t, :, :2 * hid]
+            d_gh[t, :, 2 * hid:] = da_n * r
+            dh = dh * z + torch.bmm(d_gh[t].unsqueeze(1), w_rows).squeeze(1)
+        d_w_rows = torch.einsum("trg,trh->rgh", d_gh, h_prev)
+        d_w = d_w_rows.new_zeros(ctx.n_sets, *d_w_rows.shape[1:]).index_add_(0, row_weight, d_w_rows)
+        d_b = d_gh.new_zeros(ctx.n_sets, 3 * hid).index_add_(0, row_weight, d_gh.sum(0))
+        return d_gi.transpose(0, 1), d_w, d_b, None
+
+
+def _bigru_over_positions(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Directions-averaged BiGRU outputs over positions 0..T-1 for every set size in ``sizes``.
+
+    ``inputs`` (T × d) encode the positions and do not depend on the size, so the forward direction's
+    outputs are the same for every size (one row), and only the reverse direction — which starts at
+    position N-1 — needs a row per size. Equal to running ``gru`` on each size's packed sequence.
+    Returns U × T × H (rows past a size's end are meaningless and must be masked by the caller).
+    """
+    steps = inputs.shape[0]
+    gi_fwd = F.linear(inputs, gru.weight_ih_l0, gru.bias_ih_l0)  # T × 3H
+    gi_rev = F.linear(inputs, gru.weight_ih_l0_reverse, gru.bias_ih_l0_reverse)
+    # Reverse row u at step t reads position N_u - 1 - t (clamped: steps past the start are unused).
+    k = torch.arange(steps, device=inputs.device)
+    pos = (sizes.unsqueeze(1) - 1 - k.unsqueeze(0)).clamp_min(0)  # U × T
+    gi = torch.cat([gi_fwd.unsqueeze(0), gi_rev[pos]], dim=0)
+    w_hh = torch.stack([gru.weight_hh_l0, gru.weight_hh_l0_reverse])
+    b_hh = torch.stack([gru.bias_hh_l0, gru.bias_hh_l0_reverse])
+    row_weight = torch.ones(len(sizes) + 1, dtype=torch.long, device=inputs.device)
+    row_weight[0] = 0
+    hs = _GRUScan.apply(gi, w_hh, b_hh, row_weight)  # (1 + U) × T × H
+    # The reverse output at position k was produced at step N_u - 1 - k: the same index map.
+    rev = hs[1:].gather(1, pos.unsqueeze(2).expand(-1, -1, hs.shape[2]))
+    return (hs[:1] + rev) / 2
+
+
 class GPO(RankWeightedPool):
     """Generalized Pooling Operator (SPEC §2): sin/cos position encoding → BiGRU → linear → softmax(·/0.1).
 
@@ -258,9 +350,8 @@ class GPO(RankWeightedPool):
     def size_scores(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
         device = self.linear.weight.device
         sizes = sizes.to(device)
-        pe = self._pe(n_max, device).unsqueeze(0).expand(len(sizes), -1, -1)
-        pe = pe * valid_mask(sizes, n_max).unsqueeze(2)
-        return self.linear(_run_bigru(self.gru, pe.to(self.linear.weight.dtype), sizes)).squeeze(2)
+        pe = self._pe(n_max, device).to(self.linear.weight.dtype)
+        return self.linear(_bigru_over_positions(self.gru, pe, sizes)).squeeze(2)
 
 
 class GPOReference(nn.Module):
