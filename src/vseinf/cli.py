@@ -125,11 +125,24 @@ def _cmd_synth(args, extra):
     return run(args)
 
 
+def _add_convert(sub):
+    from .convert import add_convert_parser
+
+    return add_convert_parser(sub)
+
+
+def _cmd_convert(args, extra):
+    from .convert import run_convert
+
+    return run_convert(args, extra)
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "eval": (_add_eval, _cmd_eval),
     "extract": (_add_extract, _cmd_extract),
     "synth": (_add_synth, _cmd_synth),
+    "convert": (_add_convert, _cmd_convert),
 }
 
 # Commands whose unknown --key value arguments are config overrides.
