@@ -1,0 +1,870 @@
+"""Gallery indexes: embed a folder of images (or a captions file) once, then search it by text or image.
+
+An index is a directory::
+
+    embeddings.npy   n × d float32, one unit-norm row per gallery item (row i ↔ items[i])
+    gallery.json     what the rows are (paths or captions), the model that made them, the engine
+    faiss.index      only for the approximate engine: an HNSW graph over the same rows
+
+Two search engines share one interface, :class:`GalleryIndex` (``search(queries, k) -> (scores,
+ids)``, scores are dot products = cosines of unit vectors):
+
+- :class:`ExactIndex` scans the gallery in chunks (matrix product + top-k per chunk, merged), so
+  memory stays bounded whatever the gallery size. It is the reference the other engine is held to,
+  and :func:`exact_search_reference` (one full product + a stable sort) is the reference for it.
+- :class:`HNSWIndex` is FAISS's HNSW graph: approximate, but far faster on large galleries.
+  :func:`choose_engine` picks it at ``FAISS_THRESHOLD`` items and above.
+
+:func:`encode_gallery` builds or updates an index: only files that are new or changed (path, size,
+mtime) are embedded again, removed files drop out, and files that are not readable images are
+named, counted and skipped. The directory is replaced atomically, so an interrupted run leaves the
+previous index intact.
+
+Command-line entry points (registered in :mod:`vseinf.cli`): ``add_encode_parser``/``run_encode``
+and ``add_search_parser``/``run_search``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+EMBEDDINGS_FILE = "embeddings.npy"
+META_FILE = "gallery.json"
+FAISS_FILE = "faiss.index"
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Below this many items an exact scan answers a query in a few milliseconds (10^4 × 1024 floats is
+# 40 MB, one pass over memory), so the approximate engine would only cost recall. Measured with
+# benchmarks/index_search.py (gallery growth section).
+FAISS_THRESHOLD = 20_000
+
+# HNSW settings. M = 32 links per node and efConstruction = 200 build a graph good enough that
+# efSearch = 128 reaches recall@10 ≥ 0.95 on GloVe 6B-50d (400k words, cosine), a hard case;
+# see benchmarks/index_search.py for the sweep.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+
+
+class IndexFormatError(ValueError):
+    """An index directory that is missing, incomplete or does not fit the request."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Search engines
+
+
+def _as_queries(queries, dim: int) -> np.ndarray:
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries: expected n × {dim} vectors, got shape {q.shape}")
+    return np.ascontiguousarray(q)
+
+
+def _order_rows(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by score, descending; equal scores by id, ascending (a stable, documented order)."""
+    if scores.size == 0:
+        return scores, ids
+    order = np.lexsort((ids, -scores), axis=-1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def exact_search_reference(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The obviously-right search: every score at once, then a stable sort. For tests and benchmarks."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    q = _as_queries(queries, vectors.shape[1])
+    k = min(int(k), len(vectors))
+    scores = q @ vectors.T
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
+
+
+class GalleryIndex(ABC):
+    """Nearest neighbours by dot product over a fixed set of gallery vectors."""
+
+    name: str = ""
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @abstractmethod
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` gallery rows for each query (n × d) → (scores n × k', ids n × k'), best first.
+
+        ``k' = min(k, size)``. An id of -1 (score -inf) means the engine found fewer than k'.
+        """
+
+    def describe(self) -> dict:
+        return {"engine": self.name}
+
+
+class ExactIndex(GalleryIndex):
+    """Exact top-k by a chunked scan: memory is bounded by ``budget_bytes``, not the gallery size.
+
+    Args:
+        vectors: n × d float32 gallery rows (may be a read-only memory map).
+        chunk_rows: gallery rows scored per step.
+        budget_bytes: upper bound on the score block (queries × chunk rows × 4 bytes) held at once.
+    """
+
+    name = "exact"
+
+    def __init__(self, vectors: np.ndarray, chunk_rows: int = 65_536, budget_bytes: int = 64 << 20):
+        if vectors.ndim != 2:
+            raise ValueError(f"gallery vectors must be n × d, got shape {vectors.shape}")
+        if vectors.dtype != np.float32:
+            vectors = vectors.astype(np.float32)
+        self.vectors = vectors
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.budget_bytes = max(4096, int(budget_bytes))
+
+    @property
+    def size(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = _as_queries(queries, self.dim)
+        k = min(int(k), self.size)
+        n_q = len(q)
+        scores = np.empty((n_q, max(k, 0)), dtype=np.float32)
+        ids = np.empty((n_q, max(k, 0)), dtype=np.int64)
+        if k <= 0 or n_q == 0:
+            return scores, ids
+        chunk = min(self.chunk_rows, self.size)
+        q_block = max(1, self.budget_bytes // (4 * chunk))
+        for qs in range(0, n_q, q_block):
+            block = q[qs:qs + q_block]
+            best_s = best_i = None
+            for gs in range(0, self.size, chunk):
+                rows = self.vectors[gs:gs + chunk]
+                s = torch.from_numpy(block @ rows.T)  # a fresh array: safe to wrap without copying
+                top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=1)
+                top_i += gs
+                if best_s is not None:  # merge with the best so far; at most 2k candidates a row
+                    cand_s, cand_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i], 1)
+                    top_s, pos = torch.topk(cand_s, k, dim=1)
+                    top_i = torch.gather(cand_i, 1, pos)
+                best_s, best_i = top_s, top_i
+            scores[qs:qs + len(block)] = best_s.numpy()
+            ids[qs:qs + len(block)] = best_i.numpy()
+        return _order_rows(scores, ids)
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "chunk_rows": self.chunk_rows}
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("the approximate index needs faiss: pip install faiss-cpu "
+                          "(or pip install 'vseinf[serve]')") from None
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        _faiss()
+    except ImportError:
+        return False
+    return True
+
+
+class HNSWIndex(GalleryIndex):
+    """FAISS HNSW graph over the gallery rows, inner-product metric (cosine on unit vectors).
+
+    Args:
+        index: a ``faiss.IndexHNSWFlat`` (built by :meth:`build` or read by :meth:`load`).
+        ef_search: candidate list size during search; larger = better recall, slower.
+    """
+
+    name = "hnsw"
+
+    def __init__(self, index, ef_search: int = HNSW_EF_SEARCH):
+        self.index = index
+        self.ef_search = int(ef_search)
+        # level 0 of an HNSW graph keeps 2·M links per node; the upper levels keep M
+        self.m = int(index.hnsw.nb_neighbors(1))
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+              ef_search: int = HNSW_EF_SEARCH) -> "HNSWIndex":
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index = faiss.IndexHNSWFlat(vectors.shape[1], int(m), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(ef_construction)
+        index.add(vectors)
+        return cls(index, ef_search)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, ef_search: int = HNSW_EF_SEARCH) -> "HNSWIndex":
+        return cls(_faiss().read_index(str(path)), ef_search)
+
+    def save(self, path: str | os.PathLike) -> None:
+        _faiss().write_index(self.index, str(path))
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        q = _as_queries(queries, self.dim)
+        k = min(int(k), self.size)
+        if k <= 0 or len(q) == 0:
+            return np.empty((len(q), max(k, 0)), np.float32), np.empty((len(q), max(k, 0)), np.int64)
+        params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        scores, ids = self.index.search(q, k, params=params)
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        return _order_rows(scores, ids.astype(np.int64))
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "M": self.m, "ef_search": self.ef_search}
+
+
+def choose_engine(n_items: int, threshold: int = FAISS_THRESHOLD) -> str:
+    """``"hnsw"`` for galleries of ``threshold`` items or more (when faiss is installed), else ``"exact"``."""
+    if n_items >= threshold and faiss_available():
+        return "hnsw"
+    return "exact"
+
+
+def build_engine(vectors: np.ndarray, engine: str = "auto") -> GalleryIndex:
+    """An engine over ``vectors``: ``"exact"``, ``"hnsw"`` or ``"auto"`` (by gallery size)."""
+    if engine == "auto":
+        engine = choose_engine(len(vectors))
+    if engine == "exact":
+        return ExactIndex(vectors)
+    if engine in ("hnsw", "faiss"):
+        return HNSWIndex.build(vectors)
+    raise ValueError(f"engine: expected 'auto', 'exact' or 'hnsw', got {engine!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model made the embeddings
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(model) -> dict:
+    """What makes two models' embeddings comparable: config hash + weights hash (+ where it came from)."""
+    from .model import BUNDLED_DIR
+
+    config = dataclasses.asdict(model.config)
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    ckpt = getattr(model, "checkpoint_path", None)
+    weights_file = Path(ckpt) / "model.safetensors" if ckpt is not None else None
+    if weights_file is not None and weights_file.is_file():
+        weights_hash = _sha256_file(weights_file)[:16]
+    else:  # a model built in memory: hash its tensors
+        h = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        weights_hash = h.hexdigest()[:16]
+    bundled = ckpt is not None and Path(ckpt).resolve() == BUNDLED_DIR.resolve()
+    return {
+        "checkpoint": None if ckpt is None else str(Path(ckpt).resolve()),
+        "bundled": bool(bundled),
+        "config_hash": config_hash,
+        "weights_hash": weights_hash,
+        "embed_dim": int(model.config.embed_dim),
+    }
+
+
+def same_model(a: dict | None, b: dict | None) -> bool:
+    return bool(a and b) and a.get("config_hash") == b.get("config_hash") and \
+        a.get("weights_hash") == b.get("weights_hash")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the gallery: image folders and captions files
+
+
+@dataclass
+class Skipped:
+    """A gallery file that was not indexed, and why."""
+
+    path: str
+    reason: str
+
+
+def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[str], list[Skipped]]:
+    """Image files under ``root`` (recursive; relative POSIX paths, sorted) + files skipped by name.
+
+    Hidden files and folders (``.name``) are ignored silently; other files without an image
+    extension are reported as skipped. Folders in ``exclude`` (e.g. the index itself) are not entered.
+    """
+    root = Path(root)
+    excluded = {Path(e).resolve() for e in exclude}
+    images: list[str] = []
+    skipped: list[Skipped] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            rel = (here / name).relative_to(root).as_posix()
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                images.append(rel)
+            else:
+                skipped.append(Skipped(rel, f"not an image file (extension {suffix or 'none'!r})"))
+    images.sort()
+    return images, skipped
+
+
+@dataclass
+class CaptionItem:
+    caption: str
+    path: str  # the image the caption describes when the file says so, else "<file>:<line>"
+    line: int
+
+
+def read_captions_file(path: str | os.PathLike) -> list[CaptionItem]:
+    """Captions for a text gallery: one per line, or ``image<TAB>caption`` (Flickr ``image#n<TAB>…`` too).
+
+    Blank lines are ignored. Raises ValueError naming the file and line of undecodable text.
+    """
+    path = Path(path)
+    items: list[CaptionItem] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
+            if not line.strip():
+                continue
+            if "\t" in line:
+                source, caption = line.split("\t", 1)
+                source = source.strip()
+                if "#" in source and source.rsplit("#", 1)[1].isdigit():
+                    source = source.rsplit("#", 1)[0]  # Flickr: image.jpg#2
+            else:
+                source, caption = "", line
+            caption = caption.strip()
+            if not caption:
+                continue
+            items.append(CaptionItem(caption, source or f"{path.name}:{lineno}", lineno))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img" if desc == "images" else "caption", file=sys.stderr)
+
+
+def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False
+                       ) -> tuple[np.ndarray, list[int], list[Skipped]]:
+    """Embed image files, skipping unreadable ones → (m × d float32, indices of encoded paths, skipped).
+
+    Each image is resized by the model's transform right after decoding, so a batch of large photos
+    costs S×S pixels each, not their full size. Gives the same vectors as ``model.encode_images``.
+    """
+    import torch
+
+    from .data.images import BadImageError, load_rgb
+
+    transform = model.image_transform(train=False)
+    out: list[np.ndarray] = []
+    kept: list[int] = []
+    skipped: list[Skipped] = []
+    bar = _progress(len(paths), "images", progress)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(paths), batch_size):
+            pixels, batch_kept = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    pixels.append(transform(load_rgb(paths[i])))
+                    batch_kept.append(i)
+                except BadImageError as exc:
+                    skipped.append(Skipped(str(paths[i]), exc.reason))
+            if pixels:
+                with torch.no_grad():
+                    emb, _ = model.image(torch.stack(pixels).to(model.device))
+                out.append(emb.float().cpu().numpy())
+                kept.extend(batch_kept)
+            if bar is not None:
+                bar.update(min(batch_size, len(paths) - start))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    dim = model.config.embed_dim
+    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), kept, skipped
+
+
+def encode_texts_np(model, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, model.config.embed_dim), np.float32)
+    return model.encode_texts(list(texts), batch_size=batch_size, progress=progress).float().cpu().numpy()
+
+
+@dataclass
+class EncodeReport:
+    """What :func:`encode_gallery` did."""
+
+    index_dir: Path
+    kind: str
+    total: int = 0
+    encoded: int = 0
+    reused: int = 0
+    removed: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    engine: str = "exact"
+    seconds: float = 0.0
+    note: str = ""
+
+    def summary(self) -> str:
+        what = "images" if self.kind == "images" else "captions"
+        lines = [f"{self.index_dir}: {self.total} {what} ({self.encoded} encoded, {self.reused} unchanged, "
+                 f"{self.removed} removed, {len(self.skipped)} skipped), engine {self.engine}, "
+                 f"{self.seconds:.1f} s"]
+        if self.note:
+            lines.append(self.note)
+        for s in self.skipped:
+            lines.append(f"  skipped {s.path}: {s.reason}")
+        return "\n".join(lines)
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to replace a directory that is not an index: the atomic swap would delete its contents."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / META_FILE).is_file():
+            raise ValueError(f"{out}: exists, is not empty and is not a vseinf index; choose another --out")
+
+
+def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex) -> None:
+    from .checkpoint import save_dir_atomic
+
+    def write(tmp: Path):
+        np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        if isinstance(engine, HNSWIndex):
+            engine.save(tmp / FAISS_FILE)
+
+    save_dir_atomic(out, write)
+
+
+def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery | None", str]:
+    """The index already in ``out`` if its rows can be reused (same kind, source and model)."""
+    if not (out / META_FILE).is_file():
+        return None, ""
+    try:
+        old = Gallery.load(out, engine="exact")
+    except (ValueError, OSError) as exc:
+        return None, f"note: the previous index in {out} is unreadable ({exc}); encoding everything"
+    if old.kind != kind or old.meta.get("root") != root:
+        return None, f"note: {out} indexed another gallery ({old.meta.get('root')}); encoding everything"
+    if not same_model(old.meta.get("model"), identity):
+        return None, f"note: {out} was encoded with another model; encoding everything"
+    return old, ""
+
+
+def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, engine: str = "auto",
+                   batch_size: int = 32, progress: bool = True) -> EncodeReport:
+    """Build or update the index ``out`` for ``gallery`` (a folder of images, or a captions file).
+
+    Args:
+        gallery: a folder (searched recursively for images) or a text file of captions.
+        out: the index directory (created, or updated incrementally if it holds an index of the
+            same gallery made with the same model).
+        model: a loaded :class:`vseinf.model.VSEModel`.
+        engine: ``"auto"`` (by size, see :func:`choose_engine`), ``"exact"`` or ``"hnsw"``.
+        batch_size: images per forward pass.
+        progress: show progress bars on stderr.
+    """
+    t0 = time.perf_counter()
+    gallery = Path(gallery)
+    out = Path(out)
+    if not gallery.exists():
+        raise FileNotFoundError(f"{gallery}: gallery not found (a folder of images or a captions file)")
+    _check_out_dir(out)
+    identity = model_identity(model)
+    if gallery.is_dir():
+        report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress)
+    else:
+        report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
+    if len(emb) == 0:
+        detail = "".join(f"\n  skipped {s.path}: {s.reason}" for s in report.skipped[:20])
+        raise ValueError(f"{gallery}: nothing to index (no readable {report.kind}){detail}")
+    index = build_engine(emb, engine)
+    meta["engine"] = index.describe()
+    report.engine = index.name
+    _write_index(out, meta, emb, index)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _base_meta(kind: str, root: Path, identity: dict, skipped: list[Skipped]) -> dict:
+    from . import __version__
+
+    return {"format": FORMAT_VERSION, "kind": kind, "root": str(root), "model": identity,
+            "embed_dim": identity["embed_dim"], "vseinf_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "skipped": [dataclasses.asdict(s) for s in skipped]}
+
+
+def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
+    root = gallery.resolve()
+    report = EncodeReport(out, "images")
+    paths, skipped = scan_images(root, exclude=[out])
+    old, report.note = _previous(out, "images", identity, str(root))
+    old_rows = {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
+                                       for i, it in enumerate(old.items)}
+
+    stats, to_encode, rows = {}, [], {}
+    for rel in paths:
+        try:
+            st = (root / rel).stat()
+        except OSError as exc:
+            skipped.append(Skipped(rel, f"cannot read ({exc.strerror})"))
+            continue
+        stats[rel] = (st.st_size, st.st_mtime_ns)
+        prev = old_rows.get(rel)
+        if prev is not None and prev[1:] == stats[rel]:
+            rows[rel] = ("old", prev[0])
+        else:
+            to_encode.append(rel)
+    report.removed = sum(1 for rel in old_rows if rel not in stats)
+
+    new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress)
+    for j, i in enumerate(kept):
+        rows[to_encode[i]] = ("new", j)
+    for s in bad:
+        skipped.append(Skipped(Path(s.path).relative_to(root).as_posix(), s.reason))
+
+    items, vectors = [], []
+    for rel in sorted(rows):
+        source, r = rows[rel]
+        items.append({"path": rel, "size": stats[rel][0], "mtime_ns": stats[rel][1]})
+        vectors.append(old.embeddings[r] if source == "old" else new_emb[r])
+    emb = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, identity["embed_dim"]), np.float32)
+    report.total, report.encoded, report.reused = len(items), len(kept), len(items) - len(kept)
+    skipped.sort(key=lambda s: s.path)
+    report.skipped = skipped
+    meta = _base_meta("images", root, identity, skipped)
+    meta["items"] = items
+    return report, meta, emb
+
+
+def _encode_captions(path: Path, out: Path, model, identity: dict, progress: bool):
+    source = path.resolve()
+    report = EncodeReport(out, "captions")
+    captions = read_captions_file(source)
+    old, report.note = _previous(out, "captions", identity, str(source.parent))
+    old_rows = {} if old is None else {it["caption"]: i for i, it in enumerate(old.items)}
+    missing = sorted({c.caption for c in captions if c.caption not in old_rows})
+    new_emb = encode_texts_np(model, missing, progress=progress)
+    new_rows = {c: i for i, c in enumerate(missing)}
+    vectors = [old.embeddings[old_rows[c.caption]] if c.caption in old_rows else new_emb[new_rows[c.caption]]
+               for c in captions]
+    emb = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, identity["embed_dim"]), np.float32)
+    report.total, report.encoded = len(captions), len(missing)
+    report.reused = sum(1 for c in captions if c.caption in old_rows)
+    kept = {c.caption for c in captions}
+    report.removed = sum(1 for c in old_rows if c not in kept)
+    meta = _base_meta("captions", source.parent, identity, [])
+    meta["source"] = str(source)
+    meta["items"] = [{"caption": c.caption, "path": c.path, "line": c.line} for c in captions]
+    return report, meta, emb
+
+
+# ---------------------------------------------------------------------------------------------
+# A loaded index
+
+
+class Gallery:
+    """An index directory, loaded: items, embeddings (memory-mapped) and a search engine.
+
+    Args:
+        path: the index directory.
+        meta: the parsed ``gallery.json``.
+        embeddings: n × d float32 rows.
+        engine: the search engine over them.
+    """
+
+    def __init__(self, path: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex):
+        self.path = path
+        self.meta = meta
+        self.embeddings = embeddings
+        self.engine = engine
+        self.items: list[dict] = meta["items"]
+        self.root = Path(meta["root"])
+        self._by_path = {it["path"]: i for i, it in enumerate(self.items)} if self.kind == "images" else {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, engine: str | None = None) -> "Gallery":
+        """Read an index directory; ``engine`` overrides the saved one (``"exact"`` or ``"hnsw"``)."""
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise IndexFormatError(f"{path}: not a vseinf index (no {META_FILE}); build one with `vseinf encode`")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IndexFormatError(f"{meta_file}: not valid JSON ({exc})") from None
+        for key in ("kind", "root", "items", "model"):
+            if key not in meta:
+                raise IndexFormatError(f"{meta_file}: missing field {key!r}")
+        if meta["kind"] not in ("images", "captions"):
+            raise IndexFormatError(f"{meta_file}: field 'kind' must be 'images' or 'captions', got {meta['kind']!r}")
+        try:
+            emb = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise IndexFormatError(f"{path / EMBEDDINGS_FILE}: cannot read embeddings ({exc})") from None
+        if emb.ndim != 2 or emb.shape[0] != len(meta["items"]) or emb.dtype != np.float32:
+            raise IndexFormatError(f"{path / EMBEDDINGS_FILE}: expected {len(meta['items'])} × d float32 rows, "
+                              f"got {emb.dtype} {emb.shape}")
+        saved = meta.get("engine", {}).get("engine", "exact")
+        want = engine or saved
+        if want == "hnsw" and saved == "hnsw" and (path / FAISS_FILE).is_file() and faiss_available():
+            index: GalleryIndex = HNSWIndex.load(path / FAISS_FILE, meta["engine"].get("ef_search", HNSW_EF_SEARCH))
+            if index.size != len(emb):
+                raise IndexFormatError(f"{path / FAISS_FILE}: {index.size} vectors, expected {len(emb)}")
+        elif want in ("hnsw", "faiss"):
+            if not faiss_available() and engine is None:
+                index = ExactIndex(emb)  # saved as HNSW but faiss is gone: exact still answers correctly
+            else:
+                index = HNSWIndex.build(np.asarray(emb))
+        elif want == "exact":
+            index = ExactIndex(emb)
+        else:
+            raise ValueError(f"engine: expected 'exact' or 'hnsw', got {want!r}")
+        return cls(path, meta, emb, index)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def file_path(self, rel: str) -> Path | None:
+        """The file of an indexed image, or None if ``rel`` is not an image of this gallery.
+
+        Only paths listed in the index resolve, and only to files inside the gallery folder (a
+        symlink pointing elsewhere does not), so a caller cannot reach anything else on disk.
+        """
+        if rel not in self._by_path:
+            return None
+        root = self.root.resolve()
+        full = (root / rel).resolve()
+        if not full.is_relative_to(root) or not full.is_file():
+            return None
+        return full
+
+    def search(self, queries, k: int, absolute: bool = False) -> list[list[dict]]:
+        """Results for each query vector: ``[{"path", "score"(, "caption")}, …]``, best first."""
+        scores, ids = self.engine.search(queries, k)
+        out = []
+        for srow, irow in zip(scores, ids):
+            results = []
+            for s, i in zip(srow.tolist(), irow.tolist()):
+                if i < 0:
+                    continue
+                item = self.items[i]
+                path = str(self.root / item["path"]) if absolute and self.kind == "images" else item["path"]
+                r = {"path": path, "score": round(float(s), 6)}
+                if self.kind == "captions":
+                    r["caption"] = item["caption"]
+                results.append(r)
+            out.append(results)
+        return out
+
+    def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu"):
+        """The model that encoded this gallery (or ``model_path``, checked to be the same model)."""
+        from .model import load_model
+
+        info = self.meta["model"]
+        if model_path is None:
+            if info.get("bundled"):
+                model = load_model(device=device)
+            elif info.get("checkpoint") and Path(info["checkpoint"]).is_dir():
+                model = load_model(info["checkpoint"], device=device)
+            else:
+                raise ValueError(f"{self.path}: the model that built this index ({info.get('checkpoint')}) is "
+                                 "not there any more; pass --model CHECKPOINT")
+        else:
+            model = load_model(model_path, device=device)
+        check_model(self, model)
+        return model
+
+
+def check_model(gallery: Gallery, model) -> None:
+    """Raise ValueError unless ``model`` is the model whose embeddings fill ``gallery``."""
+    info = gallery.meta["model"]
+    mine = model_identity(model)
+    if not same_model(info, mine):
+        raise ValueError(f"{gallery.path}: this index was built with another model ({info.get('checkpoint')}, "
+                         f"config {info.get('config_hash')}, weights {info.get('weights_hash')}); its "
+                         f"embeddings are not comparable with {mine['checkpoint']}. Re-run `vseinf encode` "
+                         "with this model.")
+
+
+def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_000):
+    """An uploaded or named image as RGB; ValueError (BadImageError for files) if it is not a readable image."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from .data.images import load_rgb
+
+    if not isinstance(data, (bytes, bytearray)):
+        return load_rgb(data)
+    if not data:
+        raise ValueError("the upload is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    raise ValueError(f"image too large ({im.width}×{im.height} pixels)")
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"image too large ({exc})") from None
+    except (OSError, SyntaxError, EOFError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: vseinf encode / vseinf search
+
+
+def add_encode_parser(sub):
+    p = sub.add_parser("encode", help="embed a folder of images (or a captions file) into a search index",
+                       description="Embed a gallery into INDEX_DIR. Re-running on a grown folder encodes only "
+                                   "new or changed files; removed files drop out; unreadable files are "
+                                   "listed and skipped.")
+    p.add_argument("gallery", help="folder of images (searched recursively) or a captions file")
+    p.add_argument("--out", required=True, help="index directory to create or update")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--engine", default="auto", choices=["auto", "exact", "hnsw"],
+                   help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_model_or_explain(path: str | os.PathLike | None = None, device: str = "cpu"):
+    """``vseinf.load_model`` with a message that says what to do when the bundled model is missing."""
+    from .checkpoint import CheckpointError
+    from .model import BUNDLED_DIR, load_model
+
+    try:
+        return load_model(path, device=device)
+    except CheckpointError as exc:
+        if path is None:
+            raise ValueError(f"the bundled model is not installed ({BUNDLED_DIR} is missing or incomplete: "
+                             f"{exc}); pass --model CHECKPOINT_DIR (a directory made by `vseinf train`)") from None
+        raise
+
+
+def run_encode(args, extra) -> int:
+    model = load_model_or_explain(args.model, args.device)
+    report = encode_gallery(args.gallery, args.out, model, engine=args.engine, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
+def add_search_parser(sub):
+    p = sub.add_parser("search", help="search an index by text or by image",
+                       description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg')
+    p.add_argument("index", help="index directory made by `vseinf encode`")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="search with this image instead of text")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]}')
+    p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
+    p.add_argument("--engine", choices=["exact", "hnsw"], help="override the index's engine")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def run_search(args, extra) -> int:
+    if (args.query is None) == (args.image is None):
+        raise ValueError("search: give a text query or --image FILE (one of the two)")
+    if args.k < 1:
+        raise ValueError(f"search: -k must be a positive integer, got {args.k}")
+    if args.query is not None and not args.query.strip():
+        raise ValueError("search: the query is empty")
+    gallery = Gallery.load(args.index, engine=args.engine)
+    image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
+    model = gallery.load_model(args.model, device=args.device)
+    if image is not None:
+        query = model.encode_images([image]).float().cpu().numpy()
+    else:
+        query = encode_texts_np(model, [args.query])
+    results = gallery.search(query, args.k, absolute=True)[0]
+    if args.json:
+        print(json.dumps({"results": results}, ensure_ascii=False))
+        return 0
+    for rank, r in enumerate(results, 1):
+        text = f"  {r['caption']}" if "caption" in r else ""
+        print(f"{rank:3d}. {r['score']:.4f}  {r['path']}{text}")
+    return 0
+
+
+__all__ = [
+    "FAISS_THRESHOLD", "ExactIndex", "HNSWIndex", "GalleryIndex", "Gallery", "EncodeReport", "Skipped",
+    "build_engine", "choose_engine", "encode_gallery", "encode_image_files", "exact_search_reference",
+    "model_identity", "read_captions_file", "scan_images", "check_model", "load_query_image",
+    "add_encode_parser", "run_encode", "add_search_parser", "run_search",
+]
