@@ -53,6 +53,7 @@ def _add_eval(sub):
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
     p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (quick check)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -64,7 +65,7 @@ def _cmd_eval(args, extra):
     if extra:
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
     metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
-                                   device=args.device)
+                                   device=args.device, max_images=args.max_images)
     print(format_table(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -105,6 +105,7 @@ class TrainConfig:
         eval_every: validate every N epochs.
         log_every: steps between log lines.
         max_steps_per_epoch: cap steps per epoch (0 = full epochs); for quick runs and tests.
+        save_every: also write the resumable ``last/`` checkpoint every N steps (0: only per epoch).
     """
 
     epochs: int = 25
@@ -126,6 +127,7 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 50
     max_steps_per_epoch: int = 0
+    save_every: int = 200
 
 
 @dataclass

@@ -26,7 +26,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str | None, device="cpu",
-                            progress: bool = True):
+                            progress: bool = True, max_images: int = 0):
     """(sims n_images × n_captions, text_to_image, split) of one checkpoint on a split."""
     from .data.splits import open_split
     from .model import load_model
@@ -39,6 +39,8 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
     if not data:
         raise ValueError(f"{ckpt}: the checkpoint's config has no data.path; pass --data")
     split_obj = open_split(data, split or cfg.data.val_split)
+    if max_images:
+        split_obj = split_obj.subset(range(min(max_images, split_obj.n_images)))
     img_side = image_side(model, split_obj, cfg, progress)
     txt_side = text_side(model, split_obj, cfg, progress)
     img, txt, usable = encode_split(model, img_side, txt_side, device=device)
@@ -50,11 +52,14 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
 
 
 def evaluate_checkpoints(checkpoints, data: str | None = None, split: str | None = None, protocol: str = "all",
-                         device: str = "cpu") -> dict:
-    """Metrics of one checkpoint, or of the ensemble of several, under ``protocol``."""
+                         device: str = "cpu", max_images: int = 0) -> dict:
+    """Metrics of one checkpoint, or of the ensemble of several, under ``protocol``.
+
+    ``max_images`` > 0 evaluates only the split's first images (and their captions), for quick checks.
+    """
     sims_list, t2i_ref = [], None
     for ckpt in checkpoints:
-        sims, t2i, split_obj = checkpoint_similarities(ckpt, data, split, device)
+        sims, t2i, split_obj = checkpoint_similarities(ckpt, data, split, device, max_images=max_images)
         if t2i_ref is not None and not np.array_equal(t2i, t2i_ref):
             raise ValueError(f"{ckpt}: evaluates a different set of captions than the first checkpoint")
         t2i_ref = t2i

@@ -34,7 +34,6 @@ from .evaluation import retrieval_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
 
-SAVE_EVERY_STEPS = 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +360,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
 
     random.seed(t.seed)
     np.random.seed(t.seed)
-    torch.manual_seed(t.seed + world.rank)
+    torch.manual_seed(t.seed)
     train_split, val_split = load_splits(cfg)
     vocab = None
     if cfg.model.text_encoder == "bigru":
@@ -386,27 +385,28 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if world.size > 1 and world.main:
         dist.barrier()
 
+    torch.manual_seed(t.seed + world.rank)  # ranks draw different augmentations
     loss_fn = VSELoss(t.loss, t.margin).to(device)
     optimizer = build_optimizer(model, loss_fn, cfg)
-    ddp_model = model
     if world.size > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+        # Same starting point on every rank; gradients are then all-reduced after each backward.
+        for tensor in list(model.state_dict().values()) + list(loss_fn.state_dict().values()):
+            dist.broadcast(tensor, 0)
 
     # Captions whose image is unreadable never enter a batch.
     usable_caps = np.arange(train_split.n_captions)
     if tr_img.kind == "sets" and tr_img.source.broken.any():
         usable_caps = usable_caps[~tr_img.source.broken[train_split.caption_to_image]]
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
-    if resume:
-        state = _restore(run_dir, model, loss_fn, optimizer, device)
-        if world.main:
-            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-
     image_loader = ImageLoader(model, train_split, train=True) if tr_img.kind == "images" else None
     text_rng = random.Random(t.seed * 1000 + world.rank)
     aug_gen = torch.Generator().manual_seed(t.seed + 7919 * world.rank)
+    rngs = (text_rng, aug_gen)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
+    if resume:
+        state = _restore(run_dir, model, loss_fn, optimizer, device, rngs)
+        if world.main:
+            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     log_path = run_dir / "log.jsonl"
 
@@ -431,7 +431,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             caps = usable_caps[order[step * t.batch_size:(step + 1) * t.batch_size]]
             imgs = train_split.caption_to_image[caps]
             with amp:
-                img_emb, keep = embed_images(ddp_model if False else model, tr_img, imgs, device, image_loader)
+                img_emb, keep = embed_images(model, tr_img, imgs, device, image_loader)
                 if img_emb is None:
                     continue
                 caps_k, imgs_k = caps[keep], imgs[keep]
@@ -452,7 +452,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             optimizer.step()
             state["global_step"] += 1
             state["step_in_epoch"] = step + 1
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_n += 1
             if bar:
                 bar.update(1)
@@ -461,8 +461,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
                                 "sec_per_step": (time.time() - t0) / run_n})
                 run_loss, run_n, t0 = 0.0, 0, time.time()
-            if world.main and state["global_step"] % SAVE_EVERY_STEPS == 0 and step + 1 < steps:
-                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch))
+            if world.main and t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
+                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch), rngs)
         if bar:
             bar.close()
         if world.main and run_n:
@@ -480,7 +480,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 save_model(model, run_dir / "best", cfg, metrics)
             plot_history(run_dir)
         if world.main:
-            _save_last(model, loss_fn, optimizer, cfg, run_dir, state)
+            _save_last(model, loss_fn, optimizer, cfg, run_dir, state, rngs)
         if world.size > 1:
             dist.barrier()
 
@@ -500,15 +500,27 @@ def _allreduce_grads(model, loss_fn, world: World):
             p.grad /= world.size
 
 
-def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict):
+def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs):
+    """Everything a resumed run needs to continue exactly: weights, optimizer, counters, RNG states."""
+    text_rng, aug_gen = rngs
     tensors, opt_state = optimizer_to_flat(optimizer)
     for k, v in loss_fn.state_dict().items():
         tensors[f"loss.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
-    save_model(model, run_dir / "last", cfg, None, (tensors, {"optimizer": opt_state, "state": state}))
+    tensors["rng.augment"] = aug_gen.get_state()
+    extra = {"optimizer": opt_state, "state": state, "text_rng": _jsonable(text_rng.getstate())}
+    save_model(model, run_dir / "last", cfg, None, (tensors, extra))
 
 
-def _restore(run_dir: Path, model, loss_fn, optimizer, device) -> dict:
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs) -> dict:
     state_dict, _, _ = load_checkpoint(run_dir / "last")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:
@@ -518,4 +530,7 @@ def _restore(run_dir: Path, model, loss_fn, optimizer, device) -> dict:
     optimizer_from_flat(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim.")},
                         saved["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
+    text_rng, aug_gen = rngs
+    aug_gen.set_state(tensors["rng.augment"])
+    text_rng.setstate(_tupled(saved["text_rng"]))
     return saved["state"]

@@ -1,0 +1,164 @@
+"""Training end to end on a slice of real Flickr8k: recall rises, checkpoints load, runs resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vseinf.config import load_config
+from vseinf.losses import VSELoss
+from vseinf.train import epoch_order, World, train
+
+
+def slice_config(root, **overrides):
+    pairs = {
+        "data.path": str(root), "max_train_images": 200, "max_val_images": 100,
+        "image_size": 224, "embed_dim": 512, "batch_size": 32, "epochs": 6, "lr_decay_epoch": 5,
+        "log_every": 10, "precision": "bf16",
+    }
+    pairs.update(overrides)
+    return load_config(None, [(k, str(v)) for k, v in pairs.items()])
+
+
+@pytest.fixture(scope="module")
+def trained_run(flickr8k_root, tmp_path_factory, session_cache):
+    import os
+
+    old = os.environ.get("VSEINF_CACHE")
+    os.environ["VSEINF_CACHE"] = str(session_cache)
+    try:
+        run = tmp_path_factory.mktemp("run") / "f8k"
+        metrics = train(slice_config(flickr8k_root), run, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("VSEINF_CACHE")
+        else:
+            os.environ["VSEINF_CACHE"] = old
+    return run, metrics
+
+
+def test_recall_rises_far_above_chance(trained_run):
+    run, metrics = trained_run
+    # 100 images × 5 captions: chance RSUM ≈ 3 × (1 + 5 + 10) × 2 ≈ 32
+    assert metrics["rsum"] > 150, metrics
+    assert metrics["i2t_r10"] > 40 and metrics["t2i_r10"] > 40
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    rsums = [r["val"]["rsum"] for r in log if "val" in r]
+    assert len(rsums) == 6 and max(rsums) == pytest.approx(metrics["rsum"])
+
+
+def test_run_directory_layout(trained_run):
+    run, metrics = trained_run
+    for name in ("config.json", "log.jsonl", "training.png", "metrics.json", "best/model.safetensors",
+                 "best/config.json", "best/metrics.json", "last/trainer.safetensors", "last/trainer.json"):
+        assert (run / name).is_file(), name
+    state = load_file(str(run / "best" / "model.safetensors"))
+    # Only trained parts are stored: the frozen CNN and MiniLM come from their packages.
+    assert not any(k.startswith(("image.backbone.", "text.bert.")) for k in state)
+    assert any(k.startswith("image.image_encoder.gpool.gru") for k in state)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["epochs"] == 6 and saved["model"]["embed_dim"] == 512
+
+
+def test_checkpoint_loads_and_encodes(trained_run, flickr8k_root):
+    import vseinf
+
+    run, metrics = trained_run
+    model = vseinf.load_model(run / "best")
+    images = sorted((flickr8k_root / "Flicker8k_Dataset").glob("*.jpg"))[:3]
+    img = model.encode_images(images)
+    txt = model.encode_texts(["a dog runs on the grass", "two people on a beach"])
+    assert img.shape == (3, 512) and txt.shape == (2, 512)
+    assert torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert torch.allclose(txt.norm(dim=1), torch.ones(2), atol=1e-4)
+
+
+def test_eval_command_reproduces_validation_table(trained_run, tmp_path, use_cache):
+    run, metrics = trained_run
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "vseinf", "eval", "--checkpoint", str(run), "--json", str(out),
+                           "--max-images", "100"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "RSUM" in proc.stdout and "image->text" in proc.stdout
+    got = json.loads(out.read_text())
+    # the same 100 validation images the run chose its best checkpoint on: the same table
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r10", "i2t_medr", "rsum"):
+        assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_ensemble_of_one_model_twice_equals_the_model(trained_run, use_cache):
+    from vseinf.evaluate import evaluate_checkpoints
+
+    run, _ = trained_run
+    one = evaluate_checkpoints([run], split="dev", max_images=100)
+    two = evaluate_checkpoints([run, run], split="dev", max_images=100)
+    assert two["rsum"] == pytest.approx(one["rsum"])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(flickr8k_root, tmp_path, use_cache, monkeypatch):
+    cfg = dict(epochs=3, max_steps_per_epoch=6, save_every=4, lr_decay_epoch=2, max_train_images=120,
+               max_val_images=40)
+    full = tmp_path / "full"
+    train(slice_config(flickr8k_root, **cfg), full, progress=False)
+
+    killed = tmp_path / "killed"
+    calls = {"n": 0}
+    original = VSELoss.forward
+
+    def dying_forward(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # mid-epoch 2, after the step-8 save
+            raise _Interrupt()
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(VSELoss, "forward", dying_forward)
+    with pytest.raises(_Interrupt):
+        train(slice_config(flickr8k_root, **cfg), killed, progress=False)
+    monkeypatch.setattr(VSELoss, "forward", original)
+    with pytest.raises(ValueError, match="--resume"):
+        train(slice_config(flickr8k_root, **cfg), killed, progress=False)
+    train(slice_config(flickr8k_root, **cfg), killed, resume=True, progress=False)
+
+    a = load_file(str(full / "last" / "model.safetensors"))
+    b = load_file(str(killed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    ja = json.loads((full / "last" / "trainer.json").read_text())["state"]
+    jb = json.loads((killed / "last" / "trainer.json").read_text())["state"]
+    assert ja["global_step"] == jb["global_step"] == 18
+
+
+def test_epoch_order_shards_disjointly():
+    a = epoch_order(1000, 0, 3, World(0, 2), 16)
+    b = epoch_order(1000, 0, 3, World(1, 2), 16)
+    assert len(a) == len(b) == 496
+    assert not set(a) & set(b)
+    assert np.array_equal(a, epoch_order(1000, 0, 3, World(0, 2), 16))
+    assert not np.array_equal(a, epoch_order(1000, 0, 4, World(0, 2), 16))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "/nonexistent/data", "--out", "{tmp}/r"], "/nonexistent/data"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/r", "--no_such_key", "1"], "no_such_key"),
+    (["train", "--out", "{tmp}/r", "--epochs", "many"], "expected int"),
+    (["eval", "--checkpoint", "{tmp}/missing"], "missing"),
+])
+def test_cli_errors_are_one_line(argv, message, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "vseinf", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
