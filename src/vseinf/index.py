@@ -778,6 +778,8 @@ def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_0
                 return im.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"image too large ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not a readable image (not a format PIL can decode)") from None
     except (OSError, SyntaxError, EOFError) as exc:
         raise ValueError(f"not a readable image ({exc})") from None
 
@@ -805,14 +807,14 @@ def add_encode_parser(sub):
 def load_model_or_explain(path: str | os.PathLike | None = None, device: str = "cpu"):
     """``vseinf.load_model`` with a message that says what to do when the bundled model is missing."""
     from .checkpoint import CheckpointError
-    from .model import BUNDLED_DIR, load_model
+    from .model import load_model
 
     try:
         return load_model(path, device=device)
     except CheckpointError as exc:
         if path is None:
-            raise ValueError(f"the bundled model is not installed ({BUNDLED_DIR} is missing or incomplete: "
-                             f"{exc}); pass --model CHECKPOINT_DIR (a directory made by `vseinf train`)") from None
+            raise ValueError(f"the bundled model is not installed ({exc}); pass --model CHECKPOINT_DIR "
+                             "(a directory made by `vseinf train`)") from None
         raise
 
 

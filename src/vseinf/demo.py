@@ -1,0 +1,138 @@
+"""``vseinf demo``: index a handful of photos with the bundled model and search them — no network needed.
+
+The photos are the samples that ship inside scikit-image (an astronaut, a cup of coffee, Chelsea
+the cat, a rocket, motorcycles, …), copied into a demo folder so the index has a stable home;
+``--images DIR`` uses your own folder instead. The demo then runs a few example queries, prints
+the best matches, and says how to open the same index in the web page (``vseinf serve``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+# The scikit-image samples that are photographs or photo-like scenes (skimage/data/<name>).
+SAMPLE_IMAGES = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
+    "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "logo.png", "moon.png",
+    "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
+)
+
+EXAMPLE_QUERIES = (
+    "a cat lying down",
+    "a cup of coffee on a table",
+    "a rocket on the launch pad",
+    "a red motorcycle",
+    "an astronaut in a space suit",
+    "a man holding a camera",
+)
+
+
+def sample_images_dir() -> Path:
+    """The folder of scikit-image's bundled sample images (part of the installed package)."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise ValueError("the demo photos come with scikit-image: pip install scikit-image "
+                         "(or pass --images DIR with your own photos)") from None
+    return Path(skimage.data.__file__).resolve().parent
+
+
+def prepare_sample_gallery(dest: str | os.PathLike, names: Sequence[str] = SAMPLE_IMAGES) -> Path:
+    """Copy the scikit-image sample photos into ``dest`` (kept if already there) and return it.
+
+    Copies keep the original modification times, so re-running the demo re-encodes nothing.
+    """
+    src = sample_images_dir()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    found = 0
+    for name in names:
+        if not (src / name).is_file():  # an older or newer scikit-image may lack a sample
+            continue
+        found += 1
+        target = dest / name
+        if not target.is_file() or target.stat().st_size != (src / name).stat().st_size:
+            shutil.copy2(src / name, target)
+    if found == 0:
+        raise ValueError(f"{src}: none of scikit-image's sample photos are there; pass --images DIR")
+    return dest
+
+
+def default_demo_dir() -> Path:
+    from .data.cache import cache_dir
+
+    return cache_dir() / "demo"
+
+
+def run_demo_session(model, images: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
+                     queries: Sequence[str] = EXAMPLE_QUERIES, k: int = 3, progress: bool = True,
+                     echo=print) -> dict:
+    """Index the photos, run ``queries`` and print what a user needs; returns the results per query.
+
+    Args:
+        model: a loaded model (``vseinf.load_model()``).
+        images: a folder of photos (default: the scikit-image samples, copied under ``workdir``).
+        workdir: where the demo keeps its copy of the photos and its index.
+        queries: text queries to run.
+        k: results per query.
+        progress: show the encoding progress bar.
+        echo: where lines of output go.
+    """
+    from .index import Gallery, encode_gallery, encode_texts_np
+
+    workdir = Path(workdir) if workdir is not None else default_demo_dir()
+    gallery_dir = Path(images) if images is not None else prepare_sample_gallery(workdir / "images")
+    index_dir = workdir / "index"
+    echo(f"Indexing the photos in {gallery_dir} …")
+    report = encode_gallery(gallery_dir, index_dir, model, progress=progress)
+    echo(report.summary())
+    gallery = Gallery.load(index_dir)
+    vectors = encode_texts_np(model, list(queries))
+    answers = {}
+    for query, results in zip(queries, gallery.search(vectors, k)):
+        answers[query] = results
+        echo(f"\n“{query}”")
+        for rank, r in enumerate(results, 1):
+            echo(f"  {rank}. {r['score']:.3f}  {r['path']}")
+    # the index records which checkpoint made it, so serve and search need no --model
+    echo("\nSearch these photos in your browser:\n"
+         f"  vseinf serve {index_dir}\n"
+         "  then open http://127.0.0.1:8000/  (GPO coefficient plots at http://127.0.0.1:8000/gpo)\n"
+         "From the command line:\n"
+         f'  vseinf search {index_dir} "a cat" -k 5\n'
+         "Your own photos:\n"
+         "  vseinf encode ~/Pictures --out ~/pictures-index && vseinf serve ~/pictures-index")
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: vseinf demo
+
+
+def add_demo_parser(sub):
+    p = sub.add_parser("demo", help="index sample photos with the bundled model and search them (offline)",
+                       description="Index scikit-image's sample photos (or --images DIR) with the bundled model, "
+                                   "run a few example queries and show how to open the web page.")
+    p.add_argument("--images", help="a folder of your own photos instead of the samples")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--out", help="demo working folder (default: $VSEINF_CACHE/demo or ~/.cache/vseinf/demo)")
+    p.add_argument("--query", action="append", help="a query to run (repeatable; default: a few examples)")
+    p.add_argument("-k", type=int, default=3, help="results per query")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_demo(args, extra) -> int:
+    from .index import load_model_or_explain
+
+    if args.k < 1:
+        raise ValueError(f"demo: -k must be a positive integer, got {args.k}")
+    if args.images is not None and not Path(args.images).is_dir():
+        raise ValueError(f"{args.images}: not a folder of images")
+    model = load_model_or_explain(args.model)
+    run_demo_session(model, images=args.images, workdir=args.out, queries=args.query or EXAMPLE_QUERIES,
+                     k=args.k, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,544 @@
+"""The search web app: a page, a JSON API and the GPO coefficient plot, over one gallery index.
+
+    vseinf serve INDEX_DIR --port 8000      # then open http://127.0.0.1:8000/
+
+Routes
+    GET  /                     search page: a text box → grid of thumbnails (or captions) with scores,
+                               and an image upload → nearest images (or captions)
+    GET  /gpo                  the model's learned GPO coefficients θ over sorted positions, for
+                               several set sizes, per modality (the paper's Figure 5)
+    GET  /api/info             what is being served
+    GET  /api/search?q=&k=     {"results": [{"path": …, "score": …}, …]}  (+ "caption" for text galleries)
+    POST /api/search/image     multipart field "file" (+ optional k) → the same shape
+    GET  /api/thumb?path=      a JPEG thumbnail of an indexed image (nothing else on disk is reachable)
+    GET  /api/gpo              θ as JSON;  GET /api/gpo.svg?modality=image|text  the plot
+
+Bad input (empty or over-long query, k not a positive integer, a non-image or over-size upload, a
+path that is not in the gallery) gets a 4xx whose JSON ``detail`` says what was wrong.
+
+All model calls run on one worker thread (:class:`QueryWorker`): the tokenizer and the model are
+not meant to be driven from many threads at once, and text queries that arrive together are
+embedded as one batch, which costs little more than a single query — so a burst of concurrent
+queries is answered in a few batched passes instead of one pass each.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run
+# time, and the fastapi names they use are imported inside create_app (so that the command line
+# works without the web extras installed).
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import html
+import io
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..index import Gallery, check_model, encode_texts_np, load_query_image
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+MAX_QUERY_CHARS = 1000
+MAX_K = 100
+DEFAULT_K = 12
+MAX_UPLOAD_BYTES = 10 << 20
+THUMB_SIZE = 256
+TEXT_SET_SIZES = (5, 10, 15, 20, 30)
+
+
+class BadRequest(ValueError):
+    """A request the user can fix; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (plain functions, so the rules are readable and testable without a server)
+
+
+def parse_query(q: str | None, max_chars: int = MAX_QUERY_CHARS) -> str:
+    if q is None or not q.strip():
+        raise BadRequest("the query is empty: type a few words, e.g. ?q=a dog on the beach")
+    if len(q) > max_chars:
+        raise BadRequest(f"the query is too long ({len(q)} characters; at most {max_chars})", 413)
+    return q.strip()
+
+
+def parse_k(k: str | None, max_k: int = MAX_K, default: int = DEFAULT_K) -> int:
+    if k is None or k == "":
+        return default
+    try:
+        value = int(k.strip())
+    except ValueError:
+        raise BadRequest(f"k must be a positive integer, got {k[:40]!r}") from None
+    if value < 1:
+        raise BadRequest(f"k must be a positive integer, got {value}")
+    if value > max_k:
+        raise BadRequest(f"k must be at most {max_k}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The model worker
+
+
+@dataclass
+class _Job:
+    kind: str  # "text" or "image"
+    payload: object
+    k: int
+    future: concurrent.futures.Future
+
+
+class QueryWorker:
+    """Embeds queries and searches the gallery on one thread; concurrent text queries share a batch.
+
+    Args:
+        model: the model that encoded the gallery.
+        gallery: the loaded index.
+        max_batch: most text queries embedded in one pass.
+    """
+
+    def __init__(self, model, gallery: Gallery, max_batch: int = 64):
+        self.model = model
+        self.gallery = gallery
+        self.max_batch = max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="vseinf-query-worker", daemon=True)
+        self._thread.start()
+
+    def submit_text(self, text: str, k: int) -> concurrent.futures.Future:
+        return self._submit("text", text, k)
+
+    def submit_image(self, image, k: int) -> concurrent.futures.Future:
+        return self._submit("image", image, k)
+
+    def _submit(self, kind, payload, k) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self._thread.is_alive():
+            future.set_exception(RuntimeError("the query worker has stopped"))
+            return future
+        self._queue.put(_Job(kind, payload, k, future))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs, stop = [job], False
+            while len(jobs) < self.max_batch:  # whatever else is already waiting joins this pass
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.append(more)
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            texts = [j for j in jobs if j.kind == "text"]
+            if texts:
+                self._run(texts, lambda: encode_texts_np(self.model, [j.payload for j in texts]))
+            for j in jobs:
+                if j.kind == "image":
+                    self._run([j], lambda j=j: self.model.encode_images([j.payload]).float().cpu().numpy())
+            if stop:
+                return
+
+    def _run(self, jobs: list[_Job], embed) -> None:
+        try:
+            queries = embed()
+            results = self.gallery.search(queries, max(j.k for j in jobs))
+            for j, res in zip(jobs, results):
+                j.future.set_result(res[:j.k])
+        except Exception as exc:  # answer every waiting request; the worker itself keeps running
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPO coefficients (the paper's Figure 5)
+
+
+def _set_size_of_images(model) -> int:
+    """How many vectors the image tower pools: grid cells of the CNN map, or 36 regions."""
+    import torch
+
+    if model.config.image_encoder != "grid":
+        return 36
+    size = model.config.image_size
+    with torch.no_grad():
+        feats = model.image.features(torch.zeros(1, 3, size, size, device=model.device))
+    return int(feats.shape[1])
+
+
+def gpo_coefficients(model) -> dict:
+    """θ over positions for a few set sizes, per modality: ``{modality: {"pooling", "sizes", "theta"}}``.
+
+    ``theta[i]`` has ``sizes[i]`` values (position 1 = the largest value of each dimension). A
+    pooling without learned coefficients (avg, max, …) gets empty lists and its name.
+    """
+    import torch
+
+    n_image = _set_size_of_images(model)
+    image_sizes = sorted({max(2, round(n_image * f)) for f in (0.25, 0.5, 0.8, 1.0)})
+    out = {}
+    for modality, pool, sizes in (("image", getattr(model.image_head, "gpool", None), image_sizes),
+                                  ("text", getattr(model.text, "gpool", None), list(TEXT_SET_SIZES))):
+        entry = {"pooling": type(pool).__name__, "sizes": [], "theta": []}
+        if pool is not None and hasattr(pool, "coefficients"):
+            with torch.no_grad():
+                theta = pool.coefficients(torch.tensor(sizes)).float().cpu().numpy()
+            entry["sizes"] = sizes
+            entry["theta"] = [np.round(theta[i, :n].astype(np.float64), 6).tolist() for i, n in enumerate(sizes)]
+        out[modality] = entry
+    return out
+
+
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _nice_step(span: float, ticks: int) -> float:
+    raw = span / max(ticks, 1)
+    magnitude = 10 ** np.floor(np.log10(raw)) if raw > 0 else 1.0
+    for m in (1, 2, 5, 10):
+        if raw <= m * magnitude:
+            return float(m * magnitude)
+    return float(10 * magnitude)
+
+
+def line_plot_svg(title: str, curves: list[tuple[str, list[float]]], xlabel: str = "position k (sorted, largest first)",
+                  ylabel: str = "θ_k", width: int = 640, height: int = 360) -> str:
+    """A small self-contained SVG line chart; curve i is drawn over x = 1..len(values)."""
+    left, right, top, bottom = 60, 140, 36, 48
+    pw, ph = width - left - right, height - top - bottom
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{left}" y="22" font-size="15" font-weight="bold">{html.escape(title)}</text>']
+    if not curves:
+        parts.append(f'<text x="{left}" y="{top + ph / 2}">no learned coefficients for this pooling</text></svg>')
+        return "".join(parts)
+    x_max = max(len(v) for _, v in curves)
+    y_max = max(max(v) for _, v in curves) or 1.0
+    y_step = _nice_step(y_max, 5)
+    y_top = y_step * np.ceil(y_max / y_step)
+    x_step = max(1, int(_nice_step(max(x_max - 1, 1), 8)))
+
+    def sx(x):  # data → pixel
+        return left + (x - 1) / max(x_max - 1, 1) * pw
+
+    def sy(y):
+        return top + ph - y / y_top * ph
+
+    parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
+    for i in range(int(round(y_top / y_step)) + 1):
+        y = i * y_step
+        parts.append(f'<line x1="{left - 4}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 8}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for x in [1, *range(x_step, x_max + 1, x_step)]:
+        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#444"/>'
+                     f'<text x="{sx(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{x}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+                 f'<text x="16" y="{top + ph / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 16 {top + ph / 2})">{html.escape(ylabel)}</text>')
+    for i, (label, values) in enumerate(curves):
+        colour = _PALETTE[i % len(_PALETTE)]
+        points = " ".join(f"{sx(x + 1):.1f},{sy(v):.1f}" for x, v in enumerate(values))
+        parts.append(f'<polyline class="curve" fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
+        ly = top + 14 + 18 * i
+        parts.append(f'<line x1="{left + pw + 12}" x2="{left + pw + 36}" y1="{ly}" y2="{ly}" stroke="{colour}" '
+                     f'stroke-width="2"/><text x="{left + pw + 42}" y="{ly + 4}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def gpo_svg(coefficients: dict, modality: str) -> str:
+    entry = coefficients[modality]
+    what = "image (grid/region vectors)" if modality == "image" else "text (tokens)"
+    title = f"{what}: {entry['pooling']} coefficients"
+    curves = [(f"N = {n}", theta) for n, theta in zip(entry["sizes"], entry["theta"])]
+    return line_plot_svg(title, curves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+@functools.lru_cache(maxsize=1024)
+def _thumbnail_bytes(path: str, mtime_ns: int, size: int) -> bytes:
+    """JPEG thumbnail of ``path`` (cached; the mtime in the key drops stale entries' use)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload size limit
+
+
+class BodyLimitMiddleware:
+    """Answer 413 to request bodies over ``limit`` bytes without reading them into memory.
+
+    A declared Content-Length over the limit is refused before anything is read; a body without
+    one is counted as it streams, and the request is answered 413 as soon as it passes the limit.
+
+    Args:
+        app: the ASGI app to wrap.
+        limit: largest body accepted, in bytes.
+        message: the ``detail`` of the 413 answer.
+    """
+
+    def __init__(self, app, limit: int, message: str = "the request body is too large"):
+        self.app = app
+        self.limit = limit
+        self.message = message
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"detail": self.message}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        state = {"seen": 0, "over": False, "answered": False}
+
+        async def counted_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > self.limit:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message):
+            if state["over"]:  # whatever the app says about the cut-off body, the answer is 413
+                if not state["answered"]:
+                    state["answered"] = True
+                    await self._refuse(send)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["answered"]:
+            state["answered"] = True
+            await self._refuse(send)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None = None, model=None,
+               model_path: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K):
+    """The FastAPI app serving one index.
+
+    Args:
+        index_dir: the index directory (or pass ``gallery``).
+        gallery: an already loaded :class:`vseinf.index.Gallery`.
+        model: the loaded model (default: the one that built the index, or ``model_path``).
+        model_path: checkpoint directory to load instead of the index's own.
+        max_upload_bytes: largest accepted image upload.
+        max_query_chars: longest accepted text query.
+        max_k: most results per request.
+    """
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    if gallery is None:
+        if index_dir is None:
+            raise ValueError("create_app: pass index_dir or gallery")
+        gallery = Gallery.load(index_dir)
+    if model is None:
+        model = gallery.load_model(model_path)
+    else:
+        check_model(gallery, model)
+    worker = QueryWorker(model, gallery)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.close()
+
+    app = FastAPI(title="vseinf", description="VSE∞ image–text search", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # the API docs pages load scripts from a CDN
+    app.state.gallery = gallery
+    app.state.model = model
+    app.state.worker = worker
+    too_large = f"the upload is too large (at most {max_upload_bytes:,} bytes)"
+    app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes + (64 << 10), message=too_large)  # + framing
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/gpo", include_in_schema=False)
+    def gpo_page():
+        return FileResponse(STATIC_DIR / "gpo.html")
+
+    @app.get("/api/info")
+    def info():
+        m = gallery.meta["model"]
+        return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
+                "model": {"checkpoint": m.get("checkpoint"), "bundled": m.get("bundled", False),
+                          "config_hash": m.get("config_hash")},
+                "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
+                "max_query_chars": max_query_chars, "max_upload_bytes": max_upload_bytes}
+
+    async def answer(future) -> dict:
+        try:
+            results = await asyncio.wrap_future(future)
+        except ValueError as exc:  # e.g. an image the model cannot take
+            raise BadRequest(str(exc)) from None
+        return {"results": results}
+
+    @app.get("/api/search")
+    async def search_text(q: str | None = None, k: str | None = None):
+        query = parse_query(q, max_query_chars)
+        return await answer(worker.submit_text(query, parse_k(k, max_k)))
+
+    @app.post("/api/search/image")
+    async def search_image(file: UploadFile | None = File(None), k: str | None = Form(None),
+                           k_query: str | None = Query(None, alias="k")):
+        n = parse_k(k if k is not None else k_query, max_k)
+        if file is None:
+            raise BadRequest("send an image in the multipart form field 'file'")
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise BadRequest(too_large, 413)
+        name = file.filename or "upload"
+        try:
+            image = await asyncio.to_thread(load_query_image, data)
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}", 415 if "not a readable image" in str(exc) else 400) from None
+        return await answer(worker.submit_image(image, n))
+
+    @app.get("/api/thumb")
+    def thumb(path: str | None = None):
+        if gallery.kind != "images":
+            raise BadRequest("this gallery holds captions, not images", 404)
+        if not path:
+            raise BadRequest("give the image as ?path=… (a path from the search results)")
+        full = gallery.file_path(path)
+        if full is None:
+            raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)
+        try:
+            data = _thumbnail_bytes(str(full), full.stat().st_mtime_ns, THUMB_SIZE)
+        except OSError as exc:
+            raise BadRequest(f"{path}: cannot read the image any more ({exc})", 410) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    coefficients: dict = {}
+
+    def get_coefficients() -> dict:
+        if not coefficients:
+            coefficients.update(gpo_coefficients(model))
+        return coefficients
+
+    @app.get("/api/gpo")
+    def gpo_json():
+        return get_coefficients()
+
+    @app.get("/api/gpo.svg")
+    def gpo_plot(modality: str = "image"):
+        if modality not in ("image", "text"):
+            raise BadRequest(f"modality must be 'image' or 'text', got {modality[:40]!r}")
+        return Response(gpo_svg(get_coefficients(), modality), media_type="image/svg+xml")
+
+    return app
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+    """Run ``app`` with uvicorn on a thread; yields its base URL (port 0 = any free port)."""
+    import socket
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", backlog=2048, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: vseinf serve
+
+
+def add_serve_parser(sub):
+    p = sub.add_parser("serve", help="web page + JSON API to search an index",
+                       description="Serve INDEX_DIR: a search page at /, the GPO coefficient plot at /gpo, "
+                                   "and GET /api/search?q=TEXT&k=K.")
+    p.add_argument("index_dir", help="index directory made by `vseinf encode` (or `vseinf demo`)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
+    return p
+
+
+def run_serve(args, extra) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    app = create_app(args.index_dir, model_path=args.model)
+    gallery = app.state.gallery
+    print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
+          "(Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
