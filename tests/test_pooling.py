@@ -149,7 +149,7 @@ def test_extra_padding_columns_change_nothing(name, batch, extra):
 
 
 @pytest.mark.parametrize("name", POOLS)
-@FEW
+@settings(max_examples=12, deadline=None)
 @given(n_max=st.integers(1, 12), dim=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
 def test_every_length_from_1_to_n_pools_like_the_set_alone(name, n_max, dim, seed):
     """One sample of each length 1..N in a batch; each equals the same set pooled on its own, and
@@ -180,7 +180,7 @@ def test_weights_are_a_distribution_over_the_valid_positions(name, batch):
 
 
 @pytest.mark.parametrize("name", POOLS)
-def test_gradients_reach_every_valid_element_pooled_by_average_like_pools(name):
+def test_input_gradients_flow_to_valid_elements_only(name):
     """Sanity that gradients flow at all: a pool's input gradient sums to its weights' mass (1 per
     output dimension) for the rank-weighted pools, and is non-zero for every pool."""
     pool = make_pool(name)
@@ -454,14 +454,16 @@ def test_kmax_pooling_limits(batch, extra):
 
 
 @FEW
-@given(batch=set_batches(max_n=16), concentrated=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_rank_weighted_sum_equals_reference_including_gradients(batch, concentrated, seed):
+@given(batch=set_batches(max_n=16), top=st.sampled_from([None, 1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+def test_rank_weighted_sum_equals_reference_including_gradients(batch, top, seed):
+    """Spread weights (full sort) and weights concentrated on the ``top`` positions (the fast path
+    selects only those), against the per-sample full sort."""
     features, lengths = batch
     n_max = features.shape[1]
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(features.shape[0], n_max, generator=gen)
-    if concentrated:
-        scores = scores - 30.0 * torch.arange(n_max)
+    if top is not None:
+        scores[:, top:] -= 40.0  # e^-40 ≈ 4e-18: far below the fast path's tail_eps
     scores = scores.masked_fill(padding_mask(lengths, n_max), -math.inf)
     results = []
     for fn in (rank_weighted_sum, rank_weighted_sum_reference):

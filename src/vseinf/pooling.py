@@ -42,6 +42,10 @@ __all__ = [
     "MaxPool",
     "KMaxPool",
     "GeMPool",
+    "FSPool",
+    "ClsPool",
+    "SelfAttentionPool",
+    "sorted_values",
     "rank_weighted_sum",
     "rank_weighted_sum_reference",
     "size_augment",
@@ -204,7 +208,9 @@ class RankWeightedPool(nn.Module):
         sizes = torch.as_tensor(sizes, dtype=torch.long)
         if n_max is None:
             n_max = int(sizes.max())
-        scores = self.size_scores(sizes, n_max)
+        # The generator is tiny and its softmax is sharp (T = 0.1): keep it in fp32 under autocast.
+        with torch.autocast(sizes.device.type, enabled=False):
+            scores = self.size_scores(sizes, n_max)
         mask = valid_mask(sizes.to(scores.device), n_max)
         scores = scores.float().masked_fill(~mask, float("-inf"))
         return torch.softmax(scores / self.temperature, dim=1)
@@ -320,6 +326,31 @@ def _bigru_over_positions(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor
     return (hs[:1] + rev) / 2
 
 
+def sorted_values(features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each dimension's valid values in descending order (B × N × D), zero at the padded ranks.
+
+    Differentiable (through ``sort``); padding, even NaN, gets no gradient because it is replaced
+    before the sort and after it.
+    """
+    mask = valid_mask(lengths, features.shape[1]).unsqueeze(2)
+    values = features.masked_fill(~mask, float("-inf")).sort(dim=1, descending=True).values
+    return values.masked_fill(~mask, 0.0)
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(scores / T) over dim 1 (positions) of U × N [× P] scores; masked positions get 0."""
+    if scores.dim() == 3:
+        mask = mask.unsqueeze(2)
+    return torch.softmax(scores.float().masked_fill(~mask, float("-inf")) / temperature, dim=1)
+
+
+def _generator_precision(device):
+    """The variants' coefficient generators run in float32 even under autocast: θ is a softmax with
+    temperature 0.1 over small score differences, and ``nn.GRU`` has no bf16 autocast rule on CPU."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return torch.autocast(kind, enabled=False)
+
+
 class GPO(RankWeightedPool):
     """Generalized Pooling Operator (SPEC §2): sin/cos position encoding → BiGRU → linear → softmax(·/0.1).
 
@@ -328,18 +359,60 @@ class GPO(RankWeightedPool):
         d_hidden: hidden size of the bidirectional GRU; directions are averaged (paper: 32).
         tail_eps: coefficient mass that may be skipped when θ is concentrated on the top positions
             (see :func:`rank_weighted_sum`); 0 always sorts fully.
+        per_dimension: D to emit D scores per position, one θ per feature dimension (supplementary
+            Table 7); the features must then have dimension D. None: one θ for all dimensions.
+        feature_dim: D to let the generator also read each position's sorted values (a D-vector,
+            projected to ``d_feature``) beside its encoding (supplementary Table 8); θ then depends
+            on the sample and is computed per sample. None: θ depends only on the set size.
+        d_feature: size the sorted values are projected to when ``feature_dim`` is set.
+        sequence_model: "gru" (the paper) or "transformer" (a 1-layer transformer encoder of width
+            ``d_hidden``, 4 heads, on the encodings; supplementary Table 3).
+        temperature: softmax temperature of θ (paper: 0.1).
 
-    Submodules ``gru`` and ``linear`` use the authors' names, so their GPO state dicts load with
-    ``strict=True``.
+    With the defaults this is exactly the paper's GPO: submodules ``gru`` and ``linear`` use the
+    authors' names, so their GPO state dicts load with ``strict=True``. The variants' generators run
+    in float32 even under autocast.
     """
 
-    def __init__(self, d_pe: int = 32, d_hidden: int = 32, tail_eps: float = 1e-6):
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, tail_eps: float = 1e-6, *,
+                 per_dimension: int | None = None, feature_dim: int | None = None, d_feature: int = 16,
+                 sequence_model: str = "gru", temperature: float = 0.1):
         super().__init__(tail_eps)
+        if sequence_model not in ("gru", "transformer"):
+            raise ValueError(f"GPO sequence_model must be 'gru' or 'transformer', got {sequence_model!r}")
+        for name, value in (("per_dimension", per_dimension), ("feature_dim", feature_dim)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"GPO {name} must be a positive feature dimension or None, got {value!r}")
+        if not temperature > 0:
+            raise ValueError(f"GPO temperature must be positive, got {temperature!r}")
         self.d_pe = d_pe
         self.d_hidden = d_hidden
-        self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
-        self.linear = nn.Linear(d_hidden, 1, bias=False)
+        self.per_dimension = None if per_dimension is None else int(per_dimension)
+        self.feature_dim = None if feature_dim is None else int(feature_dim)
+        self.sequence_model = sequence_model
+        self.temperature = float(temperature)
+        d_in = d_pe + (d_feature if self.feature_dim else 0)
+        # Modules are created in the paper's order (gru, linear) so that GPO() draws the same initial
+        # weights from the random stream as before the variants existed.
+        if sequence_model == "gru":
+            self.gru = nn.GRU(d_in, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        else:
+            # supp. Table 3: a 1-layer transformer encoder over the position encodings. No dropout
+            # (the GRU has none); the sin/cos inputs already carry the positions.
+            self.transformer_in = nn.Linear(d_in, d_hidden)
+            self.transformer = nn.TransformerEncoderLayer(d_hidden, nhead=4 if d_hidden % 4 == 0 else 1,
+                                                          dim_feedforward=2 * d_hidden, dropout=0.0,
+                                                          batch_first=True)
+        self.linear = nn.Linear(d_hidden, self.per_dimension or 1, bias=False)
+        if self.feature_dim:
+            # supp. Table 8: the sorted values of each position, squeezed to d_feature numbers.
+            self.feature_proj = nn.Linear(self.feature_dim, d_feature)
         self._pe_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def is_paper_gpo(self) -> bool:
+        """True for the paper's generator (BiGRU, one θ shared by all dimensions, θ a function of N)."""
+        return self.sequence_model == "gru" and self.per_dimension is None and self.feature_dim is None
 
     def _pe(self, n_max: int, device) -> torch.Tensor:
         key = (n_max, str(device))
@@ -351,7 +424,61 @@ class GPO(RankWeightedPool):
         device = self.linear.weight.device
         sizes = sizes.to(device)
         pe = self._pe(n_max, device).to(self.linear.weight.dtype)
-        return self.linear(_bigru_over_positions(self.gru, pe, sizes)).squeeze(2)
+        if self.is_paper_gpo:
+            return self.linear(_bigru_over_positions(self.gru, pe, sizes)).squeeze(2)
+        if self.feature_dim:
+            raise ValueError("this GPO's coefficients depend on the feature values (feature_dim is set), "
+                             "not only on the set size: call it on features instead")
+        with _generator_precision(device):
+            if self.sequence_model == "gru":
+                hidden = _bigru_over_positions(self.gru, pe.float(), sizes)
+            else:
+                inputs = pe.float().unsqueeze(0).expand(len(sizes), -1, -1)
+                hidden = self._transformer_hidden(inputs, valid_mask(sizes, n_max))
+            scores = self.linear(hidden)  # U × n_max × P
+        return scores.squeeze(2) if self.per_dimension is None else scores
+
+    def _transformer_hidden(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.transformer_in(inputs), src_key_padding_mask=~mask)
+
+    def coefficients(self, sizes: torch.Tensor, n_max: int | None = None) -> torch.Tensor:
+        """θ for each size in ``sizes``: U × n_max, or U × n_max × D with ``per_dimension=D``."""
+        if self.per_dimension is None:
+            return super().coefficients(sizes, n_max)
+        sizes = torch.as_tensor(sizes, dtype=torch.long)
+        if n_max is None:
+            n_max = int(sizes.max())
+        # The generator is tiny and its softmax is sharp (T = 0.1): keep it in fp32 under autocast.
+        with torch.autocast(sizes.device.type, enabled=False):
+            scores = self.size_scores(sizes, n_max)
+        return _masked_softmax(scores, valid_mask(sizes.to(scores.device), n_max), self.temperature)
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        if self.per_dimension is None and self.feature_dim is None:
+            return super().forward(features, lengths)  # θ shared by all dimensions, one per set size
+        lengths = check_set_batch(features, lengths)
+        batch, n_max, dim = features.shape
+        for name, expected in (("per_dimension", self.per_dimension), ("feature_dim", self.feature_dim)):
+            if expected is not None and expected != dim:
+                raise ValueError(f"this GPO was built with {name}={expected} but the features have "
+                                 f"dimension {dim}")
+        mask = valid_mask(lengths, n_max)
+        values = sorted_values(features, lengths)  # B × N × D, descending per dimension, 0 on padding
+        if self.feature_dim:
+            # θ depends on the sample: one generator pass per sample, packed to its own length.
+            with _generator_precision(features.device):
+                pe = self._pe(n_max, features.device).unsqueeze(0).expand(batch, -1, -1)
+                inputs = torch.cat([pe, self.feature_proj(values.float())], dim=2)
+                if self.sequence_model == "gru":
+                    hidden = _run_bigru(self.gru, inputs, lengths)
+                else:
+                    hidden = self._transformer_hidden(inputs, mask)
+                theta = _masked_softmax(self.linear(hidden), mask, self.temperature)  # B × N × P
+        else:
+            sizes, inverse = torch.unique(lengths, return_inverse=True)
+            theta = self.coefficients(sizes, n_max)[inverse]  # B × N × D
+        pooled = (values * theta.to(values.dtype)).sum(1)
+        return pooled, theta.mean(2).to(features.dtype)
 
 
 class GPOReference(nn.Module):
@@ -540,6 +667,113 @@ class GeMPool(nn.Module):
         return pooled, weights
 
 
+class FSPool(nn.Module):
+    """Featurewise sort pooling (Zhang et al., 2019), the paper's FSPool baseline.
+
+    Each dimension d has its own learnable piecewise-linear curve over [0, 1] (``n_pieces`` + 1 knots);
+    a set of size N reads it at k / (N − 1) for its sorted positions k = 0..N−1, and the pooled value
+    is Σ_k curve_d(k) · (k-th largest value of dimension d) / N. Unlike GPO's θ the coefficients are
+    not normalised (as in FSPool) and may be negative; the 1/N only fixes the scale (it cancels in the
+    l2-normalised embedding). The knots start at 1, i.e. average pooling.
+
+    Args:
+        dim: feature dimension D (one curve per dimension).
+        n_pieces: number of linear pieces of each curve.
+    """
+
+    def __init__(self, dim: int, n_pieces: int = 20):
+        super().__init__()
+        if dim is None or int(dim) < 1 or int(n_pieces) < 1:
+            raise ValueError(f"FSPool needs dim >= 1 and n_pieces >= 1, got dim={dim!r}, n_pieces={n_pieces!r}")
+        self.dim = int(dim)
+        self.n_pieces = int(n_pieces)
+        self.weight = nn.Parameter(torch.ones(self.dim, self.n_pieces + 1))
+
+    def curves(self, sizes: torch.Tensor, n_max: int) -> torch.Tensor:
+        """Coefficients (U × n_max × D) for the set sizes ``sizes``, divided by N, zero past each size."""
+        device = self.weight.device
+        sizes = torch.as_tensor(sizes, dtype=torch.long, device=device)
+        k = torch.arange(n_max, device=device, dtype=torch.float32).unsqueeze(0)
+        n = sizes.float().unsqueeze(1)
+        ratio = (k / (n - 1).clamp_min(1)).clamp(0, 1) * self.n_pieces  # U × n_max in [0, n_pieces]
+        left = ratio.floor().long().clamp(max=self.n_pieces - 1)
+        frac = (ratio - left).unsqueeze(2)
+        w = self.weight.t()  # (n_pieces + 1) × D
+        curve = w[left] * (1 - frac) + w[left + 1] * frac  # U × n_max × D
+        return curve * (valid_mask(sizes, n_max).unsqueeze(2) / n.unsqueeze(2))
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        if features.shape[2] != self.dim:
+            raise ValueError(f"FSPool was built for dimension {self.dim}, got features of dimension "
+                             f"{features.shape[2]}")
+        sizes, inverse = torch.unique(lengths, return_inverse=True)
+        coef = self.curves(sizes, features.shape[1])[inverse]  # B × N × D
+        values = sorted_values(features, lengths)
+        pooled = (values * coef.to(values.dtype)).sum(1)
+        return pooled, coef.mean(2).to(features.dtype)
+
+
+class ClsPool(nn.Module):
+    """The first element of each set (the [CLS] token of a transformer's output).
+
+    Not permutation invariant, by design: it is meaningful for text, whose first token is [CLS].
+    """
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        weights = torch.zeros(features.shape[:2], dtype=features.dtype, device=features.device)
+        weights[:, 0] = 1.0
+        return features[:, 0], weights
+
+
+class SelfAttentionPool(nn.Module):
+    """One layer of multi-head self-attention over the set, with a residual, averaged over the set.
+
+    Queries and keys are learned projections to ``n_heads`` × ``d_key``; the values are the inputs
+    themselves, split into ``n_heads`` slices (no value/output projection, which keeps the layer cheap
+    at D = 1024 on a CPU). No positional encoding, so the result is permutation invariant. With
+    y_n = x_n + Σ_m a_nm x_m (per head) and the pooled vector (1/2N) Σ_n y_n, each element's weight in
+    head h is (1/N + mean_n a^h_nm) / 2, a distribution over the set; ``weights`` averages it over heads.
+
+    Args:
+        dim: feature dimension D (divisible by ``n_heads``).
+        n_heads: attention heads.
+        d_key: query/key size per head.
+    """
+
+    def __init__(self, dim: int, n_heads: int = 8, d_key: int = 32):
+        super().__init__()
+        if dim is None or int(dim) < 1:
+            raise ValueError(f"SelfAttentionPool needs the feature dimension, got dim={dim!r}")
+        dim = int(dim)
+        if dim % n_heads:
+            n_heads = math.gcd(dim, n_heads)  # small test dimensions: fewer heads
+        self.dim, self.n_heads, self.d_key = dim, n_heads, d_key
+        self.query = nn.Linear(dim, n_heads * d_key)
+        self.key = nn.Linear(dim, n_heads * d_key)
+
+    def forward(self, features: torch.Tensor, lengths=None):
+        lengths = check_set_batch(features, lengths)
+        batch, n_max, dim = features.shape
+        if dim != self.dim:
+            raise ValueError(f"SelfAttentionPool was built for dimension {self.dim}, got {dim}")
+        mask = valid_mask(lengths, n_max)
+        x = features.masked_fill(~mask.unsqueeze(2), 0.0)
+        heads = self.n_heads
+        q = self.query(x).view(batch, n_max, heads, self.d_key).transpose(1, 2)  # B × H × N × dk
+        k = self.key(x).view(batch, n_max, heads, self.d_key).transpose(1, 2)
+        scores = (q @ k.transpose(2, 3)).float() / math.sqrt(self.d_key)  # B × H × N(query) × N(key)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        attn = torch.softmax(scores, dim=3)
+        n = lengths.to(attn.dtype)
+        received = (attn * mask[:, None, :, None]).sum(2) / n[:, None, None]  # B × H × N
+        coef = (received + mask[:, None, :] / n[:, None, None]) / 2  # B × H × N, sums to 1 per head
+        xs = x.view(batch, n_max, heads, dim // heads)
+        pooled = torch.einsum("bhn,bnhc->bhc", coef.to(xs.dtype), xs).reshape(batch, dim)
+        return pooled, coef.mean(1).to(features.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Size augmentation
 
@@ -593,21 +827,35 @@ def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float
 # Registry
 
 
-POOLING_NAMES = ("gpo", "avg", "max", "kmax:K", "gem", "interp", "sincos_mlp", "index_bigru")
+POOLING_NAMES = ("gpo", "avg", "max", "kmax:K", "gem", "interp", "sincos_mlp", "index_bigru",
+                 "fspool", "cls", "attention", "gpo-perdim", "gpo-features", "gpo-transformer")
 
 
 def build_pooling(name: str, dim: int | None = None, **kwargs) -> nn.Module:
     """Build a pooling layer by name: "gpo", "avg", "max", "kmax:K" (e.g. "kmax:20"), "gem",
-    "interp", "sincos_mlp", "index_bigru".
+    "interp", "sincos_mlp", "index_bigru", "fspool", "cls" (first token), "attention" (one
+    self-attention layer), and GPO's variants "gpo-perdim" (one θ per dimension), "gpo-features"
+    (θ also sees the sorted values), "gpo-transformer" (transformer generator).
 
     Args:
         name: the pooling's name.
-        dim: feature dimension D (unused by these pools, kept for pools that need it).
+        dim: feature dimension D (needed by "fspool", "attention", "gpo-perdim", "gpo-features").
         **kwargs: passed to the constructor (e.g. ``d_pe``, ``d_hidden`` for GPO).
     """
     key = name.strip().lower()
     if key == "gpo":
         return GPO(**kwargs)
+    variants = {"gpo-perdim": "per_dimension", "gpo-features": "feature_dim"}
+    if key in variants or key in ("fspool", "attention"):
+        if dim is None:
+            raise ValueError(f"pooling {name!r} needs the feature dimension: build_pooling({name!r}, dim)")
+        if key in variants:
+            return GPO(**{variants[key]: dim}, **kwargs)
+        return FSPool(dim, **kwargs) if key == "fspool" else SelfAttentionPool(dim, **kwargs)
+    if key == "gpo-transformer":
+        return GPO(sequence_model="transformer", **kwargs)
+    if key == "cls":
+        return ClsPool()
     if key in ("avg", "mean", "average"):
         return AvgPool()
     if key == "max":

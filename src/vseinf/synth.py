@@ -205,6 +205,23 @@ def train_generator(name: str, pattern: str, config: SynthConfig = FULL, seed: i
     return pool
 
 
+def _train_and_score(config: SynthConfig, seed: int, patterns, generators, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps * len(patterns) * len(generators), disable=not progress,
+               desc="synth", unit="step")
+    rmse: dict = {}
+    for name in generators:
+        rmse[name] = {split: {} for split in SIZE_RANGES}
+        for pattern in patterns:
+            bar.set_postfix_str(f"{name} {pattern}")
+            pool = train_generator(name, pattern, config, seed, on_step=lambda _loss: bar.update(1))
+            for split, (low, high) in SIZE_RANGES.items():
+                rmse[name][split][pattern] = coefficient_rmse(pool, pattern, range(low, high + 1))
+    bar.close()
+    return rmse
+
+
 def run_synth(quick: bool = False, seed: int = 0, patterns=PATTERNS, generators=GENERATORS,
               steps: int | None = None, progress: bool = True, config: SynthConfig | None = None) -> dict:
     """Train every generator on every pattern and score the learned coefficients.
@@ -234,18 +251,16 @@ def run_synth(quick: bool = False, seed: int = 0, patterns=PATTERNS, generators=
             raise ValueError(f"steps must be >= 1, got {steps}")
         config = replace(config, steps=int(steps))
 
-    from tqdm.auto import tqdm
-
     # The work is thousands of tiny ops (a GRU step is a 32×96 matmul): thread hand-offs cost more
     # than they save, and on a shared CPU one thread runs several times faster. Restored after.
+    start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rmse = _train_and_score(config, seed, patterns, generators, progress)
     finally:
         torch.set_num_threads(threads)
-    return {total=config.steps * len(patterns) * len(generators), disable=not progress,
-XX
+    return {
         "rmse": rmse,
         "paper": {name: dict(PAPER_SEEN[name]) for name in generators},
         "config": {**asdict(config), "seed": seed, "quick": quick, "patterns": list(patterns),

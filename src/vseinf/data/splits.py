@@ -664,7 +664,9 @@ def open_split(path: str | os.PathLike, split: str | None = None, **kwargs) -> C
     - a folder with ``*_ims.npy`` (or ``precomp/*_ims.npy``), or a ``<split>_ims.npy`` file →
       :func:`read_precomp`;
     - a ``.csv``/``.jsonl``/``.tsv``/``.txt`` file, or a folder of images with a
-      ``captions.{csv,jsonl,txt,tsv}`` inside → :func:`read_pairs_file`.
+      ``captions.{csv,jsonl,txt,tsv}`` inside → :func:`read_pairs_file`;
+    - a video dataset (MSR-VTT / VaTeX JSON, or ``video,caption`` pairs, with frame features)
+      → :func:`vseinf.data.video.open_video_split`.
 
     Args:
         path: the file or folder.
@@ -675,6 +677,10 @@ def open_split(path: str | os.PathLike, split: str | None = None, **kwargs) -> C
     p = Path(path)
     if not p.exists():
         raise DataFormatError(p, "no such file or folder")
+    from .video import is_video_dataset, open_video_split  # here: video imports this module
+
+    if is_video_dataset(p):  # MSR-VTT / VaTeX JSON, or video,caption pairs + frame features
+        return open_video_split(p, split, **kwargs)
 
     def need_split(kind: str) -> str:
         if split is None:
