@@ -1,0 +1,455 @@
+"""The paper's pooling studies as one command: train the same recipe once per pooling choice.
+
+    vseinf study pooling --config configs/flickr8k.yaml --grid 1,2,5,10,N --out grid.json
+    vseinf study pooling --config configs/flickr8k.yaml --aggregators avg,max,gem,fspool,gpo \\
+        --no-size-augment-too --epochs 4 --out aggregators.json
+
+A *cell* is one (visual pooling, text pooling, size augmentation) choice. Every cell trains
+``vseinf.train.train`` with the study's config (any ``--key value`` override applies to all cells)
+and only ``model.image_pooling``, ``model.text_pooling`` and ``model.size_augment`` changed, and
+records the best validation RSUM. Cells come from
+
+* ``--grid 1,2,5,10,N``: K-max pooling on both sides over every pair of K (the paper's Figure 6),
+  "N" meaning the whole set (average pooling), plus GPO on both sides;
+* ``--aggregators a,b,...``: each aggregator on one modality while the other keeps ``--fixed``
+  (default GPO) — the paper's Figure 4 / supplementary Table 1; ``cls`` is text-only;
+  ``--no-size-augment-too`` repeats these cells without size augmentation (supplementary Table 2).
+
+Each cell has its own run directory under ``--runs-dir`` (named after the cell and a hash of its
+config, so a changed recipe never reuses old runs) holding the training config, log and
+checkpoints. A cell whose directory has ``metrics.json`` is finished and skipped when the study is
+re-run; an interrupted one resumes from its ``last/`` checkpoint. ``--out`` is rewritten after every
+cell, with a heat map of the grid and a bar chart of the aggregators beside it (PNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig, apply_override, load_config, parse_overrides
+
+# Aggregators that only make sense on one side.
+TEXT_ONLY = {"cls"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    visual: str
+    text: str
+    size_augment: bool = True
+
+    def label(self) -> str:
+        aug = "aug" if self.size_augment else "noaug"
+        return f"v-{_slug(self.visual)}_t-{_slug(self.text)}_{aug}"
+
+    def config(self, base: RunConfig) -> RunConfig:
+        cfg = copy.deepcopy(base)
+        cfg.model.image_pooling = self.visual
+        cfg.model.text_pooling = self.text
+        cfg.model.size_augment = self.size_augment
+        return cfg
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "", name.replace(":", ""))
+
+
+def parse_grid(text: str) -> list[int | str]:
+    """``"1,2,5,10,N"`` → ``[1, 2, 5, 10, "N"]`` (N: the whole set)."""
+    values: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.upper() == "N":
+            value: int | str = "N"
+        elif part.isdigit() and int(part) >= 1:
+            value = int(part)
+        else:
+            raise ValueError(f"--grid: expected positive integers or N separated by commas, got {part!r} in {text!r}")
+        if value in values:
+            raise ValueError(f"--grid: {value} is listed twice in {text!r}")
+        values.append(value)
+    if not values:
+        raise ValueError("--grid: no values given")
+    return values
+
+
+def grid_pooling(k: int | str) -> str:
+    """The pooling name of a grid value: K-max pooling, or average pooling for the whole set."""
+    return "avg" if k == "N" else f"kmax:{k}"
+
+
+def parse_aggregators(text: str) -> list[str]:
+    from .pooling import build_pooling
+
+    names = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ValueError("--aggregators: no names given")
+    for name in names:
+        try:
+            build_pooling(name, 8)
+        except ValueError as exc:
+            raise ValueError(f"--aggregators: {exc}") from None
+    return list(dict.fromkeys(names))
+
+
+def plan_cells(grid: list[int | str] | None = None, aggregators: list[str] | None = None,
+               fixed: str = "gpo", size_augment: bool = True, no_size_augment_too: bool = False) -> list[Cell]:
+    """The study's cells, without duplicates, in running order (grid first, then aggregators).
+
+    Args:
+        grid: K values for the K-max grid over both modalities (plus GPO on both sides).
+        aggregators: aggregator names compared per modality, the other side using ``fixed``.
+        fixed: the pooling of the modality not being compared.
+        size_augment: size augmentation of the grid and aggregator cells (the config's value).
+        no_size_augment_too: also run every aggregator cell without size augmentation.
+    """
+    cells: list[Cell] = []
+    if grid:
+        for kv in grid:
+            for kt in grid:
+                cells.append(Cell(grid_pooling(kv), grid_pooling(kt), size_augment))
+        cells.append(Cell("gpo", "gpo", size_augment))
+    if aggregators:
+        augs = [size_augment] + ([False] if no_size_augment_too and size_augment else [])
+        for aug in augs:
+            for name in aggregators:
+                if name not in TEXT_ONLY:
+                    cells.append(Cell(name, fixed, aug))
+                cells.append(Cell(fixed, name, aug))
+    return list(dict.fromkeys(cells))
+
+
+def cell_dir(runs_dir: Path, cell: Cell, cfg: RunConfig) -> Path:
+    """A cell's run directory: its label plus a hash of its whole config (a changed recipe → new runs)."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
+    return Path(runs_dir) / f"{cell.label()}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_cell(cell: Cell, base: RunConfig, runs_dir: Path, progress: bool = False) -> dict:
+    """Train one cell (or read its finished result) and return its record for the study JSON."""
+    from .train import train
+
+    cfg = cell.config(base)
+    run_dir = cell_dir(runs_dir, cell, cfg)
+    done = run_dir / "study_cell.json"
+    if (run_dir / "metrics.json").is_file() and done.is_file():
+        return json.loads(done.read_text())
+    resume = (run_dir / "last").exists() or (run_dir / ".last.old").exists()
+    if not resume and (run_dir / "log.jsonl").exists():
+        (run_dir / "log.jsonl").unlink()  # a run killed before its first checkpoint starts over
+    t0 = time.time()
+    if not (run_dir / "metrics.json").is_file():
+        train(cfg, run_dir, resume=resume, progress=progress)
+    seconds = time.time() - t0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    record = {
+        "visual": cell.visual, "text": cell.text, "size_augment": cell.size_augment,
+        "rsum": round(float(metrics["rsum"]), 2),
+        "rsum_last": round(float(_last_val(run_dir).get("rsum", metrics["rsum"])), 2),
+        "best_epoch": metrics.get("epoch"),
+        "seconds": round(seconds, 1), "resumed": resume,
+        "recalls": {k: round(float(metrics[k]), 2) for k in
+                    ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10") if k in metrics},
+        "run_dir": str(run_dir),
+    }
+    done.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _last_val(run_dir: Path) -> dict:
+    """The validation metrics of the run's final epoch (``rsum`` is the best epoch's)."""
+    last = {}
+    log = run_dir / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if "val" in rec:
+                last = rec["val"]
+    return last
+
+
+def run_pooling_study(cfg: RunConfig, cells: list[Cell], runs_dir: str | Path, out: str | Path,
+                      progress: bool = True, grid: list[int | str] | None = None, meta: dict | None = None) -> dict:
+    """Run (or resume) every cell; rewrite ``out`` and its plots after each one. Returns the JSON."""
+    runs_dir, out = Path(runs_dir), Path(out)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    result = {"split": cfg.data.val_split, "data": cfg.data.path, "epochs": cfg.train.epochs,
+              "lr_decay_epoch": cfg.train.lr_decay_epoch, "grid": [str(k) for k in grid or []],
+              **(meta or {}), "cells": []}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells), desc="pooling study", unit="cell")
+    try:
+        for cell in cells:
+            if bar:
+                bar.set_postfix_str(f"{cell.visual} / {cell.text}{'' if cell.size_augment else ' (no aug)'}")
+            record = run_cell(cell, cfg, runs_dir)
+            result["cells"].append(record)
+            write_json(out, result)
+            if bar:
+                bar.write(f"{cell.visual:>16} / {cell.text:<16} aug={cell.size_augment!s:<5} "
+                          f"rsum {record['rsum']:.1f}  ({record['seconds']:.0f}s)")
+                bar.update(1)
+    finally:
+        if bar:
+            bar.close()
+    result["total_seconds"] = round(sum(c["seconds"] for c in result["cells"]), 1)
+    write_json(out, result)
+    plot_study(result, out)
+    return result
+
+
+def write_json(path: Path, data: dict):
+    """Write atomically, so an interrupted study never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _grid_value(name: str) -> str | None:
+    if name == "avg":
+        return "N"
+    if name.startswith("kmax:"):
+        return name[5:]
+    return None
+
+
+def grid_table(result: dict) -> tuple[list[str], dict[tuple[str, str], float]]:
+    """(K values in order, {(visual K, text K): rsum}) from the size-augmented K-max cells."""
+    order = result.get("grid") or []
+    table = {}
+    for c in result["cells"]:
+        kv, kt = _grid_value(c["visual"]), _grid_value(c["text"])
+        if kv is not None and kt is not None and c.get("size_augment", True):
+            table[(kv, kt)] = c["rsum"]
+    if not order:
+        keys = {k for pair in table for k in pair}
+        order = sorted(keys, key=lambda k: (k == "N", int(k) if k != "N" else 0))
+    return list(order), table
+
+
+def find_cell(result: dict, visual: str, text: str, size_augment: bool = True) -> dict | None:
+    for c in result["cells"]:
+        if c["visual"] == visual and c["text"] == text and c.get("size_augment", True) == size_augment:
+            return c
+    return None
+
+
+def plot_grid(result: dict, out_png: str | Path) -> Path | None:
+    """Heat map of dev RSUM over (visual K, text K), with GPO/GPO's RSUM marked on the colour bar."""
+    order, table = grid_table(result)
+    if not table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.full((len(order), len(order)), np.nan)
+    for i, kv in enumerate(order):
+        for j, kt in enumerate(order):
+            if (kv, kt) in table:
+                values[i, j] = table[(kv, kt)]
+    gpo = find_cell(result, "gpo", "gpo")
+    lo, hi = np.nanmin(values), np.nanmax(values)
+    if gpo:
+        lo, hi = min(lo, gpo["rsum"]), max(hi, gpo["rsum"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2.8, 1.0 * len(order) + 1.6))
+    im = ax.imshow(values, cmap="viridis", vmin=lo, vmax=hi, origin="upper")
+    labels = [f"N (avg)" if k == "N" else str(k) for k in order]
+    ax.set_xticks(range(len(order)), labels)
+    ax.set_yticks(range(len(order)), labels)
+    ax.set_xlabel("text: K-max pooling, K")
+    ax.set_ylabel("visual: K-max pooling, K")
+    best = np.unravel_index(np.nanargmax(values), values.shape)
+    for i in range(len(order)):
+        for j in range(len(order)):
+            if not np.isnan(values[i, j]):
+                bright = (values[i, j] - lo) / max(hi - lo, 1e-9) > 0.6
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9,
+                        color="black" if bright else "white", fontweight="bold" if (i, j) == best else None)
+    ax.add_patch(plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    bar = fig.colorbar(im, ax=ax, label=f"RSUM ({result.get('split', 'val')})")
+    title = f"K-max grid, best {np.nanmax(values):.1f} (red box)"
+    if gpo:
+        bar.ax.axhline(gpo["rsum"], color="red", lw=2)
+        bar.ax.text(1.05, gpo["rsum"], " GPO", color="red", va="center", transform=bar.ax.get_yaxis_transform())
+        title += f"\nGPO on both sides: {gpo['rsum']:.1f} (red line)"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def aggregator_rows(result: dict, fixed: str = "gpo") -> dict[str, list[dict]]:
+    """Cells of the aggregator comparison per modality: {"visual": [...], "text": [...]}.
+
+    A visual row varies the visual pooling with ``fixed`` text pooling, and the other way round;
+    grid cells other than these (e.g. kmax on both sides) are left out.
+    """
+    rows = {"visual": [], "text": []}
+    for c in result["cells"]:
+        if c["text"] == fixed:
+            rows["visual"].append(c)
+        if c["visual"] == fixed:
+            rows["text"].append(c)
+    return rows
+
+
+def plot_aggregators(result: dict, out_png: str | Path, fixed: str | None = None) -> Path | None:
+    """Bar chart of RSUM per aggregator, one panel per modality, with and without size augmentation."""
+    fixed = fixed or result.get("fixed", "gpo")
+    rows = aggregator_rows(result, fixed)
+    if len(rows["visual"]) + len(rows["text"]) <= 1:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    all_values = [c["rsum"] for side in rows.values() for c in side]
+    lo = min(all_values) - 0.15 * (max(all_values) - min(all_values) + 1)
+    for ax, side in zip(axes, ("visual", "text")):
+        cells = rows[side]
+        names = list(dict.fromkeys(c[side] for c in cells))
+        wanted = [n for n in result.get("aggregators") or [] if n in names]
+        names = wanted + [n for n in names if n not in wanted]
+        augs = sorted({c["size_augment"] for c in cells}, reverse=True)
+        width = 0.8 / max(len(augs), 1)
+        for a, aug in enumerate(augs):
+            vals = []
+            for n in names:
+                c = next((c for c in cells if c[side] == n and c["size_augment"] == aug), None)
+                vals.append(c["rsum"] if c else np.nan)
+            xs = np.arange(len(names)) + (a - (len(augs) - 1) / 2) * width
+            colors = ["tab:red" if n.startswith("gpo") else ("tab:blue" if aug else "tab:gray") for n in names]
+            ax.bar(xs, vals, width, color=colors, alpha=1.0 if aug else 0.55)
+            for x, v in zip(xs, vals):
+                if not np.isnan(v):
+                    ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_ylim(lo, max(all_values) + 0.12 * (max(all_values) - lo))
+        ax.set_ylabel(f"RSUM ({result.get('split', 'val')})")
+        other = "text" if side == "visual" else "visual"
+        ax.set_title(f"{side} aggregator ({other}: {fixed})")
+    handles = [Patch(color="tab:blue", label="other aggregators"), Patch(color="tab:red", label="GPO and its variants")]
+    if any(not c["size_augment"] for side in rows.values() for c in side):
+        handles.append(Patch(color="tab:gray", alpha=0.55, label="right bar, paler: without size augmentation"))
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_study(result: dict, out_json: str | Path) -> list[Path]:
+    """Heat map ``<out>_grid.png`` and bar chart ``<out>_aggregators.png`` beside the JSON."""
+    out_json = Path(out_json)
+    stem = out_json.with_suffix("")
+    made = [plot_grid(result, f"{stem}_grid.png"), plot_aggregators(result, f"{stem}_aggregators.png")]
+    return [p for p in made if p is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_study_parser(sub):
+    """``vseinf study pooling …`` (register in cli.COMMANDS as "study"; it takes config overrides)."""
+    p = sub.add_parser("study", help="the paper's studies: train one recipe per configuration",
+                       description="Studies that train the same recipe once per configuration.")
+    studies = p.add_subparsers(dest="study", metavar="STUDY")
+    q = studies.add_parser(
+        "pooling", help="K-max grid and aggregator comparison (Figures 4 and 6 of the paper)",
+        description="Train the config's recipe once per pooling choice and collect validation RSUM. "
+                    "Unknown --key value arguments override the config for every cell "
+                    "(e.g. --lr_decay_epoch 3). Re-running skips finished cells.")
+    q.add_argument("--config", help="YAML or JSON config file (the recipe every cell trains)")
+    q.add_argument("--data", help="dataset folder or file (overrides data.path)")
+    q.add_argument("--grid", help="K values for the K-max grid on both sides, e.g. 1,2,5,10,20,N "
+                                  "(N: the whole set, i.e. average pooling); GPO/GPO is added")
+    q.add_argument("--aggregators", help="aggregators to compare per modality, e.g. "
+                                         "avg,max,kmax:5,gem,fspool,cls,attention,gpo,gpo-perdim")
+    q.add_argument("--fixed", default="gpo", help="pooling of the other modality in the aggregator "
+                                                  "comparison (default: gpo)")
+    q.add_argument("--no-size-augment-too", action="store_true",
+                   help="also run every aggregator cell without size augmentation")
+    q.add_argument("--epochs", type=int, help="epochs per cell; the lr decay epoch scales with it "
+                                              "unless --lr_decay_epoch is given")
+    q.add_argument("--out", required=True, help="results JSON (PNG plots are written beside it)")
+    q.add_argument("--runs-dir", help="where the cells' run directories go (default: <out>_runs/)")
+    q.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def study_config(config: str | None, data: str | None, epochs: int | None, extra: list[str]) -> RunConfig:
+    """The study's base config: file ← --data ← --epochs (decay epoch scaled) ← ``--key value`` extras."""
+    overrides = parse_overrides(extra or [])
+    cfg = load_config(config)
+    if data:
+        apply_override(cfg, "data.path", data)
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {epochs}")
+        # Keep the recipe's shape: decay at the same fraction of training (at least one epoch each side).
+        frac = cfg.train.lr_decay_epoch / max(cfg.train.epochs, 1)
+        cfg.train.epochs = epochs
+        cfg.train.lr_decay_epoch = min(max(round(frac * epochs), 1), epochs - 1) if epochs > 1 else 1
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    return cfg
+
+
+def run_study(args, extra) -> int:
+    if getattr(args, "study", None) != "pooling":
+        raise ValueError("study: choose a study, e.g. 'vseinf study pooling --help'")
+    if not args.grid and not args.aggregators:
+        raise ValueError("study pooling: nothing to run; pass --grid and/or --aggregators")
+    cfg = study_config(args.config, args.data, args.epochs, extra)
+    if not cfg.data.path:
+        raise ValueError("study pooling: pass --data DIR or set data.path in the config")
+    grid = parse_grid(args.grid) if args.grid else None
+    aggregators = parse_aggregators(args.aggregators) if args.aggregators else None
+    parse_aggregators(args.fixed)
+    cells = plan_cells(grid, aggregators, args.fixed.strip().lower(), cfg.model.size_augment,
+                       args.no_size_augment_too)
+    out = Path(args.out)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else out.with_name(out.stem + "_runs")
+    print(f"pooling study: {len(cells)} cells, {cfg.train.epochs} epochs each "
+          f"(lr decay from epoch {cfg.train.lr_decay_epoch + 1}), runs in {runs_dir}")
+    meta = {"fixed": args.fixed.strip().lower(), "aggregators": aggregators or [], "config": args.config,
+            "overrides": extra or [], "base_config": cfg.to_dict()}
+    result = run_pooling_study(cfg, cells, runs_dir, out, progress=not args.no_progress, grid=grid, meta=meta)
+    print(f"wrote {out} ({len(result['cells'])} cells, {result['total_seconds'] / 60:.1f} min of training)")
+    for png in sorted(out.parent.glob(out.stem + "_*.png")):
+        print(f"wrote {png}")
+    return 0
