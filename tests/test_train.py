@@ -146,6 +146,9 @@ def test_epoch_order_shards_disjointly():
     b = epoch_order(1000, 0, 3, World(1, 2), 16)
     assert len(a) == len(b) == 496
     assert not set(a) & set(b)
+    single = epoch_order(1000, 0, 3, World(0, 1), 32)
+    # global batch k of two ranks = single-process batch k
+    assert set(single[:32]) == set(a[:16]) | set(b[:16])
     assert np.array_equal(a, epoch_order(1000, 0, 3, World(0, 2), 16))
     assert not np.array_equal(a, epoch_order(1000, 0, 4, World(0, 2), 16))
 

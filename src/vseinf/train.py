@@ -276,15 +276,17 @@ def set_backbone_trainable(model: VSEModel, cfg: RunConfig, epoch: int) -> bool:
 
 
 def epoch_order(n: int, seed: int, epoch: int, world: World, batch_size: int) -> np.ndarray:
-    """This rank's caption order for an epoch: a seeded permutation, sharded, whole batches only."""
+    """This rank's caption order for an epoch: a seeded permutation cut into global batches of
+    ``batch_size × world.size``; rank r takes the r-th slice of each, so the union of the ranks' batch
+    k is exactly the single-process batch k of the same global size. Whole batches only."""
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    per_rank = len(perm) // world.size
-    mine = perm[world.rank * per_rank:(world.rank + 1) * per_rank]
-    steps = len(mine) // batch_size
+    global_batch = batch_size * world.size
+    steps = len(perm) // global_batch
     if steps == 0:
         raise ValueError(f"batch size {batch_size} × {world.size} process(es) is larger than the "
                          f"{n} training captions")
-    return mine[: steps * batch_size]
+    batches = perm[: steps * global_batch].reshape(steps, world.size, batch_size)
+    return batches[:, world.rank].reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
