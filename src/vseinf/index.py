@@ -35,7 +35,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -168,7 +168,7 @@ class ExactIndex(GalleryIndex):
                 top_i += gs
                 if best_s is not None:  # merge with the best so far; at most 2k candidates a row
                     cand_s, cand_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i], 1)
-                    top_s, pos = torch.topk(cand_s, k, dim=1)
+                    top_s, pos = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
                     top_i = torch.gather(cand_i, 1, pos)
                 best_s, best_i = top_s, top_i
             scores[qs:qs + len(block)] = best_s.numpy()
@@ -329,9 +329,10 @@ def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
     """Image files under ``root`` (recursive; relative POSIX paths, sorted) + files skipped by name.
 
     Hidden files and folders (``.name``) are ignored silently; other files without an image
-    extension are reported as skipped. Folders in ``exclude`` (e.g. the index itself) are not entered.
+    extension are reported as skipped, and so are links to files outside ``root`` (the web app
+    serves only files inside the gallery). Folders in ``exclude`` (e.g. the index) are not entered.
     """
-    root = Path(root)
+    root = Path(root).resolve()
     excluded = {Path(e).resolve() for e in exclude}
     images: list[str] = []
     skipped: list[Skipped] = []
@@ -343,7 +344,9 @@ def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
                 continue
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
+            if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(root):
+                skipped.append(Skipped(rel, "a link to a file outside the gallery"))
+            elif suffix in IMAGE_EXTENSIONS:
                 images.append(rel)
             else:
                 skipped.append(Skipped(rel, f"not an image file (extension {suffix or 'none'!r})"))

