@@ -1,0 +1,310 @@
+"""The web app: JSON API answers and error messages (TestClient), batched queries equal single ones,
+the GPO plot data, a bounded loopback load test, and an end-to-end run in a real browser."""
+
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")  # FastAPI's TestClient
+skimage = pytest.importorskip("skimage")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vseinf.index import Gallery, encode_gallery, encode_texts_np  # noqa: E402
+from vseinf.serve.app import (BadRequest, QueryWorker, background_server, create_app, gpo_coefficients,  # noqa: E402
+                              parse_k, parse_query)
+
+SAMPLES = Path(skimage.__file__).resolve().parent / "data"
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png"]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def tiny_model():
+    """A real VSE∞ model, shrunk: ImageNet MobileNetV2 at 64 px, random heads, BiGRU text, 32-d space."""
+    from vseinf.config import ModelConfig
+    from vseinf.encoders.text import Vocabulary
+    from vseinf.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=64, text_encoder="bigru", word_dim=32, embed_dim=32)
+    words = "a an the dog cat runs on beach cup of coffee rocket motorcycle man camera astronaut red".split()
+    return build_model(cfg, vocab=Vocabulary.build([" ".join(words)], min_count=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, model):
+    """An image gallery of scikit-image photos (plus one unreadable file), its index and a client."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    for i, name in enumerate(PHOTOS):
+        shutil.copy2(SAMPLES / name, (root / "sub" if i % 2 else root) / name)
+    (root / "broken.jpg").write_bytes(b"\x00" * 100)
+    (root.parent / "secret.txt").write_text("not for the web")
+    index_dir = root.parent / "index"
+    encode_gallery(root, index_dir, model, progress=False)
+    gallery = Gallery.load(index_dir)
+    app = create_app(gallery=gallery, model=model)
+    with TestClient(app) as client:
+        yield client, gallery, root
+
+
+def png_bytes(path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input rules
+
+
+def test_parse_query_and_k():
+    assert parse_query("  a dog ") == "a dog"
+    assert parse_k(None) == 12 and parse_k("5") == 5
+    for bad in ["", "   ", None, "x" * 10_240]:
+        with pytest.raises(BadRequest):
+            parse_query(bad)
+    for bad in ["0", "-3", "abc", "2.5", "101", "1e3"]:
+        with pytest.raises(BadRequest, match="k must be"):
+            parse_k(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON API
+
+
+def test_text_search_matches_the_index(served, model):
+    client, gallery, _ = served
+    r = client.get("/api/search", params={"q": "a red motorcycle", "k": 4})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    expected = gallery.search(encode_texts_np(model, ["a red motorcycle"]), 4)[0]
+    assert [x["path"] for x in results] == [x["path"] for x in expected]
+    np.testing.assert_allclose([x["score"] for x in results], [x["score"] for x in expected], atol=1e-5)
+    assert len(results) == 4 and set(results[0]) == {"path", "score"}
+    # k above the gallery size: every image once
+    r = client.get("/api/search", params={"q": "a cat", "k": 100})
+    assert sorted(x["path"] for x in r.json()["results"]) == sorted(it["path"] for it in gallery.items)
+
+
+def test_image_upload_finds_the_same_photo(served):
+    client, gallery, root = served
+    r = client.post("/api/search/image", files={"file": ("photo.png", png_bytes(SAMPLES / "coffee.png"), "image/png")},
+                    data={"k": "3"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3 and results[0]["path"] == "coffee.png" and results[0]["score"] > 0.999
+    r = client.post("/api/search/image?k=2", files={"file": ("c.jpg", (SAMPLES / "rocket.jpg").read_bytes())})
+    assert [x["path"] for x in r.json()["results"]][:1] == ["sub/rocket.jpg"]
+
+
+BAD_REQUESTS = [
+    ("get", "/api/search", {"params": {"q": ""}}, 400, "empty"),
+    ("get", "/api/search", {"params": {"q": "   "}}, 400, "empty"),
+    ("get", "/api/search", {}, 400, "empty"),
+    ("get", "/api/search", {"params": {"q": "dog " * 2560}}, 413, "too long"),
+    ("get", "/api/search", {"params": {"q": "dog", "k": "ten"}}, 400, "positive integer"),
+    ("get", "/api/search", {"params": {"q": "dog", "k": "0"}}, 400, "positive integer"),
+    ("get", "/api/search", {"params": {"q": "dog", "k": "-1"}}, 400, "positive integer"),
+    ("get", "/api/search", {"params": {"q": "dog", "k": "1000"}}, 400, "at most"),
+    ("post", "/api/search/image", {"files": {"file": ("notes.txt", b"hello, not an image", "text/plain")}},
+     415, "not a readable image"),
+    ("post", "/api/search/image", {"files": {"file": ("empty.png", b"", "image/png")}}, 400, "empty"),
+    ("post", "/api/search/image", {"data": {"k": "3"}}, 400, "field 'file'"),
+    ("post", "/api/search/image", {"files": {"file": ("a.jpg", b"x")}, "data": {"k": "no"}}, 400, "positive integer"),
+    ("get", "/api/thumb", {"params": {"path": "../secret.txt"}}, 404, "not an image of this gallery"),
+    ("get", "/api/thumb", {"params": {"path": "/etc/passwd"}}, 404, "not an image of this gallery"),
+    ("get", "/api/thumb", {"params": {"path": "broken.jpg"}}, 404, "not an image of this gallery"),
+    ("get", "/api/thumb", {"params": {"path": "sub/../../secret.txt"}}, 404, "not an image of this gallery"),
+    ("get", "/api/thumb", {}, 400, "path="),
+    ("get", "/api/gpo.svg", {"params": {"modality": "audio"}}, 400, "modality"),
+]
+
+
+@pytest.mark.parametrize("method,url,kwargs,status,message", BAD_REQUESTS,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, method, url, kwargs, status, message):
+    client, _, _ = served
+    r = getattr(client, method)(url, **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"]
+    assert client.get("/api/search", params={"q": "a cat", "k": 1}).status_code == 200
+
+
+def test_upload_size_limit(served, model):
+    _, gallery, _ = served
+    app = create_app(gallery=gallery, model=model, max_upload_bytes=20_000)
+    with TestClient(app) as client:
+        big = (SAMPLES / "coffee.png").read_bytes()  # ~470 KB
+        r = client.post("/api/search/image", files={"file": ("coffee.png", big, "image/png")})
+        assert r.status_code == 413 and "too large" in r.json()["detail"]
+        # just over the limit, inside the multipart framing allowance: refused by the endpoint
+        r = client.post("/api/search/image", files={"file": ("x.png", b"\x89PNG" + b"0" * 20_000, "image/png")})
+        assert r.status_code == 413 and "20,000 bytes" in r.json()["detail"]
+        small = io.BytesIO()
+        Image.open(SAMPLES / "coffee.png").convert("RGB").resize((64, 48)).save(small, "JPEG")
+        r = client.post("/api/search/image", files={"file": ("small.jpg", small.getvalue(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["results"][0]["path"] == "coffee.png"
+
+
+def test_thumbnails(served):
+    client, gallery, _ = served
+    for item in gallery.items:
+        r = client.get("/api/thumb", params={"path": item["path"]})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        im = Image.open(io.BytesIO(r.content))
+        assert max(im.size) <= 256 and im.format == "JPEG"
+
+
+def test_pages_and_info(served):
+    client, gallery, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="q"' in page.text and "/static/app.js" in page.text
+    assert "https://" not in page.text and "http://" not in page.text  # nothing from a CDN
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/gpo").status_code == 200
+    info = client.get("/api/info").json()
+    assert info["kind"] == "images" and info["size"] == len(gallery) == len(PHOTOS) and info["skipped"] == 1
+    assert client.get("/docs").status_code == 404  # its page would load scripts from a CDN
+
+
+def test_gpo_coefficients(served, model):
+    client, _, _ = served
+    data = client.get("/api/gpo").json()
+    assert data == json.loads(json.dumps(gpo_coefficients(model)))
+    for modality, pool in (("image", model.image_head.gpool), ("text", model.text.gpool)):
+        entry = data[modality]
+        assert entry["pooling"] == "GPO" and len(entry["sizes"]) >= 3
+        for n, theta in zip(entry["sizes"], entry["theta"]):
+            assert len(theta) == n and abs(sum(theta) - 1) < 1e-4
+            direct = pool.coefficients(torch.tensor([n]))[0].detach().numpy()
+            np.testing.assert_allclose(theta, direct, atol=1e-5)
+        svg = client.get("/api/gpo.svg", params={"modality": modality})
+        assert svg.headers["content-type"].startswith("image/svg+xml")
+        assert svg.text.count('class="curve"') == len(entry["sizes"])
+
+
+def test_captions_gallery_answers_image_uploads_with_captions(tmp_path, model):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("img1.jpg#0\ta cat on a sofa\nimg2.jpg#0\ta red motorcycle\nimg3.jpg#0\ta cup of coffee\n")
+    encode_gallery(caps, tmp_path / "index", model, progress=False)
+    app = create_app(tmp_path / "index", model=model)
+    with TestClient(app) as client:
+        r = client.post("/api/search/image", files={"file": ("c.png", png_bytes(SAMPLES / "chelsea.png"))})
+        results = r.json()["results"]
+        assert r.status_code == 200 and len(results) == 3 and {"caption", "path", "score"} <= set(results[0])
+        r = client.get("/api/search", params={"q": "a cup of coffee", "k": 1})
+        assert r.json()["results"][0]["caption"] == "a cup of coffee"
+        assert client.get("/api/thumb", params={"path": "img1.jpg"}).status_code == 404
+
+
+def test_batched_queries_equal_single_queries(served, model):
+    _, gallery, _ = served
+    worker = QueryWorker(model, gallery, max_batch=64)
+    try:
+        queries = [f"a {w} on the beach" for w in ["dog", "cat", "man", "rocket", "red cup", "camera"]] * 4
+        futures = [worker.submit_text(q, 3) for q in queries]  # queued together: embedded in few batches
+        batched = [f.result(timeout=60) for f in futures]
+    finally:
+        worker.close()
+    for q, got in zip(queries, batched):
+        alone = gallery.search(encode_texts_np(model, [q]), 3)[0]
+        assert [r["path"] for r in got] == [r["path"] for r in alone]
+        np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in alone], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Over a real socket: load and a browser
+
+
+def fetch(url: str):
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as r:
+            status, body = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    return status, time.perf_counter() - t0, body
+
+
+def test_concurrent_text_queries_over_loopback(served, model):
+    _, gallery, _ = served
+    app = create_app(gallery=gallery, model=model)
+    words = ["dog", "cat", "beach", "coffee", "rocket", "motorcycle", "camera", "man", "astronaut", "red"]
+    with background_server(app) as base:
+        urls = [f"{base}/api/search?" + urllib.parse.urlencode({"q": f"a {words[i % 10]} {words[i * 7 % 10]}", "k": 5})
+                for i in range(60)]
+        with concurrent.futures.ThreadPoolExecutor(60) as pool:
+            answers = list(pool.map(fetch, urls))
+        assert fetch(f"{base}/api/search?q=")[0] == 400
+        assert fetch(urls[0])[0] == 200
+    statuses = [s for s, _, _ in answers]
+    assert statuses == [200] * len(urls)
+    assert all(len(json.loads(b)["results"]) == 5 for _, _, b in answers)
+    latency = np.array([t for _, t, _ in answers]) * 1000
+    print(f"60 concurrent queries: p50 {np.percentile(latency, 50):.0f} ms, p99 {np.percentile(latency, 99):.0f} ms")
+
+
+def browser_or_skip():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    return sync_api
+
+
+def test_search_page_in_a_real_browser(served, model, tmp_path):
+    sync_api = browser_or_skip()
+    _, gallery, _ = served
+    upload = tmp_path / "query.png"
+    Image.open(SAMPLES / "chelsea.png").save(upload)
+    app = create_app(gallery=gallery, model=model)
+    with background_server(app) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('images')")
+            page.fill("#k", "4")
+            page.fill("#q", "a red motorcycle")
+            page.press("#q", "Enter")
+            page.wait_for_function("document.querySelectorAll('#results .result img').length === 4")
+            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            scores = [float(s) for s in page.locator("#results .score").all_text_contents()]
+            assert scores == sorted(scores, reverse=True)
+            assert "4 results" in page.text_content("#status")
+
+            page.set_input_files("#file", str(upload))
+            page.wait_for_function("document.getElementById('status').textContent.includes('query.png')")
+            first = page.locator("#results .result img").first.get_attribute("alt")
+            assert first == "sub/chelsea.png"
+
+            page.fill("#q", "")
+            page.press("#q", "Enter")
+            page.wait_for_function("document.getElementById('status').classList.contains('error')")
+            assert "empty" in page.text_content("#status")
+
+            page.goto(base + "/gpo")
+            page.wait_for_function("[...document.images].length === 2 && "
+                                   "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        finally:
+            browser.close()
