@@ -405,10 +405,10 @@ def test_grid_resnext_embeds_like_the_authors(tmp_path, resnext):
 def test_grid_layouts_map_to_the_same_backbone(resnext):
     """backbone.resnet.* + views, plain backbone.*, and views only (no classifier) give one CNN."""
     gen = torch.Generator().manual_seed(6)
-    cnn_x = resnext
-    wrapped = grid_image_state(cnn_x, gen)
+    cnn = resnext
+    wrapped = grid_image_state(cnn, gen)
     head = {k: v for k, v in wrapped.items() if k.startswith("image_encoder.")}
-    plain = {**{f"backbone.{k}": v for k, v in cnn_x.items()}, **head}
+    plain = {**{f"backbone.{k}": v for k, v in cnn.items()}, **head}
     views_only = {k: v for k, v in wrapped.items() if not k.startswith("backbone.resnet.")}
     o = {"backbone_source": "wsl"}
     a, fa, da, _ = convert_image_state(wrapped, o)
@@ -418,7 +418,7 @@ def test_grid_layouts_map_to_the_same_backbone(resnext):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert c.keys() == a.keys() - {"image.backbone.fc.weight", "image.backbone.fc.bias"}
     assert all(torch.equal(a[k], c[k]) for k in c)
-    assert len(da) == len(wrapped) - len(cnn_x) - len(head) and not db and not dc
+    assert len(da) == len(wrapped) - len(cnn) - len(head) and not db and not dc
     # A view that disagrees with the module it views means the file is not the authors' wrapper.
     broken = dict(wrapped)
     broken["backbone.top.0.0.conv1.weight"] = broken["backbone.top.0.0.conv1.weight"] + 1
