@@ -50,6 +50,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # TensorFlow's EfficientNet-Lite ("edge") models take (pixel - 127) / 128 on 0..255 pixels.
 INCEPTION_MEAN = (127.0 / 255.0,) * 3
 INCEPTION_STD = (128.0 / 255.0,) * 3
+# The bottom-up-attention detector's ResNet-101 (converted from Caffe) takes 0..255 pixels minus
+# these means (given here in RGB order, on a 0..1 scale) and no scaling.
+BUTD_MEAN = (122.7717 / 255.0, 115.9465 / 255.0, 102.9801 / 255.0)
+BUTD_STD = (1.0 / 255.0,) * 3
 
 
 class Backbone(nn.Module):
@@ -102,12 +106,15 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
+                 stride_in_1x1: bool = False):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        # ResNet v1 (Caffe, and the VSE∞ authors' own class) strides on the 1×1; torchvision on the 3×3.
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, stride=s1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=s3, padding=1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -136,20 +143,30 @@ class ResNet(Backbone):
         width_per_group: channels per group at the first stage's width (8 for 32×8d, 64 for ResNet).
         num_classes: classifier outputs.
         name: registry name, kept for messages.
+        v1: the original (Caffe) ResNet that the VSE∞ authors' own ResNet class reproduces: a
+            downsampling block strides on its first 1×1 convolution, and the stem max-pool has no
+            padding and rounds up. Same tensors as torchvision's, different features.
+        mean / std: input normalisation the weights expect (default: ImageNet's).
     """
 
     out_channels = 2048
 
     def __init__(self, layers: list[int], groups: int = 1, width_per_group: int = 64,
-                 num_classes: int = 1000, name: str = "resnet"):
+                 num_classes: int = 1000, name: str = "resnet", v1: bool = False,
+                 mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD):
         super().__init__()
         self.name = name
         self.groups = groups
         self.base_width = width_per_group
+        self.v1 = v1
+        self.mean, self.std = mean, std
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        if v1:
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=0, ceil_mode=True)
+        else:
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self._inplanes = 64
         self.layer1 = self._make_layer(64, layers[0], stride=1)
         self.layer2 = self._make_layer(128, layers[1], stride=2)
@@ -159,9 +176,10 @@ class ResNet(Backbone):
         _init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        stage = [Bottleneck(self._inplanes, planes, stride, self.groups, self.base_width)]
+        stage = [Bottleneck(self._inplanes, planes, stride, self.groups, self.base_width, self.v1)]
         self._inplanes = planes * Bottleneck.expansion
-        stage += [Bottleneck(self._inplanes, planes, 1, self.groups, self.base_width) for _ in range(blocks - 1)]
+        stage += [Bottleneck(self._inplanes, planes, 1, self.groups, self.base_width, self.v1)
+                  for _ in range(blocks - 1)]
         return nn.Sequential(*stage)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -401,6 +419,11 @@ _ARCHITECTURES = {
     "resnet101": lambda: ResNet([3, 4, 23, 3], name="resnet101"),
     "resnet152": lambda: ResNet([3, 8, 36, 3], name="resnet152"),
     "resnext101_32x8d": lambda: ResNet([3, 4, 23, 3], groups=32, width_per_group=8, name="resnext101_32x8d"),
+    # The VSE∞ authors' grid backbones (imported by `vseinf convert`; weights come from the checkpoint).
+    "resnet50_v1": lambda: ResNet([3, 4, 6, 3], name="resnet50_v1", v1=True),
+    "resnet101_v1": lambda: ResNet([3, 4, 23, 3], name="resnet101_v1", v1=True),
+    "resnet152_v1": lambda: ResNet([3, 8, 36, 3], name="resnet152_v1", v1=True),
+    "resnet101_butd": lambda: ResNet([3, 4, 23, 3], name="resnet101_butd", v1=True, mean=BUTD_MEAN, std=BUTD_STD),
 }
 BACKBONE_NAMES = tuple(_ARCHITECTURES)
 
