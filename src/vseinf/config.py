@@ -39,6 +39,8 @@ class ModelConfig:
         image_pooling / text_pooling: pooling names for ``vseinf.pooling.build_pooling``.
         size_augment: drop ~20% of set elements during training (SPEC §2).
         text_augment: the authors' token masking/replacing/deleting (live text encoders only).
+        gradient_checkpointing: recompute the text transformer's activations in the backward pass
+            (less memory when fine-tuning it).
     """
 
     image_encoder: str = "grid"
@@ -56,6 +58,7 @@ class ModelConfig:
     text_pooling: str = "gpo"
     size_augment: bool = True
     text_augment: bool = True
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -64,7 +64,8 @@ class VSEModel(nn.Module):
             from .encoders.text import TransformerTextEncoder
 
             if pretrained and config.text_model != BERT_BASE_FROM_CHECKPOINT:
-                self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling)
+                self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling,
+                                                   gradient_checkpointing=config.gradient_checkpointing)
             else:
                 self.text = TransformerTextEncoder.build_from_config(
                     _transformer_config(config.text_model), config.embed_dim, config.text_pooling)
