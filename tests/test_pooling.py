@@ -39,6 +39,15 @@ FEW = settings(max_examples=25, deadline=None)
 # Helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of tiny ops: on a shared 2-core machine one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_pool(name: str, seed: int = 0) -> nn.Module:
     """A pool with non-trivial parameters: fresh generators give spread θ; the interpolated
     generator starts uniform (= average pooling), so its knots are randomised; GeM gets p ≠ 1."""

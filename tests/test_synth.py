@@ -164,3 +164,4 @@ def test_command_line_selects_patterns_and_generators(tmp_path, capsys):
     assert "sin/cos + MLP" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         parser.parse_args(["--patterns", "Z"])
+    assert "T-50%" in parser.format_help()  # '%' in help text must be escaped for argparse

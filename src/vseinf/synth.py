@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (overrides the budget)")
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None, metavar="PATTERN",
-                        help=f"patterns to run (default: all; {', '.join(PATTERNS)})")
+                        help=f"patterns to run (default: all; {', '.join(PATTERNS)})".replace("%", "%%"))
     parser.add_argument("--generators", nargs="+", choices=GENERATORS, default=None, metavar="GENERATOR",
                         help=f"coefficient generators to run (default: all; {', '.join(GENERATORS)})")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON to this file")
