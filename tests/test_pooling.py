@@ -515,9 +515,6 @@ def test_gem_large_p_and_tiny_inputs_stay_finite_and_approach_the_max():
     assert (out > 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="GeMPool: the exponent's gradient is NaN when padding holds NaN or "
-                   "+inf (log(pad) is NaN/inf and survives as 0·NaN in d(p·log x)/dp; the "
-                   "feature values at padding must be replaced before the log, not after)")
 @pytest.mark.parametrize("fill", [math.nan, math.inf])
 def test_gem_exponent_gradient_ignores_nan_and_inf_padding(fill):
     pool = GeMPool(p=3.0)

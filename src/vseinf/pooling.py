@@ -659,7 +659,8 @@ class GeMPool(nn.Module):
         lengths = check_set_batch(features, lengths)
         mask = valid_mask(lengths, features.shape[1])
         p = self.p.clamp_min(self.p_min)
-        logx = features.float().clamp_min(self.eps).log()
+        # Padding becomes 1 before the log: NaN/inf there would otherwise poison p's gradient.
+        logx = features.float().masked_fill(~mask.unsqueeze(2), 1.0).clamp_min(self.eps).log()
         scaled = (p * logx).masked_fill(~mask.unsqueeze(2), float("-inf"))
         log_mean = torch.logsumexp(scaled, dim=1) - lengths.float().log().unsqueeze(1)
         pooled = torch.exp(log_mean / p).to(features.dtype)
@@ -795,6 +796,8 @@ def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float
         zero padding; at least one element of every set is kept.
     """
     lengths = check_set_batch(features, lengths)
+    if mode not in ("region", "grid", "none"):
+        raise ValueError(f"size_augment mode must be 'region', 'grid' or 'none', got {mode!r}")
     if mode == "none" or p <= 0:
         return features, lengths
     batch, n_max, _ = features.shape
