@@ -531,6 +531,7 @@ def add_serve_parser(sub):
 
 def run_serve(args, extra) -> int:
     try:
+        import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
