@@ -542,6 +542,8 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
     identity = model_identity(model)
     if gallery.is_dir():
         report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress)
+    elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
     else:
         report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
     if len(emb) == 0:
