@@ -15,7 +15,8 @@ For search over videos (``vseinf encode``):
 - :func:`embed_frame_features` — a :class:`~vseinf.data.video.FrameFeatures` source (a folder of
   ``.npy`` files or an HDF5 file, :func:`vseinf.data.video.open_frame_features`) → embeddings;
 - :class:`FrameExtractor` — the same frame features for video files in memory
-  (:meth:`FrameExtractor.features`), with the settings of an ``extract.json``;
+  (:meth:`FrameExtractor.features`), rebuilt from an ``extract.json`` by
+  :meth:`FrameExtractor.from_settings`; :func:`embed_video_files` embeds files with it;
 - :func:`middle_frame` — a clip's middle frame as a PIL image (a thumbnail).
 """
 
@@ -44,6 +45,7 @@ __all__ = [
     "decode_all_frames",
     "decode_frames",
     "embed_frame_features",
+    "embed_video_files",
     "extract_video_features",
     "list_videos",
     "middle_frame",
@@ -281,6 +283,38 @@ class FrameExtractor:
     def dim(self) -> int:
         return int(self.backbone.out_channels)
 
+    @classmethod
+    def from_settings(cls, settings: dict | str | os.PathLike, weights: str | os.PathLike | None = None,
+                      batch_size: int = 32, device: str | torch.device = "cpu") -> FrameExtractor:
+        """The extractor that made a folder of features, from its ``extract.json`` (or the dict).
+
+        Args:
+            settings: the dict, the ``extract.json`` file, or the folder holding it.
+            weights: the backbone weights file, when the features were made with one (the
+                settings record only its name and size); checked against them.
+            batch_size: frames per backbone call.
+            device: where the backbone runs.
+        """
+        if not isinstance(settings, dict):
+            path = Path(settings)
+            path = path / SETTINGS_FILE if path.is_dir() else path
+            try:
+                settings = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: not readable extraction settings ({e})") from None
+        recorded = settings.get("weights")
+        if weights is None:
+            if recorded not in (None, "default"):
+                raise ValueError(f"the features were made with the weights file {recorded!r}; "
+                                 "pass weights=<that file>")
+            weights = recorded
+        sampler = FrameSampler(**settings["sampler"])
+        ext = cls(settings["backbone"], weights, settings["image_size"], sampler, batch_size, device)
+        if ext.settings() != settings:
+            raise ValueError(f"the rebuilt extractor's settings {ext.settings()} differ from the "
+                             f"recorded ones {settings}")
+        return ext
+
     def settings(self) -> dict:
         """What the features depend on (stored as ``extract.json``)."""
         w = self.weights
@@ -439,6 +473,52 @@ def embed_frame_features(model, source, batch_size: int = 128,
     ok = ~np.asarray(source.broken, dtype=bool)
     emb[torch.from_numpy(~ok).to(emb.device)] = 0.0
     return emb, ok
+
+
+@torch.no_grad()
+def embed_video_files(model, paths: Sequence[str | os.PathLike], extractor: FrameExtractor,
+                      batch_size: int = 16, progress: bool = False
+                      ) -> tuple[torch.Tensor, np.ndarray, dict[str, str]]:
+    """Video embeddings straight from video files (decode → frame features → video tower).
+
+    ``extractor`` must be the one the model's training features were made with (see
+    :meth:`FrameExtractor.from_settings`). Undecodable files get a zero row, ``False`` in the
+    mask and an entry (file → reason) in the returned dict.
+
+    Returns:
+        (``n × d`` unit embeddings, bool mask of usable files, failures).
+    """
+    if extractor.dim != model.config.feature_dim:
+        raise ValueError(f"the extractor gives {extractor.dim}-d frame features, the model was "
+                         f"trained on {model.config.feature_dim}-d (model.feature_dim)")
+    paths = [Path(p) for p in paths]
+    emb = torch.zeros(len(paths), model.embed_dim, device=model.device)
+    ok = np.zeros(len(paths), dtype=bool)
+    failed: dict[str, str] = {}
+    items = paths
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(paths, desc="videos", unit="clip")
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+        if pending:
+            rows = model.encode_image_features([f for _, f in pending])
+            emb[torch.tensor([i for i, _ in pending], device=emb.device)] = rows.float()
+            pending.clear()
+
+    for i, path in enumerate(items):
+        try:
+            pending.append((i, extractor.features(path)))
+            ok[i] = True
+        except VideoDecodeError as e:
+            failed[str(path)] = str(e)
+            log.warning("skipping %s", e)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return emb, ok, failed
 
 
 # --------------------------------------------------------------------------------------------
