@@ -79,10 +79,17 @@ def _add_extract(sub):
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
     p.add_argument("--rebuild", action="store_true", help="recompute even if a valid cache exists")
+    from .video import add_extract_video_arguments
+
+    add_extract_video_arguments(p)
     return p
 
 
 def _cmd_extract(args, extra):
+    if args.videos:
+        from .video import run_extract_video
+
+        return run_extract_video(args, extra)
     from .config import load_config, parse_overrides
     from .data.splits import open_split
     from .features import image_sets, text_sets
@@ -138,29 +145,50 @@ def _cmd_convert(args, extra):
     return run_convert(args, extra)
 
 
+def _lazy(module: str, add: str, run: str):
+    """Parser builder and runner that import their module only when that command is used."""
+    import importlib
+
+    def add_fn(sub):
+        return getattr(importlib.import_module(module, __package__), add)(sub)
+
+    def run_fn(args, extra):
+        return getattr(importlib.import_module(module, __package__), run)(args, extra)
+
+    return add_fn, run_fn
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "eval": (_add_eval, _cmd_eval),
     "extract": (_add_extract, _cmd_extract),
-    "synth": (_add_synth, _cmd_synth),
+    "encode": _lazy(".index", "add_encode_parser", "run_encode"),
+    "search": _lazy(".index", "add_search_parser", "run_search"),
+    "serve": _lazy(".serve.app", "add_serve_parser", "run_serve"),
+    "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
     "convert": (_add_convert, _cmd_convert),
+    "synth": (_add_synth, _cmd_synth),
+    "study": _lazy(".study", "add_study_parser", "run_study"),
+    "plot-pooling": _lazy(".plots", "add_plot_pooling_parser", "run_plot_pooling"),
 }
 
 # Commands whose unknown --key value arguments are config overrides.
-TAKES_OVERRIDES = {"train", "extract"}
+TAKES_OVERRIDES = {"train", "extract", "study"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that command's (so a command imports only its module)."""
     parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _) in COMMANDS.items():
-        add(sub)
+        if only is None or name == only:
+            add(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args, extra = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
