@@ -30,7 +30,7 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
     """(sims n_images × n_captions, text_to_image, split) of one checkpoint on a split."""
     from .data.splits import open_split
     from .model import load_model
-    from .train import encode_split, image_side, text_side
+    from .train import drop_unusable, encode_split, image_side, text_side
 
     ckpt = resolve_checkpoint(checkpoint)
     model = load_model(ckpt, device=device)
@@ -44,11 +44,11 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
     img_side = image_side(model, split_obj, cfg, progress)
     txt_side = text_side(model, split_obj, cfg, progress)
     img, txt, usable = encode_split(model, img_side, txt_side, device=device)
+    t2i = split_obj.caption_to_image
     if not usable.all():
-        bad = int((~usable).sum())
-        raise ValueError(f"{split_obj.name}: {bad} images could not be read; evaluation needs every image "
-                         "(the protocol's numbers would not be comparable)")
-    return (img @ txt.T).cpu(), split_obj.caption_to_image, split_obj
+        print(f"{split_obj.name}: left out {int((~usable).sum())} unreadable images/clips and their captions")
+        img, txt, t2i = drop_unusable(img, txt, t2i, usable)
+    return (img @ txt.T).cpu(), t2i, split_obj
 
 
 def evaluate_checkpoints(checkpoints, data: str | None = None, split: str | None = None, protocol: str = "all",

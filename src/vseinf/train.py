@@ -215,17 +215,22 @@ def encode_split(model: VSEModel, image: Side, text: Side, batch_size: int = 256
     return torch.cat(img_rows), torch.cat(txt_rows), usable
 
 
+def drop_unusable(img, txt, text_to_image, usable):
+    """Leave out images (or clips) that could not be read, and their captions; renumber the rest."""
+    if usable.all():
+        return img, txt, text_to_image
+    keep_img = np.flatnonzero(usable)
+    remap = -np.ones(len(usable), dtype=np.int64)
+    remap[keep_img] = np.arange(len(keep_img))
+    keep_txt = np.flatnonzero(usable[text_to_image])
+    return (img[torch.from_numpy(keep_img)], txt[torch.from_numpy(keep_txt)],
+            remap[text_to_image[keep_txt]])
+
+
 def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu") -> dict:
     """Recall@K table of ``model`` on a split (images that could not be read are left out)."""
     img, txt, usable = encode_split(model, image, text, device=device)
-    split = image.split
-    t2i = split.caption_to_image
-    if not usable.all():
-        keep_img = np.flatnonzero(usable)
-        remap = -np.ones(split.n_images, dtype=np.int64)
-        remap[keep_img] = np.arange(len(keep_img))
-        keep_txt = np.flatnonzero(usable[t2i])
-        img, txt, t2i = img[torch.from_numpy(keep_img)], txt[torch.from_numpy(keep_txt)], remap[t2i[keep_txt]]
+    img, txt, t2i = drop_unusable(img, txt, image.split.caption_to_image, usable)
     sims = img @ txt.T
     metrics = retrieval_metrics(sims.cpu(), t2i)
     metrics["n_images"] = int(len(img))
