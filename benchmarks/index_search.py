@@ -168,7 +168,7 @@ def flickr_section(args, rng) -> dict:
 
 
 def growth_section(gallery_full: np.ndarray, queries: np.ndarray, sizes, args, rng,
-                   prebuilt: dict | None = None) -> list[dict]:
+                   prebuilt: dict | None = None, on_row=None) -> list[dict]:
     """Latency and recall against gallery size: subsets of the GloVe gallery, or it plus jittered copies.
 
     ``prebuilt`` maps a size to an HNSW index already built over ``gallery_full`` (the GloVe section's).
@@ -198,6 +198,8 @@ def growth_section(gallery_full: np.ndarray, queries: np.ndarray, sizes, args, r
                      "recall_at_10": h["recall_at_10"],
                      "exact_p50_ms": result["exact"]["p50_ms"], "exact_p99_ms": result["exact"]["p99_ms"],
                      "hnsw_p50_ms": h["p50_ms"], "hnsw_p99_ms": h["p99_ms"], "speedup_p50": h["speedup_p50"]})
+        if on_row is not None:
+            on_row(rows)
         del gallery
     return rows
 
@@ -239,6 +241,18 @@ def main(argv=None) -> int:
         "latency": "single-query calls (one vector per search), after 5 warm-up queries",
         "target": "recall@10 >= 0.95 and p50 >= 10x faster than exact",
     }
+
+    def save():  # after every section, so a long run that dies later keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    if not args.skip_flickr:  # first: it is quick, and a missing model or dataset shows at once
+        if Path(args.data).is_dir():
+            result["flickr8k"] = flickr_section(args, rng)
+        else:
+            log(f"flickr8k: {args.data} not found; section skipped")
+            result["flickr8k"] = {"skipped": f"{args.data} not found"}
+        save()
     gallery = queries = None
     prebuilt = {}
     if not args.skip_glove or not args.skip_growth:
@@ -246,14 +260,10 @@ def main(argv=None) -> int:
     if not args.skip_glove:
         result["glove"] = glove_section(gallery, queries, args)
         prebuilt[len(gallery)] = result["glove"].pop("_hnsw")  # the growth section's "all" size reuses it
-    if not args.skip_flickr:
-        if Path(args.data).is_dir():
-            result["flickr8k"] = flickr_section(args, rng)
-        else:
-            log(f"flickr8k: {args.data} not found; section skipped")
-            result["flickr8k"] = {"skipped": f"{args.data} not found"}
+        save()
     if not args.skip_growth:
-        result["growth"] = growth_section(gallery, queries[:args.growth_queries], args.growth, args, rng, prebuilt)
+        result["growth"] = growth_section(gallery, queries[:args.growth_queries], args.growth, args, rng, prebuilt,
+                                          on_row=lambda rows: (result.__setitem__("growth", rows), save()))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
