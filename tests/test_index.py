@@ -232,6 +232,20 @@ def test_another_model_reencodes_everything(photo_dir, tmp_path, model):
     assert report.encoded == 4 and "another model" in report.note
 
 
+def test_checkpoint_identity_survives_new_config_fields(tmp_path, model, monkeypatch):
+    """An index made before ModelConfig gained a field (with a default) still matches its checkpoint."""
+    import dataclasses
+
+    from vseinf.model import load_model
+
+    loaded = load_model(save_tiny(model, tmp_path / "ckpt"))
+    before = model_identity(loaded)
+    real_asdict = dataclasses.asdict
+    monkeypatch.setattr(dataclasses, "asdict", lambda obj: {**real_asdict(obj), "new_option": False})
+    assert model_identity(loaded) == before
+    assert model_identity(model)["config_hash"] != before["config_hash"]  # in memory: the parsed config
+
+
 def test_encode_refuses_to_replace_a_folder_that_is_not_an_index(photo_dir, tmp_path, model):
     precious = tmp_path / "precious"
     precious.mkdir()

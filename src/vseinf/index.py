@@ -293,9 +293,18 @@ def model_identity(model) -> dict:
     """What makes two models' embeddings comparable: config hash + weights hash (+ where it came from)."""
     from .model import BUNDLED_DIR
 
-    config = dataclasses.asdict(model.config)
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     ckpt = getattr(model, "checkpoint_path", None)
+    config = None
+    if ckpt is not None and (Path(ckpt) / "config.json").is_file():
+        # The model section as the checkpoint stores it, not as this version of vseinf parses it:
+        # a field added to ModelConfig later (with a default) must not make old indexes unusable.
+        try:
+            config = json.loads((Path(ckpt) / "config.json").read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            config = None
+    if not isinstance(config, dict):
+        config = dataclasses.asdict(model.config)
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     weights_file = Path(ckpt) / "model.safetensors" if ckpt is not None else None
     if weights_file is not None and weights_file.is_file():
         weights_hash = _sha256_file(weights_file)[:16]
