@@ -60,9 +60,15 @@ def mobilenet():
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_parameter_count_matches_torchvision(name):
-    assert set(BACKBONE_NAMES) == set(TORCHVISION_PARAMS) | {"efficientnet_lite0"}
+    v1 = {"resnet50_v1", "resnet101_v1", "resnet152_v1", "resnet101_butd"}  # the authors' ResNet variant
+    assert set(BACKBONE_NAMES) == set(TORCHVISION_PARAMS) | {"efficientnet_lite0"} | v1
     model = build_backbone(name, weights=None)
     assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name]
+    if name.startswith("resnet") and f"{name}_v1" in v1:
+        # same tensors (the authors' files load), different strides
+        v1_model = build_backbone(f"{name}_v1", weights=None)
+        assert {k: v.shape for k, v in v1_model.state_dict().items()} == \
+            {k: v.shape for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("name,blocks", [("resnet50", [3, 4, 6, 3]), ("resnet152", [3, 8, 36, 3]),
