@@ -165,3 +165,32 @@ def test_cli_errors_are_one_line(argv, message, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("overrides", [
+    # the CNN frozen in epoch 0, fine-tuned (0.1× lr, BN statistics frozen) from epoch 1, live images
+    {"finetune_backbone": "true", "image_size": 96},
+    # BiGRU text tower with GloVe initialisation, live tokens with the authors' augmentation
+    {"text_encoder": "bigru", "glove": "true", "word_dim": 50},
+])
+def test_live_paths_train_and_save(flickr8k_root, tmp_path, use_cache, overrides):
+    cfg = slice_config(flickr8k_root, max_train_images=40, max_val_images=20, epochs=2, lr_decay_epoch=1,
+                       max_steps_per_epoch=3, batch_size=16, **overrides)
+    run = tmp_path / "run"
+    metrics = train(cfg, run, progress=False)
+    assert metrics["rsum"] > 0
+    state = load_file(str(run / "last" / "model.safetensors"))
+    if overrides.get("finetune_backbone"):
+        # the fine-tuned CNN is stored, and it changed from the pretrained weights
+        from vseinf.encoders.cnn import build_backbone
+
+        pretrained = build_backbone("mobilenet_v2").state_dict()
+        key = "features.18.0.weight"
+        assert not torch.equal(state[f"image.backbone.{key}"], pretrained[key])
+        assert torch.equal(state["image.backbone.features.18.1.running_mean"], pretrained["features.18.1.running_mean"])
+    else:
+        assert "text.embed.weight" in state
+    import vseinf
+
+    model = vseinf.load_model(run / "best")
+    assert model.encode_texts(["a dog"]).shape == (1, 512)
