@@ -155,8 +155,9 @@ def test_study_trains_each_cell_writes_json_and_pictures_and_resumes(config_file
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(vseinf.train, "train", no_training)
-    again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool")
+    again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool", "--plots", str(tmp_path / "d" / "p"))
     assert [c["rsum"] for c in again["cells"]] == [c["rsum"] for c in result["cells"]]
+    assert (tmp_path / "d" / "p_grid.png").is_file() and (tmp_path / "d" / "p_aggregators.png").is_file()
 
     # A cell killed after its last checkpoint resumes from it instead of starting over.
     killed = Path(result["cells"][2]["run_dir"])

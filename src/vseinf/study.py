@@ -19,7 +19,8 @@ Each cell has its own run directory under ``--runs-dir`` (named after the cell a
 config, so a changed recipe never reuses old runs) holding the training config, log and
 checkpoints. A cell whose directory has ``metrics.json`` is finished and skipped when the study is
 re-run; an interrupted one resumes from its ``last/`` checkpoint. ``--out`` is rewritten after every
-cell, with a heat map of the grid and a bar chart of the aggregators beside it (PNG).
+cell; at the end a heat map of the grid and a bar chart of the aggregators are drawn (PNG, beside
+the JSON or at ``--plots PREFIX``).
 """
 
 from __future__ import annotations
@@ -186,8 +187,11 @@ def _last_val(run_dir: Path) -> dict:
 
 
 def run_pooling_study(cfg: RunConfig, cells: list[Cell], runs_dir: str | Path, out: str | Path,
-                      progress: bool = True, grid: list[int | str] | None = None, meta: dict | None = None) -> dict:
-    """Run (or resume) every cell; rewrite ``out`` and its plots after each one. Returns the JSON."""
+                      progress: bool = True, grid: list[int | str] | None = None, meta: dict | None = None,
+                      plots: str | Path | None = None) -> dict:
+    """Run (or resume) every cell, rewriting ``out`` after each one; then draw the plots (PNG files
+    ``<plots>_grid.png`` and ``<plots>_aggregators.png``, default prefix: ``out`` without .json).
+    Returns the JSON."""
     runs_dir, out = Path(runs_dir), Path(out)
     runs_dir.mkdir(parents=True, exist_ok=True)
     result = {"split": cfg.data.val_split, "data": cfg.data.path, "epochs": cfg.train.epochs,
@@ -214,7 +218,7 @@ def run_pooling_study(cfg: RunConfig, cells: list[Cell], runs_dir: str | Path, o
             bar.close()
     result["total_seconds"] = round(sum(c["seconds"] for c in result["cells"]), 1)
     write_json(out, result)
-    plot_study(result, out)
+    plot_study(result, plots or Path(out).with_suffix(""))
     return result
 
 
@@ -371,11 +375,10 @@ def plot_aggregators(result: dict, out_png: str | Path, fixed: str | None = None
     return Path(out_png)
 
 
-def plot_study(result: dict, out_json: str | Path) -> list[Path]:
-    """Heat map ``<out>_grid.png`` and bar chart ``<out>_aggregators.png`` beside the JSON."""
-    out_json = Path(out_json)
-    stem = out_json.with_suffix("")
-    made = [plot_grid(result, f"{stem}_grid.png"), plot_aggregators(result, f"{stem}_aggregators.png")]
+def plot_study(result: dict, prefix: str | Path) -> list[Path]:
+    """Heat map ``<prefix>_grid.png`` and bar chart ``<prefix>_aggregators.png`` (those that apply)."""
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    made = [plot_grid(result, f"{prefix}_grid.png"), plot_aggregators(result, f"{prefix}_aggregators.png")]
     return [p for p in made if p is not None]
 
 
@@ -405,7 +408,9 @@ def add_study_parser(sub):
                    help="also run every aggregator cell without size augmentation")
     q.add_argument("--epochs", type=int, help="epochs per cell; the lr decay epoch scales with it "
                                               "unless --lr_decay_epoch is given")
-    q.add_argument("--out", required=True, help="results JSON (PNG plots are written beside it)")
+    q.add_argument("--out", required=True, help="results JSON")
+    q.add_argument("--plots", help="path prefix of the PNG plots: PREFIX_grid.png, PREFIX_aggregators.png "
+                                   "(default: --out without .json)")
     q.add_argument("--runs-dir", help="where the cells' run directories go (default: <out>_runs/)")
     q.add_argument("--no-progress", action="store_true")
     return p
@@ -448,8 +453,10 @@ def run_study(args, extra) -> int:
           f"(lr decay from epoch {cfg.train.lr_decay_epoch + 1}), runs in {runs_dir}")
     meta = {"fixed": args.fixed.strip().lower(), "aggregators": aggregators or [], "config": args.config,
             "overrides": extra or [], "base_config": cfg.to_dict()}
-    result = run_pooling_study(cfg, cells, runs_dir, out, progress=not args.no_progress, grid=grid, meta=meta)
+    plots = Path(args.plots) if args.plots else out.with_suffix("")
+    result = run_pooling_study(cfg, cells, runs_dir, out, progress=not args.no_progress, grid=grid, meta=meta,
+                               plots=plots)
     print(f"wrote {out} ({len(result['cells'])} cells, {result['total_seconds'] / 60:.1f} min of training)")
-    for png in sorted(out.parent.glob(out.stem + "_*.png")):
+    for png in sorted(plots.parent.glob(plots.name + "_*.png")):
         print(f"wrote {png}")
     return 0
