@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,3 +41,83 @@ def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache
     # only rank 0 writes: one log line per step, not two
     steps = [line for line in (two / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == len([line for line in (one / "log.jsonl").read_text().splitlines() if '"loss"' in line])
+
+
+# Runs `vseinf train` under torchrun with two test hooks (environment variables, so the same
+# script serves the full, the killed and the resumed run): every checkpoint write is recorded with
+# the writing rank, and VSELOSS_DIE_AT=N makes the N-th loss call of every rank raise — the same
+# step on both ranks, like a job that is killed as a whole.
+LAUNCHER = '''
+import os, sys
+import vseinf.train as train_mod
+from vseinf.losses import VSELoss
+from vseinf.cli import main
+
+rank = os.environ["RANK"]
+saves = os.environ["SAVES_LOG"]
+original_save = train_mod.save_model
+
+def recording_save(model, path, *args, **kwargs):
+    with open(saves, "a") as f:
+        f.write(f"{rank} {os.path.basename(str(path))}\\n")
+    return original_save(model, path, *args, **kwargs)
+
+train_mod.save_model = recording_save
+die_at = int(os.environ.get("VSELOSS_DIE_AT", "0"))
+original_forward = VSELoss.forward
+calls = [0]
+
+def dying_forward(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == die_at:
+        raise SystemExit(f"rank {rank}: killed at loss call {die_at}")
+    return original_forward(self, *args, **kwargs)
+
+VSELoss.forward = dying_forward
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_path, use_cache):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    # Size augmentation on: each rank draws its own random drops, so the resumed ranks must get
+    # back their own RNG streams, not rank 0's. 120 captions / (8 × 2) = 7 steps per epoch; with
+    # save_every 3 the last mid-epoch save before the kill (loss call 11 = global step 11, in
+    # epoch 2) is step 9.
+    args = [a for a in ARGS if a not in ("--save_every", "0", "--size_augment", "false")]
+    common = ["train", "--data", str(flickr8k_root), *args, "--size_augment", "true", "--save_every", "3",
+              "--batch_size", "8", "--no-progress"]
+    saves = tmp_path / "saves.txt"
+
+    def run(out, die_at=0, resume=False):
+        env = dict(os.environ, OMP_NUM_THREADS="1", SAVES_LOG=str(saves), VSELOSS_DIE_AT=str(die_at))
+        cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(launcher), *common, "--out", str(out)]
+        return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
+                              timeout=600)
+
+    full = tmp_path / "full"
+    proc = run(full)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    killed = tmp_path / "killed"
+    proc = run(killed, die_at=11)
+    assert proc.returncode != 0 and "killed at loss call 11" in proc.stderr, proc.stderr[-4000:]
+    state = json.loads((killed / "last" / "trainer.json").read_text())["state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, 9)
+    proc = run(killed, resume=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resuming" in proc.stdout
+
+    a = load_file(str(full / "last" / "model.safetensors"))
+    b = load_file(str(killed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+    ja = json.loads((full / "last" / "trainer.json").read_text())["state"]
+    jb = json.loads((killed / "last" / "trainer.json").read_text())["state"]
+    assert ja["global_step"] == jb["global_step"] == 14
+    # Every checkpoint (last/ and best/, in all three runs) was written by rank 0 alone.
+    writers = [line.split() for line in saves.read_text().splitlines()]
+    assert writers and {rank for rank, _ in writers} == {"0"}
+    assert {name for _, name in writers} == {"last", "best"}

@@ -411,7 +411,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     rngs = (text_rng, aug_gen)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
     if resume:
-        state = _restore(run_dir, model, loss_fn, optimizer, device, rngs)
+        state = _restore(run_dir, model, loss_fn, optimizer, device, rngs, world)
         if world.main:
             print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -468,8 +468,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
                                 "sec_per_step": (time.time() - t0) / run_n})
                 run_loss, run_n, t0 = 0.0, 0, time.time()
-            if world.main and t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
-                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch), rngs)
+            # Every rank takes part (each hands rank 0 its RNG streams); only rank 0 writes.
+            if t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
+                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch), rngs, world)
         if bar:
             bar.close()
         if world.main and run_n:
@@ -486,8 +487,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1
                 save_model(model, run_dir / "best", cfg, metrics)
             plot_history(run_dir)
-        if world.main:
-            _save_last(model, loss_fn, optimizer, cfg, run_dir, state, rngs)
+        _save_last(model, loss_fn, optimizer, cfg, run_dir, state, rngs, world)
         if world.size > 1:
             dist.barrier()
 
@@ -507,15 +507,31 @@ def _allreduce_grads(model, loss_fn, world: World):
             p.grad /= world.size
 
 
-def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs):
-    """Everything a resumed run needs to continue exactly: weights, optimizer, counters, RNG states."""
+def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs, world: World):
+    """Everything a resumed run needs to continue exactly: weights, optimizer, counters, RNG states.
+
+    Called on every rank: the ranks draw different augmentations, so each one's RNG streams are
+    gathered to rank 0, which alone writes ``last/`` (rank r > 0's as ``rng.torch.r``,
+    ``rng.augment.r`` and ``text_rng_ranks[r]``; rank 0's under the single-process names).
+    """
     text_rng, aug_gen = rngs
+    mine = (torch.get_rng_state(), aug_gen.get_state(), _jsonable(text_rng.getstate()))
+    streams = [mine]
+    if world.size > 1:
+        # In-process exchange between the ranks of one job (nothing untrusted is unpickled).
+        streams = [None] * world.size if world.main else None
+        dist.gather_object(mine, streams, dst=0)
+    if not world.main:
+        return
     tensors, opt_state = optimizer_to_flat(optimizer)
     for k, v in loss_fn.state_dict().items():
         tensors[f"loss.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.augment"] = aug_gen.get_state()
-    extra = {"optimizer": opt_state, "state": state, "text_rng": _jsonable(text_rng.getstate())}
+    tensors["rng.torch"], tensors["rng.augment"], text_state = streams[0]
+    extra = {"optimizer": opt_state, "state": state, "text_rng": text_state, "world_size": world.size}
+    if world.size > 1:
+        for r, (torch_state, aug_state, _) in enumerate(streams[1:], start=1):
+            tensors[f"rng.torch.{r}"], tensors[f"rng.augment.{r}"] = torch_state, aug_state
+        extra["text_rng_ranks"] = {str(r): streams[r][2] for r in range(1, world.size)}
     save_model(model, run_dir / "last", cfg, None, (tensors, extra))
 
 
@@ -527,7 +543,7 @@ def _tupled(x):
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs) -> dict:
+def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs, world: World) -> dict:
     state_dict, _, _ = load_checkpoint(run_dir / "last")
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:
@@ -536,8 +552,17 @@ def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs) -> dict:
     loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
     optimizer_from_flat(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim.")},
                         saved["optimizer"])
-    torch.set_rng_state(tensors["rng.torch"])
     text_rng, aug_gen = rngs
-    aug_gen.set_state(tensors["rng.augment"])
-    text_rng.setstate(_tupled(saved["text_rng"]))
+    suffix = f".{world.rank}" if world.rank else ""
+    text_state = saved["text_rng"] if not world.rank else saved.get("text_rng_ranks", {}).get(str(world.rank))
+    if f"rng.torch{suffix}" in tensors and text_state is not None:
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        aug_gen.set_state(tensors[f"rng.augment{suffix}"])
+        text_rng.setstate(_tupled(text_state))
+    else:
+        # Saved by a run with fewer processes: this rank keeps its freshly seeded streams (taking
+        # rank 0's would make two ranks draw the same augmentations); the rest resumes exactly.
+        print(f"rank {world.rank}: {run_dir / 'last'} holds no RNG state for this rank "
+              f"(saved with {saved.get('world_size', 1)} process(es)); augmentations restart from the seed",
+              flush=True)
     return saved["state"]
