@@ -1,10 +1,22 @@
-"""Gallery indexes: embed a folder of images (or a captions file) once, then search it by text or image.
+"""Gallery indexes: embed a folder of images or videos (or a captions file, or frame-feature files)
+once, then search it by text, image or video.
 
 An index is a directory::
 
     embeddings.npy   n × d float32, one unit-norm row per gallery item (row i ↔ items[i])
-    gallery.json     what the rows are (paths or captions), the model that made them, the engine
+    gallery.json     what the rows are (paths, captions or clips), the model that made them, the engine
     faiss.index      only for the approximate engine: an HNSW graph over the same rows
+    thumb-*.jpg      video galleries made from video files: one middle-frame thumbnail per clip
+
+Gallery kinds (``gallery.json`` field ``kind``):
+
+- ``images`` — a folder of image files, searched recursively;
+- ``captions`` — a text file of captions;
+- ``videos`` — a folder of video files (decoded with PyAV; frames sampled and embedded by
+  :class:`vseinf.video.VideoEmbedder`: a video model's frame extractor + video tower, or an image
+  model frame by frame), or frame-feature files (a folder of ``<id>.npy``, or an ``.h5`` file)
+  embedded by a video model's tower. A folder is taken for videos when it holds video files and
+  no images, for frame features when it holds neither (``--kind`` says so explicitly).
 
 Two search engines share one interface, :class:`GalleryIndex` (``search(queries, k) -> (scores,
 ids)``, scores are dot products = cosines of unit vectors):
@@ -17,7 +29,8 @@ ids)``, scores are dot products = cosines of unit vectors):
 
 :func:`encode_gallery` builds or updates an index: only files that are new or changed (path, size,
 mtime) are embedded again, removed files drop out, and files that are not readable images are
-named, counted and skipped. The directory is replaced atomically, so an interrupted run leaves the
+named, counted and skipped (so are video files that do not decode, and malformed feature
+files). The directory is replaced atomically, so an interrupted run leaves the
 previous index intact.
 
 Command-line entry points (registered in :mod:`vseinf.cli`): ``add_encode_parser``/``run_encode``
@@ -30,7 +43,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -46,6 +62,12 @@ META_FILE = "gallery.json"
 FAISS_FILE = "faiss.index"
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+KINDS = ("images", "captions", "videos")
+# Thumbnails of video clips: small JPEGs named by a hash of the clip's path, kept flat in the index
+# directory (the atomic directory swap handles plain files only). The name pattern is also what the
+# web app checks before serving one, so gallery.json cannot point it at another file.
+THUMB_SIZE = 256
+THUMB_RE = re.compile(r"thumb-[0-9a-f]{20}\.jpg")
 
 # Below this many items an exact scan answers a query in a few milliseconds (10^4 × 1024 floats is
 # 40 MB, one pass over memory), so the approximate engine would only cost recall. Measured with
@@ -348,6 +370,18 @@ def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
     extension are reported as skipped, and so are links to files outside ``root`` (the web app
     serves only files inside the gallery). Folders in ``exclude`` (e.g. the index) are not entered.
     """
+    return _scan_files(root, exclude, IMAGE_EXTENSIONS, "an image")
+
+
+def scan_videos(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[str], list[Skipped]]:
+    """Video files under ``root`` (by extension, see :data:`vseinf.video.VIDEO_SUFFIXES`); as :func:`scan_images`."""
+    from .video import VIDEO_SUFFIXES
+
+    return _scan_files(root, exclude, frozenset(VIDEO_SUFFIXES), "a video")
+
+
+def _scan_files(root: str | os.PathLike, exclude: Sequence[str | os.PathLike], extensions: frozenset,
+                what: str) -> tuple[list[str], list[Skipped]]:
     root = Path(root).resolve()
     excluded = {Path(e).resolve() for e in exclude}
     images: list[str] = []
@@ -362,12 +396,49 @@ def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
             suffix = Path(name).suffix.lower()
             if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(root):
                 skipped.append(Skipped(rel, "a link to a file outside the gallery"))
-            elif suffix in IMAGE_EXTENSIONS:
+            elif suffix in extensions:
                 images.append(rel)
             else:
-                skipped.append(Skipped(rel, f"not an image file (extension {suffix or 'none'!r})"))
+                skipped.append(Skipped(rel, f"not {what} file (extension {suffix or 'none'!r})"))
     images.sort()
     return images, skipped
+
+
+def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> str:
+    """What ``vseinf encode`` makes of a path: ``"images"``, ``"videos"``, ``"features"`` or ``"captions"``.
+
+    A folder holding image files is an image gallery (as always: stray videos in it are skipped by
+    name); one holding video files and no images is a video gallery; one holding neither, but
+    frame features (``<id>.npy`` files, an ``.h5`` file or a ``features/`` folder of them), is a
+    feature gallery. A file is a captions file, or frame features when it is ``.h5``/``.hdf5``.
+    """
+    from .video import VIDEO_SUFFIXES
+
+    path = Path(gallery)
+    if not path.is_dir():
+        return "features" if path.suffix.lower() in (".h5", ".hdf5", ".hdf") else "captions"
+    excluded = {Path(e).resolve() for e in exclude}
+    has_video = False
+    for dirpath, dirnames, filenames in os.walk(path):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded]
+        for name in filenames:
+            suffix = Path(name).suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix in IMAGE_EXTENSIONS:
+                return "images"
+            has_video = has_video or suffix in VIDEO_SUFFIXES
+    if has_video:
+        return "videos"
+    from .data.video import find_frame_features
+
+    try:
+        if find_frame_features(path) is not None:
+            return "features"
+    except ValueError:  # several .h5 files: let the feature reader say which to name
+        return "features"
+    return "images"
 
 
 @dataclass
@@ -415,7 +486,8 @@ def _progress(total: int, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img" if desc == "images" else "caption", file=sys.stderr)
+    unit = {"images": "img", "videos": "clip"}.get(desc, "caption")
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
 def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False
@@ -482,7 +554,7 @@ class EncodeReport:
     note: str = ""
 
     def summary(self) -> str:
-        what = "images" if self.kind == "images" else "captions"
+        what = {"images": "images", "captions": "captions", "videos": "clips"}.get(self.kind, self.kind)
         lines = [f"{self.index_dir}: {self.total} {what} ({self.encoded} encoded, {self.reused} unchanged, "
                  f"{self.removed} removed, {len(self.skipped)} skipped), engine {self.engine}, "
                  f"{self.seconds:.1f} s"]
@@ -502,7 +574,9 @@ def _check_out_dir(out: Path) -> None:
             raise ValueError(f"{out}: exists, is not empty and is not a vseinf index; choose another --out")
 
 
-def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex) -> None:
+def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex,
+                 extra_files: dict[str, Path] | None = None) -> None:
+    """Write the index directory atomically; ``extra_files`` (name → file) are linked or copied in."""
     from .checkpoint import save_dir_atomic
 
     def write(tmp: Path):
@@ -510,6 +584,11 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         if isinstance(engine, HNSWIndex):
             engine.save(tmp / FAISS_FILE)
+        for name, source in (extra_files or {}).items():
+            try:  # a hard link costs nothing; the old index directory is deleted after the swap
+                os.link(source, tmp / name)
+            except OSError:
+                shutil.copy2(source, tmp / name)
 
     save_dir_atomic(out, write)
 
@@ -530,38 +609,72 @@ def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery
 
 
 def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, engine: str = "auto",
-                   batch_size: int = 32, progress: bool = True) -> EncodeReport:
-    """Build or update the index ``out`` for ``gallery`` (a folder of images, or a captions file).
+                   batch_size: int = 32, progress: bool = True, kind: str = "auto", video=None) -> EncodeReport:
+    """Build or update the index ``out`` for ``gallery``.
 
     Args:
-        gallery: a folder (searched recursively for images) or a text file of captions.
+        gallery: a folder of images (searched recursively), a folder of video files (recursively),
+            frame features (a folder of ``<id>.npy`` files or an ``.h5`` file), or a text file of
+            captions.
         out: the index directory (created, or updated incrementally if it holds an index of the
             same gallery made with the same model).
         model: a loaded :class:`vseinf.model.VSEModel`.
         engine: ``"auto"`` (by size, see :func:`choose_engine`), ``"exact"`` or ``"hnsw"``.
-        batch_size: images per forward pass.
+        batch_size: images (or feature clips) per forward pass.
         progress: show progress bars on stderr.
+        kind: ``"auto"`` (see :func:`detect_gallery_kind`), ``"images"``, ``"videos"`` (video
+            files), ``"features"`` (frame-feature files) or ``"captions"``.
+        video: for video files, the :class:`vseinf.video.VideoEmbedder` (default:
+            ``VideoEmbedder.for_model(model)``).
     """
     t0 = time.perf_counter()
     gallery = Path(gallery)
     out = Path(out)
     if not gallery.exists():
-        raise FileNotFoundError(f"{gallery}: gallery not found (a folder of images or a captions file)")
+        raise FileNotFoundError(f"{gallery}: gallery not found (a folder of images or videos, frame "
+                                "features or a captions file)")
+    if kind not in ("auto", "images", "videos", "features", "captions"):
+        raise ValueError(f"kind: expected auto, images, videos, features or captions, got {kind!r}")
     _check_out_dir(out)
+    if kind == "auto":
+        kind = detect_gallery_kind(gallery, exclude=[out])
     identity = model_identity(model)
-    if gallery.is_dir():
-        report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress)
-    elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
-    else:
-        report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
-    if len(emb) == 0:
-        detail = "".join(f"\n  skipped {s.path}: {s.reason}" for s in report.skipped[:20])
-        raise ValueError(f"{gallery}: nothing to index (no readable {report.kind}){detail}")
-    index = build_engine(emb, engine)
-    meta["engine"] = index.describe()
-    report.engine = index.name
-    _write_index(out, meta, emb, index)
+    extra_files: dict[str, Path] = {}
+    staging: Path | None = None
+    try:
+        if kind == "features":
+            report, meta, emb = _encode_feature_clips(gallery, out, model, identity, batch_size, progress)
+        elif not gallery.is_dir() and kind in ("images", "videos"):
+            raise ValueError(f"{gallery}: is one file; give a folder of {kind}")
+        elif kind == "videos":
+            from .video import VideoEmbedder
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.thumbs-", dir=out.parent))
+            embedder = video if video is not None else VideoEmbedder.for_model(model)
+            report, meta, emb, extra_files = _encode_video_folder(gallery, out, identity, embedder, staging,
+                                                                  progress)
+        elif gallery.is_dir():
+            report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress)
+        elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
+        else:
+            from .video import VIDEO_SUFFIXES
+
+            if gallery.suffix.lower() in VIDEO_SUFFIXES:
+                raise ValueError(f"{gallery}: is one video; give a folder of videos")
+            report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
+        if len(emb) == 0:
+            detail = "".join(f"\n  skipped {s.path}: {s.reason}" for s in report.skipped[:20])
+            what = "clips" if report.kind == "videos" else report.kind
+            raise ValueError(f"{gallery}: nothing to index (no readable {what}){detail}")
+        index = build_engine(emb, engine)
+        meta["engine"] = index.describe()
+        report.engine = index.name
+        _write_index(out, meta, emb, index, extra_files)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -640,6 +753,183 @@ def _encode_captions(path: Path, out: Path, model, identity: dict, progress: boo
     return report, meta, emb
 
 
+def thumb_name(rel: str) -> str:
+    """The thumbnail file name of a clip (a hash of its gallery path: safe whatever the path holds)."""
+    return f"thumb-{hashlib.sha1(rel.encode('utf-8', 'surrogatepass')).hexdigest()[:20]}.jpg"
+
+
+def save_thumbnail(frame, path: Path, size: int = THUMB_SIZE) -> None:
+    """``frame`` (PIL) as a JPEG no larger than ``size`` × ``size``, aspect kept."""
+    im = frame.convert("RGB")
+    im.thumbnail((size, size))
+    im.save(path, "JPEG", quality=85)
+
+
+def _decode_reason(exc: Exception, path: Path) -> str:
+    msg = str(exc)
+    prefix = f"{path}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, staging: Path, progress: bool):
+    """Video files → (report, meta, embeddings, thumbnails to store: name → file)."""
+    from .video import VideoDecodeError
+
+    root = gallery.resolve()
+    report = EncodeReport(out, "videos")
+    paths, skipped = scan_videos(root, exclude=[out, staging])
+    settings = embedder.settings()
+    old, report.note = _previous(out, "videos", identity, str(root))
+    if old is not None and (old.meta.get("video") or {}).get("embedder") != settings:
+        old, report.note = None, f"note: {out} was encoded with other frame settings; encoding everything"
+    old_rows = {}
+    if old is not None:
+        for i, it in enumerate(old.items):
+            thumb = it.get("thumb")
+            # A row is reusable only with its thumbnail (one deleted by hand is made again).
+            if isinstance(thumb, str) and THUMB_RE.fullmatch(thumb) and (old.path / thumb).is_file():
+                old_rows[it["path"]] = (i, it.get("size"), it.get("mtime_ns"), it)
+
+    stats, to_encode, rows = {}, [], {}
+    for rel in paths:
+        try:
+            st = (root / rel).stat()
+        except OSError as exc:
+            skipped.append(Skipped(rel, f"cannot read ({exc.strerror})"))
+            continue
+        stats[rel] = (st.st_size, st.st_mtime_ns)
+        prev = old_rows.get(rel)
+        if prev is not None and prev[1:3] == stats[rel]:
+            rows[rel] = ("old", prev)
+        else:
+            to_encode.append(rel)
+    report.removed = sum(1 for rel in old_rows if rel not in stats)
+
+    bar = _progress(len(to_encode), "videos", progress)
+    try:
+        for rel in to_encode:
+            path = root / rel
+            try:
+                emb, frame, n_frames = embedder.embed_file(path)
+            except (VideoDecodeError, OSError) as exc:
+                skipped.append(Skipped(rel, _decode_reason(exc, path)))
+            else:
+                name = thumb_name(rel)
+                save_thumbnail(frame, staging / name)
+                rows[rel] = ("new", (emb, n_frames, name))
+            if bar is not None:
+                bar.update(1)
+                if skipped:
+                    bar.set_postfix(skipped=len(skipped))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    items, vectors, thumbs = [], [], {}
+    for rel in sorted(rows):
+        source, row = rows[rel]
+        if source == "old":
+            i, _, _, it = row
+            vectors.append(old.embeddings[i])
+            name, n_frames = it["thumb"], it.get("frames")
+            thumbs[name] = old.path / name
+        else:
+            emb, n_frames, name = row
+            vectors.append(emb)
+            thumbs[name] = staging / name
+        items.append({"path": rel, "id": Path(rel).stem, "size": stats[rel][0], "mtime_ns": stats[rel][1],
+                      "frames": n_frames, "thumb": name})
+    emb = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, identity["embed_dim"]), np.float32)
+    report.total = len(items)
+    report.encoded = sum(1 for source, _ in rows.values() if source == "new")
+    report.reused = len(items) - report.encoded
+    skipped.sort(key=lambda s: s.path)
+    report.skipped = skipped
+    meta = _base_meta("videos", root, identity, skipped)
+    meta["video"] = {"source": "files", "embedder": settings}
+    meta["items"] = items
+    return report, meta, emb, thumbs
+
+
+def _encode_feature_clips(path: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
+    """Frame-feature files (a folder of ``<id>.npy`` or an ``.h5`` file) → (report, meta, embeddings)."""
+    from .data.video import H5Frames, find_frame_features, open_frame_features
+    from .video import embed_frame_features
+
+    if model.config.image_encoder == "grid":
+        raise ValueError(f"{path}: frame-feature files need a video model (model.image_encoder: frames, "
+                         f"trained on such features); this model embeds images. Encode the video files "
+                         "themselves instead, or pass --model with a video checkpoint")
+    if path.is_dir() and not any(path.glob("*.npy")):
+        found = find_frame_features(path)  # a dataset folder: its features/ or .h5 file
+        if found is not None:
+            path = found
+    source = open_frame_features(path)
+    if source.dim != model.config.feature_dim:
+        raise ValueError(f"{source.where}: {source.dim}-d frame features, but the model takes "
+                         f"{model.config.feature_dim}-d (its model.feature_dim); use features made the "
+                         "way its training features were")
+    source_path = path.resolve()
+    root = source_path if source_path.is_dir() else source_path.parent
+    report = EncodeReport(out, "videos")
+    old, report.note = _previous(out, "videos", identity, str(root))
+    old_video = (old.meta.get("video") or {}) if old is not None else {}
+    if old is not None and (old_video.get("source") != "features" or old_video.get("features") != str(source_path)):
+        old, report.note = None, f"note: {out} indexed other clips; encoding everything"
+    old_rows = {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"), it.get("frames"))
+                                       for i, it in enumerate(old.items)}
+
+    def stat_of(vid: str):
+        f = source_path if isinstance(source, H5Frames) else source.path(vid)
+        st = f.stat()
+        return st.st_size, st.st_mtime_ns
+
+    skipped: list[Skipped] = []
+    stats, to_encode, rows = {}, [], {}
+    for i, vid in enumerate(source.video_ids):
+        if source.broken[i]:
+            skipped.append(Skipped(vid, source.problems.get(vid, "malformed frame features")))
+            continue
+        try:
+            stats[vid] = stat_of(vid)
+        except OSError as exc:
+            skipped.append(Skipped(vid, f"cannot read ({exc.strerror})"))
+            continue
+        prev = old_rows.get(vid)
+        if prev is not None and prev[1:3] == stats[vid]:
+            rows[vid] = ("old", prev[0], prev[3])
+        else:
+            to_encode.append(i)
+    report.removed = sum(1 for vid in old_rows if vid not in stats)
+
+    if to_encode:
+        sub = source.subset(to_encode)
+        new_emb, ok = embed_frame_features(model, sub, batch_size=max(1, batch_size), progress=progress)
+        new_emb = new_emb.cpu().numpy()
+        for j, vid in enumerate(sub.video_ids):
+            if ok[j]:
+                rows[vid] = ("new", j, int(sub.lengths[j]))
+            else:
+                skipped.append(Skipped(vid, sub.problems.get(vid, "malformed frame features")))
+                stats.pop(vid, None)
+    items, vectors = [], []
+    for vid in sorted(rows):
+        source_kind, r, n_frames = rows[vid]
+        vectors.append(old.embeddings[r] if source_kind == "old" else new_emb[r])
+        items.append({"path": vid, "id": vid, "size": stats[vid][0], "mtime_ns": stats[vid][1],
+                      "frames": n_frames, "thumb": None})
+    emb = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, identity["embed_dim"]), np.float32)
+    report.total = len(items)
+    report.encoded = sum(1 for v in rows.values() if v[0] == "new")
+    report.reused = len(items) - report.encoded
+    skipped.sort(key=lambda s: s.path)
+    report.skipped = skipped
+    meta = _base_meta("videos", root, identity, skipped)
+    meta["video"] = {"source": "features", "features": str(source_path), "embedder": None}
+    meta["items"] = items
+    return report, meta, emb
+
+
 # ---------------------------------------------------------------------------------------------
 # A loaded index
 
@@ -661,7 +951,9 @@ class Gallery:
         self.engine = engine
         self.items: list[dict] = meta["items"]
         self.root = Path(meta["root"])
-        self._by_path = {it["path"]: i for i, it in enumerate(self.items)} if self.kind == "images" else {}
+        self._by_path = ({it["path"]: i for i, it in enumerate(self.items)}
+                         if self.kind in ("images", "videos") else {})
+        self._video_embedder = None  # (model, VideoEmbedder), built on the first video/image query
 
     @classmethod
     def load(cls, path: str | os.PathLike, engine: str | None = None) -> "Gallery":
@@ -677,8 +969,11 @@ class Gallery:
         for key in ("kind", "root", "items", "model"):
             if key not in meta:
                 raise IndexFormatError(f"{meta_file}: missing field {key!r}")
-        if meta["kind"] not in ("images", "captions"):
-            raise IndexFormatError(f"{meta_file}: field 'kind' must be 'images' or 'captions', got {meta['kind']!r}")
+        if meta["kind"] not in KINDS:
+            raise IndexFormatError(f"{meta_file}: field 'kind' must be one of {', '.join(KINDS)}, "
+                                   f"got {meta['kind']!r}")
+        if meta["kind"] == "videos" and not isinstance(meta.get("video"), dict):
+            raise IndexFormatError(f"{meta_file}: a video gallery needs the field 'video'")
         try:
             emb = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -714,13 +1009,35 @@ class Gallery:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
+    @property
+    def video_source(self) -> str | None:
+        """``"files"`` or ``"features"`` for video galleries, else None."""
+        return (self.meta.get("video") or {}).get("source") if self.kind == "videos" else None
+
+    def thumb_file(self, rel: str) -> Path | None:
+        """The stored thumbnail of an indexed clip, or None (not a clip here, or none stored).
+
+        Only clips listed in the index resolve, only to a file named like a thumbnail, inside
+        the index directory: nothing else on disk is reachable through it.
+        """
+        if self.kind != "videos" or rel not in self._by_path:
+            return None
+        name = self.items[self._by_path[rel]].get("thumb")
+        if not isinstance(name, str) or not THUMB_RE.fullmatch(name):
+            return None
+        base = self.path.resolve()
+        full = (base / name).resolve()
+        if not full.is_relative_to(base) or not full.is_file():
+            return None
+        return full
+
     def file_path(self, rel: str) -> Path | None:
         """The file of an indexed image, or None if ``rel`` is not an image of this gallery.
 
         Only paths listed in the index resolve, and only to files inside the gallery folder (a
         symlink pointing elsewhere does not), so a caller cannot reach anything else on disk.
         """
-        if rel not in self._by_path:
+        if self.kind != "images" or rel not in self._by_path:
             return None
         root = self.root.resolve()
         full = (root / rel).resolve()
@@ -729,8 +1046,15 @@ class Gallery:
         return full
 
     def search(self, queries, k: int, absolute: bool = False) -> list[list[dict]]:
-        """Results for each query vector: ``[{"path", "score"(, "caption")}, …]``, best first."""
+        """Results for each query vector, best first.
+
+        Images: ``{"path", "score"}``; captions: ``+ "caption"``; videos: ``{"path", "id", "kind":
+        "video", "score", "thumb"}`` — ``thumb`` is the thumbnail's file name in the index
+        directory (its full path when ``absolute``), or None for clips made from feature files.
+        ``absolute`` makes image and video-file paths full paths.
+        """
         scores, ids = self.engine.search(queries, k)
+        files = self.kind == "images" or self.video_source == "files"
         out = []
         for srow, irow in zip(scores, ids):
             results = []
@@ -738,13 +1062,46 @@ class Gallery:
                 if i < 0:
                     continue
                 item = self.items[i]
-                path = str(self.root / item["path"]) if absolute and self.kind == "images" else item["path"]
-                r = {"path": path, "score": round(float(s), 6)}
+                path = str(self.root / item["path"]) if absolute and files else item["path"]
+                if self.kind == "videos":
+                    thumb = item.get("thumb")
+                    if thumb is not None and absolute:
+                        thumb = str(self.path.resolve() / thumb)
+                    r = {"path": path, "id": item.get("id") or Path(item["path"]).stem, "kind": "video",
+                         "score": round(float(s), 6), "thumb": thumb}
+                else:
+                    r = {"path": path, "score": round(float(s), 6)}
                 if self.kind == "captions":
                     r["caption"] = item["caption"]
                 results.append(r)
             out.append(results)
         return out
+
+    def video_embedder(self, model):
+        """The :class:`vseinf.video.VideoEmbedder` that embeds video (and image) queries like this gallery's clips.
+
+        Video-file galleries rebuild the recorded one; other galleries searched with an image
+        model get the default (frame by frame). A video model over a feature gallery has no
+        frame extractor on record: ValueError.
+        """
+        from .video import VideoEmbedder
+
+        if self._video_embedder is not None and self._video_embedder[0] is model:
+            return self._video_embedder[1]
+        settings = (self.meta.get("video") or {}).get("embedder")
+        if settings:
+            embedder = VideoEmbedder.from_settings(model, settings)
+        elif model.config.image_encoder == "grid":
+            embedder = VideoEmbedder(model)
+        elif self.kind == "videos":
+            raise ValueError("this gallery was made from frame-feature files, so the frame extractor its "
+                             "video model needs is not on record: search it by text, or encode the "
+                             "video files themselves")
+        else:
+            raise ValueError("this model embeds precomputed features, not images or video files: "
+                             "search this gallery by text")
+        self._video_embedder = (model, embedder)
+        return embedder
 
     def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu"):
         """The model that encoded this gallery (or ``model_path``, checked to be the same model)."""
@@ -774,6 +1131,43 @@ def check_model(gallery: Gallery, model) -> None:
                          f"config {info.get('config_hash')}, weights {info.get('weights_hash')}); its "
                          f"embeddings are not comparable with {mine['checkpoint']}. Re-run `vseinf encode` "
                          "with this model.")
+
+
+def embed_query_images(gallery: Gallery, model, images: Sequence) -> np.ndarray:
+    """Image queries (PIL) → ``n × d`` float32 in the gallery's space.
+
+    An image model embeds them as images; a video model (a video gallery) as one-frame clips,
+    through the gallery's frame extractor and its video tower.
+    """
+    if model.config.image_encoder == "grid":
+        return model.encode_images(list(images)).float().cpu().numpy()
+    embedder = gallery.video_embedder(model)
+    return np.stack([embedder.embed_frames([im]) for im in images]).astype(np.float32)
+
+
+def embed_query_video(gallery: Gallery, model, path: str | os.PathLike) -> np.ndarray:
+    """A video query → ``1 × d``: a video file (decoded like the gallery's clips) or, for a video
+    model, a ``T × D`` ``.npy`` file of frame features."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: query video not found")
+    if path.suffix.lower() == ".npy":
+        if model.config.image_encoder == "grid":
+            raise ValueError(f"{path}: frame features need a video model; this gallery's model embeds images")
+        try:
+            feats = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+        dim = model.config.feature_dim
+        if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != dim or feats.dtype.kind not in "fiu":
+            raise ValueError(f"{path}: expected T × {dim} frame features, got {feats.dtype} {feats.shape}")
+        feats = feats.astype(np.float32)
+        if not np.isfinite(feats).all():
+            raise ValueError(f"{path}: non-finite values (NaN or inf) in the frame features")
+        import torch
+
+        return model.encode_image_features([torch.from_numpy(feats)]).float().cpu().numpy()
+    return gallery.video_embedder(model).embed_file(path)[0][None, :]
 
 
 def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_000):
@@ -810,11 +1204,14 @@ def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_0
 
 
 def add_encode_parser(sub):
-    p = sub.add_parser("encode", help="embed a folder of images (or a captions file) into a search index",
+    p = sub.add_parser("encode", help="embed a folder of images or videos (or a captions file) into a search index",
                        description="Embed a gallery into INDEX_DIR. Re-running on a grown folder encodes only "
                                    "new or changed files; removed files drop out; unreadable files are "
-                                   "listed and skipped.")
-    p.add_argument("gallery", help="folder of images (searched recursively) or a captions file")
+                                   "listed and skipped. A folder of video files gets one embedding and one "
+                                   "thumbnail per clip; a folder of <id>.npy frame features (or an .h5 file) "
+                                   "needs a video model.")
+    p.add_argument("gallery", help="folder of images or video files (searched recursively), frame features "
+                                   "(folder of <id>.npy or an .h5 file), or a captions file")
     p.add_argument("--out", required=True, help="index directory to create or update")
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--engine", default="auto", choices=["auto", "exact", "hnsw"],
@@ -822,6 +1219,16 @@ def add_encode_parser(sub):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("videos")
+    g.add_argument("--kind", default="auto", choices=["auto", "images", "videos", "features"],
+                   help="what the gallery folder holds (auto: images if any, else videos, else frame features)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames sampled per clip (default: 32 for video models, or the extraction settings'; "
+                        "8 for image models, whose clip embedding is the mean of its frames')")
+    g.add_argument("--extract-settings",
+                   help="video models: the extract.json of the features the model was trained on "
+                        "(default: the model's backbone at 224 px, as `vseinf extract` makes them)")
+    g.add_argument("--backbone-weights", help="video models: the backbone weights file those settings name")
     return p
 
 
@@ -840,21 +1247,43 @@ def load_model_or_explain(path: str | os.PathLike | None = None, device: str = "
 
 
 def run_encode(args, extra) -> int:
+    frames = getattr(args, "frames", None)
+    if frames is not None and frames < 1:
+        raise ValueError(f"encode: --frames must be a positive integer, got {frames}")
     model = load_model_or_explain(args.model, args.device)
+    kind = getattr(args, "kind", "auto")
+    video = None
+    video_options = frames is not None or getattr(args, "extract_settings", None) or \
+        getattr(args, "backbone_weights", None)
+    if video_options or kind == "videos":
+        if kind == "auto":
+            kind = detect_gallery_kind(args.gallery, exclude=[args.out]) if Path(args.gallery).exists() else kind
+        if kind == "videos":
+            from .video import VideoEmbedder
+
+            video = VideoEmbedder.for_model(model, frames, getattr(args, "extract_settings", None),
+                                            getattr(args, "backbone_weights", None))
+        elif video_options:
+            raise ValueError(f"encode: --frames/--extract-settings/--backbone-weights are for folders of video "
+                             f"files; {args.gallery} is taken for {kind}")
     report = encode_gallery(args.gallery, args.out, model, engine=args.engine, batch_size=args.batch_size,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, kind=kind, video=video)
     print(report.summary())
     return 0
 
 
 def add_search_parser(sub):
-    p = sub.add_parser("search", help="search an index by text or by image",
-                       description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg')
+    p = sub.add_parser("search", help="search an index by text, image or video",
+                       description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg, '
+                                   'or --video clip.mp4')
     p.add_argument("index", help="index directory made by `vseinf encode`")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="search with this image instead of text")
+    p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
+                                   "T×D .npy file of frame features)")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]}')
+    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]} '
+                                                       '(video galleries: + "id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--engine", choices=["exact", "hnsw"], help="override the index's engine")
     p.add_argument("--device", default="cpu")
@@ -862,17 +1291,22 @@ def add_search_parser(sub):
 
 
 def run_search(args, extra) -> int:
-    if (args.query is None) == (args.image is None):
-        raise ValueError("search: give a text query or --image FILE (one of the two)")
+    video_query = getattr(args, "video", None)
+    if sum(x is not None for x in (args.query, args.image, video_query)) != 1:
+        raise ValueError("search: give a text query or --image FILE or --video FILE (one of them)")
     if args.k < 1:
         raise ValueError(f"search: -k must be a positive integer, got {args.k}")
     if args.query is not None and not args.query.strip():
         raise ValueError("search: the query is empty")
     gallery = Gallery.load(args.index, engine=args.engine)
     image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
+    if video_query is not None and not Path(video_query).is_file():
+        raise FileNotFoundError(f"{video_query}: query video not found")
     model = gallery.load_model(args.model, device=args.device)
     if image is not None:
-        query = model.encode_images([image]).float().cpu().numpy()
+        query = embed_query_images(gallery, model, [image])
+    elif video_query is not None:
+        query = embed_query_video(gallery, model, video_query)
     else:
         query = encode_texts_np(model, [args.query])
     results = gallery.search(query, args.k, absolute=True)[0]
@@ -888,6 +1322,7 @@ def run_search(args, extra) -> int:
 __all__ = [
     "FAISS_THRESHOLD", "ExactIndex", "HNSWIndex", "GalleryIndex", "Gallery", "EncodeReport", "Skipped",
     "build_engine", "choose_engine", "encode_gallery", "encode_image_files", "exact_search_reference",
-    "model_identity", "read_captions_file", "scan_images", "check_model", "load_query_image",
+    "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
+    "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",
     "add_encode_parser", "run_encode", "add_search_parser", "run_search",
 ]

@@ -3,14 +3,17 @@
     vseinf serve INDEX_DIR --port 8000      # then open http://127.0.0.1:8000/
 
 Routes
-    GET  /                     search page: a text box → grid of thumbnails (or captions) with scores,
-                               and an image upload → nearest images (or captions)
+    GET  /                     search page: a text box → grid of thumbnails (or captions, or video
+                               clips: a middle-frame thumbnail, the clip name) with scores, and an
+                               image upload → nearest images (captions, clips)
     GET  /gpo                  the model's learned GPO coefficients θ over sorted positions, for
                                several set sizes, per modality (the paper's Figure 5)
     GET  /api/info             what is being served
-    GET  /api/search?q=&k=     {"results": [{"path": …, "score": …}, …]}  (+ "caption" for text galleries)
+    GET  /api/search?q=&k=     {"results": [{"path": …, "score": …}, …]}  (+ "caption" for text galleries;
+                               video galleries: {"path", "id", "kind": "video", "score", "thumb": URL or null})
     POST /api/search/image     multipart field "file" (+ optional k) → the same shape
-    GET  /api/thumb?path=      a JPEG thumbnail of an indexed image (nothing else on disk is reachable)
+    GET  /api/thumb?path=      a JPEG thumbnail of an indexed image, or the stored thumbnail of an indexed
+                               clip (nothing else on disk is reachable)
     GET  /api/gpo              θ as JSON;  GET /api/gpo.svg?modality=image|text  the plot
 
 Bad input (empty or over-long query, k not a positive integer, a non-image or over-size upload, a
@@ -34,12 +37,13 @@ import io
 import json
 import queue
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..index import Gallery, check_model, encode_texts_np, load_query_image
+from ..index import Gallery, check_model, embed_query_images, encode_texts_np, load_query_image
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -153,7 +157,7 @@ class QueryWorker:
                 self._run(texts, lambda: encode_texts_np(self.model, [j.payload for j in texts]))
             for j in jobs:
                 if j.kind == "image":
-                    self._run([j], lambda j=j: self.model.encode_images([j.payload]).float().cpu().numpy())
+                    self._run([j], lambda j=j: embed_query_images(self.gallery, self.model, [j.payload]))
             if stop:
                 return
 
@@ -392,7 +396,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         yield
         worker.close()
 
-    app = FastAPI(title="vseinf", description="VSE∞ image–text search", lifespan=lifespan,
+    app = FastAPI(title="vseinf", description="VSE∞ image/video–text search", lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # the API docs pages load scripts from a CDN
     app.state.gallery = gallery
     app.state.model = model
@@ -413,10 +417,17 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     def gpo_page():
         return FileResponse(STATIC_DIR / "gpo.html")
 
+    def image_queries() -> bool:
+        """Whether an uploaded image can be embedded in this gallery's space."""
+        if model.config.image_encoder == "grid":
+            return True
+        return gallery.kind == "videos" and bool((gallery.meta.get("video") or {}).get("embedder"))
+
     @app.get("/api/info")
     def info():
         m = gallery.meta["model"]
         return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
+                "video_source": gallery.video_source, "image_queries": image_queries(),
                 "model": {"checkpoint": m.get("checkpoint"), "bundled": m.get("bundled", False),
                           "config_hash": m.get("config_hash")},
                 "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
@@ -427,6 +438,9 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
             results = await asyncio.wrap_future(future)
         except ValueError as exc:  # e.g. an image the model cannot take
             raise BadRequest(str(exc)) from None
+        if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
+            results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
+                        if r.get("thumb") else None} for r in results]
         return {"results": results}
 
     @app.get("/api/search")
@@ -452,10 +466,22 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 
     @app.get("/api/thumb")
     def thumb(path: str | None = None):
-        if gallery.kind != "images":
+        if gallery.kind == "captions":
             raise BadRequest("this gallery holds captions, not images", 404)
         if not path:
             raise BadRequest("give the image as ?path=… (a path from the search results)")
+        if gallery.kind == "videos":
+            if gallery.video_source == "features":
+                raise BadRequest("this gallery's clips were indexed from frame-feature files: they have no "
+                                 "thumbnails", 404)
+            full = gallery.thumb_file(path)
+            if full is None:
+                raise BadRequest(f"{path[:200]!r} is not a clip of this gallery", 404)
+            try:
+                data = full.read_bytes()
+            except OSError as exc:
+                raise BadRequest(f"{path}: cannot read the thumbnail any more ({exc})", 410) from None
+            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
         full = gallery.file_path(path)
         if full is None:
             raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)

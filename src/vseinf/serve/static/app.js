@@ -14,18 +14,40 @@ function thumbUrl(path) {
   return "/api/thumb?path=" + encodeURIComponent(path);
 }
 
+// A video clip: its stored middle-frame thumbnail, or (clips indexed from frame-feature files have
+// none) a placeholder box with the clip id.
+function clipPicture(r) {
+  if (r.thumb) {
+    const img = document.createElement("img");
+    img.src = r.thumb;
+    img.alt = r.id;
+    img.title = r.path;
+    return img;
+  }
+  const box = document.createElement("div");
+  box.className = "placeholder";
+  box.title = r.path;
+  box.textContent = r.id;
+  return box;
+}
+
 function render(results) {
   const box = $("results");
   box.replaceChildren();
-  box.className = galleryKind === "images" ? "grid" : "grid captions";
+  const visual = galleryKind === "images" || galleryKind === "videos";
+  box.className = visual ? "grid" : "grid captions";
   for (const r of results) {
     const fig = document.createElement("figure");
-    fig.className = galleryKind === "images" ? "result" : "result caption-result";
+    fig.className = visual ? "result" : "result caption-result";
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = r.score.toFixed(3);
     const cap = document.createElement("figcaption");
-    if (galleryKind === "images") {
+    if (galleryKind === "videos") {
+      fig.classList.add("clip");
+      fig.appendChild(clipPicture(r));
+      cap.append(score, document.createTextNode(r.path));
+    } else if (galleryKind === "images") {
       const img = document.createElement("img");
       img.src = thumbUrl(r.path);
       img.alt = r.path;
@@ -91,8 +113,11 @@ async function loadInfo() {
   try {
     const info = await (await fetch("/api/info")).json();
     galleryKind = info.kind;
-    $("info").textContent = info.size + " " + info.kind + " · " + info.engine + " search";
-    if (info.kind !== "images") $("q").placeholder = "find captions like…";
+    const what = info.kind === "videos" ? "video clips" : info.kind;
+    $("info").textContent = info.size + " " + what + " · " + info.engine + " search";
+    if (info.kind === "captions") $("q").placeholder = "find captions like…";
+    if (info.kind === "videos") $("q").placeholder = "a person rides a bike";
+    if (info.image_queries === false) $("image-form").hidden = true;  // the model cannot embed images here
   } catch (e) {
     setStatus("Cannot reach the server: " + e, true);
   }
