@@ -350,3 +350,15 @@ def test_bad_scores_name_the_field():
         retrieval_metrics_from_embeddings(np.ones((3, 4)), np.ones((3, 5)), np.arange(3))
     with pytest.raises(ValueError, match="chunk_size"):
         retrieval_metrics(np.eye(3), np.arange(3), chunk_size=0)
+
+
+def test_embedding_path_progress_bar_counts_every_pair_and_changes_nothing(capsys):
+    rng = np.random.default_rng(5)
+    t2i = random_captions(rng, 23)
+    img = rng.standard_normal((23, 8)).astype(np.float32)
+    txt = rng.standard_normal((t2i.size, 8)).astype(np.float32)
+    quiet = rank_details_from_embeddings(img, txt, t2i, chunk_size=7)
+    shown = rank_details_from_embeddings(img, txt, t2i, chunk_size=7, progress=True)
+    assert_same_details(shown, quiet)
+    err = capsys.readouterr().err
+    assert "ranking: 100%" in err  # the bar reached its total: every block was counted

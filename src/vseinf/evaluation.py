@@ -291,6 +291,7 @@ def rank_details_from_embeddings(
     text_to_image: Any,
     chunk_size: int = DEFAULT_EMB_CHUNK,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> RankDetails:
     """Per-query ranks and top-1 indices with scores ``image_emb @ text_emb.T``, block by block.
 
@@ -308,6 +309,7 @@ def rank_details_from_embeddings(
         text_to_image: (n_texts,) integer image index of each text.
         chunk_size: side of a score block; memory is about chunk_size² × 6 bytes.
         device: where to compute; default the image embeddings' device (CPU for numpy).
+        progress: show a progress bar over the score blocks (tqdm; for runs of many minutes).
     """
     n_images, d_img = _shape_of(image_emb, "image_emb")
     n_texts, d_txt = _shape_of(text_emb, "text_emb")
@@ -343,6 +345,11 @@ def rank_details_from_embeddings(
     col_best = torch.full((n_texts,), -math.inf, dtype=dtype, device=img.device)
     t2i_top1 = torch.zeros(n_texts, dtype=torch.int64, device=img.device)
 
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # imported here: the module itself needs only numpy and torch
+
+        bar = tqdm(total=n_images * n_texts, desc="ranking", unit="pair", unit_scale=True)
     for a in range(0, n_images, chunk_size):
         b = min(a + chunk_size, n_images)
         for p in range(0, n_texts, chunk_size):
@@ -363,6 +370,10 @@ def rank_details_from_embeddings(
 
             i2t_ranks[a:b] += (block > best[a:b, None]).sum(dim=1, dtype=torch.int32)
             t2i_ranks[p:q] += (block > pos[None, p:q]).sum(dim=0, dtype=torch.int32)
+            if bar is not None:
+                bar.update((b - a) * (q - p))
+    if bar is not None:
+        bar.close()
 
     return RankDetails(
         i2t_ranks=i2t_ranks.cpu().numpy(),
@@ -378,6 +389,7 @@ def retrieval_metrics_from_embeddings(
     text_to_image: Any,
     chunk_size: int = DEFAULT_EMB_CHUNK,
     device: str | torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """:func:`retrieval_metrics` of ``image_emb @ text_emb.T`` without building that matrix.
 
@@ -387,9 +399,10 @@ def retrieval_metrics_from_embeddings(
         text_to_image: (n_texts,) integer image index of each text.
         chunk_size: side of a score block (memory ≈ chunk_size² × 6 bytes).
         device: where to compute; default the image embeddings' device.
+        progress: show a progress bar over the score blocks.
     """
     return rank_details_from_embeddings(
-        image_emb, text_emb, text_to_image, chunk_size=chunk_size, device=device
+        image_emb, text_emb, text_to_image, chunk_size=chunk_size, device=device, progress=progress
     ).metrics()
 
 
