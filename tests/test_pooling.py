@@ -610,3 +610,29 @@ def test_build_pooling_builds_every_documented_name():
     for name, cls in kinds.items():
         assert isinstance(build_pooling(name, 16), cls)
     assert build_pooling(" KMAX:7 ", 16).k == 7
+
+
+@pytest.mark.parametrize("top", [1, 2, 3, 4])
+def test_concentrated_fast_path_is_exact_with_ties_and_short_sets(top):
+    """ReLU features are full of ties (zeros). The fast path for θ concentrated on the top ranks must
+    count equal values with multiplicity, handle sets shorter than ``top``, and route exactly
+    Σ_j θ_j · g to each (b, d) column in the backward pass."""
+    gen = torch.Generator().manual_seed(top)
+    batch, n_max, dim = 6, 40, 8
+    features = torch.randint(0, 3, (batch, n_max, dim), generator=gen).float()  # values 0, 1, 2
+    features[:, :, 0] = 1.0  # a column that is all ties
+    lengths = torch.tensor([40, 1, 2, 3, 17, 39])
+    scores = torch.randn(batch, n_max, generator=gen)
+    scores[:, top:] -= 40.0
+    scores = scores.masked_fill(padding_mask(lengths, n_max), -math.inf)
+    weights = torch.softmax(scores, dim=1)
+    features_padded = features.clone()
+    features_padded[padding_mask(lengths, n_max)] = float("nan")  # padding must not leak
+    x = features_padded.clone().requires_grad_(True)
+    out = rank_weighted_sum(x, lengths, weights)
+    close(out, rank_weighted_sum_reference(features, lengths, weights))
+    grad_out = torch.arange(1.0, dim + 1).expand(batch, dim)
+    out.backward(grad_out)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[padding_mask(lengths, n_max)] == 0).all()
+    close(x.grad.sum(1), grad_out * weights.sum(1, keepdim=True))

@@ -194,3 +194,26 @@ def test_live_paths_train_and_save(flickr8k_root, tmp_path, use_cache, overrides
 
     model = vseinf.load_model(run / "best")
     assert model.encode_texts(["a dog"]).shape == (1, 512)
+
+
+def test_pooling_lr_mult_puts_the_pooling_layers_in_their_own_group():
+    """Default (paper): one head group. With ``pooling_lr_mult`` the GPO generators of both towers
+    (and only they) train at lr × the multiplier, and the schedule keeps that ratio."""
+    from vseinf.model import build_model
+    from vseinf.encoders.text import Vocabulary
+    from vseinf.train import build_optimizer
+
+    cfg = load_config(None, [("model.image_encoder", "region"), ("model.feature_dim", "16"),
+                             ("model.text_encoder", "bigru"), ("model.word_dim", "8"),
+                             ("model.embed_dim", "32")])
+    model = build_model(cfg.model, vocab=[*Vocabulary.SPECIALS, "dog", "cat"], pretrained=False)
+    loss_fn = VSELoss()
+    groups = {g["name"]: g for g in build_optimizer(model, loss_fn, cfg).param_groups}
+    assert set(groups) == {"heads"}
+    cfg.train.pooling_lr_mult = 10.0
+    groups = {g["name"]: g for g in build_optimizer(model, loss_fn, cfg).param_groups}
+    assert groups["pooling"]["lr"] == pytest.approx(cfg.train.lr * 10)
+    pooling_ids = {id(p) for p in groups["pooling"]["params"]}
+    expected = {id(p) for name, p in model.named_parameters() if ".gpool." in name}
+    assert pooling_ids == expected and len(expected) > 0
+    assert not pooling_ids & {id(p) for p in groups["heads"]["params"]}

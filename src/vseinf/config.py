@@ -100,6 +100,8 @@ class TrainConfig:
         warmup_epochs: epochs that sum over all negatives instead of the hardest (paper: 1).
         backbone_lr_mult: learning-rate multiplier of the CNN (paper: 0.1 ImageNet CNNs).
         text_backbone_lr_mult: learning-rate multiplier of the text transformer (paper: 0.1).
+        pooling_lr_mult: learning-rate multiplier of the pooling layers' parameters (GPO's coefficient
+            generator, GeM's p, …). Paper: 1. Short schedules may need more (see the pooling study).
         finetune_backbone: train the CNN after ``freeze_backbone_epochs`` (needs live images).
         freeze_backbone_epochs: epochs with the CNN frozen (paper: 1).
         finetune_text: train the text transformer (off for the cached recipe).
@@ -122,6 +124,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     backbone_lr_mult: float = 0.1
     text_backbone_lr_mult: float = 0.1
+    pooling_lr_mult: float = 1.0
     finetune_backbone: bool = False
     freeze_backbone_epochs: int = 1
     finetune_text: bool = False

@@ -173,13 +173,58 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
     if k > n_max // 4:
         return _SortedWeightedSum.apply(features, weights, mask)
+    if k <= _REPEATED_MAX_K:
+        return _TopWeightedSum.apply(features, weights, lengths, mask, k)
     # Padding must lose every comparison and must not leak NaN/inf: -inf, then zero after selecting.
     filled = features.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    if k == 1:
-        return weights[:, :1] * filled.max(dim=1).values
     top = filled.topk(k, dim=1, largest=True, sorted=True).values  # B × k × D
     top = top.masked_fill(~mask[:, :k].unsqueeze(2), 0.0)
     return torch.bmm(weights[:, :k].unsqueeze(1).to(top.dtype), top).squeeze(1)
+
+
+# Up to this many top ranks are taken by repeated max (each a cheap contiguous reduction) instead of
+# ``topk`` along the set axis, which costs more than two max reductions on the CPU.
+_REPEATED_MAX_K = 4
+
+
+class _TopWeightedSum(torch.autograd.Function):
+    """Σ_{j<k} w[b,j] · (j-th largest of features[b, :len_b, d]) by k rounds of "max, then knock the
+    winner out". Ties are exact: knocking out one winner leaves its equal, so the next round returns the
+    same value again. The backward pass sends g[b,d] · w[b,j] to the j-th winner (a scatter)."""
+
+    @staticmethod
+    def forward(ctx, features, weights, lengths, mask, k):
+        work = features.detach().masked_fill(~mask.unsqueeze(2), float("-inf"))  # own copy
+        w = weights.detach()
+        out = None
+        winners, values = [], []
+        for j in range(k):
+            value, index = work.max(dim=1)  # B × D
+            # Sets with at most j elements have no j-th value (-inf); their w[:, j] is 0 anyway.
+            value = value.masked_fill(~(lengths > j).unsqueeze(1), 0.0)
+            term = w[:, j:j + 1].to(value.dtype) * value
+            out = term if out is None else out + term
+            winners.append(index)
+            values.append(value)
+            if j + 1 < k:
+                work.scatter_(1, index.unsqueeze(1), float("-inf"))
+        ctx.save_for_backward(torch.stack(winners, 1), torch.stack(values, 1), w)
+        ctx.n_max = features.shape[1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        winners, values, w = ctx.saved_tensors  # B × k × D, B × k × D, B × N
+        k = winners.shape[1]
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            per_rank = grad_out.unsqueeze(1) * w[:, :k].unsqueeze(2).to(grad_out.dtype)  # B × k × D
+            batch, _, dim = per_rank.shape
+            grad_features = per_rank.new_zeros(batch, ctx.n_max, dim).scatter_add_(1, winners, per_rank)
+        if ctx.needs_input_grad[1]:
+            grad_weights = w.new_zeros(w.shape)
+            grad_weights[:, :k] = torch.einsum("bd,bkd->bk", grad_out.to(values.dtype), values).to(w.dtype)
+        return grad_features, grad_weights, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

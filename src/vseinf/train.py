@@ -243,9 +243,10 @@ def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu") -> di
 
 
 def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the paper's groups: heads at lr, CNN and text transformer at lr × their multipliers."""
+    """AdamW with the paper's groups: heads at lr, CNN and text transformer at lr × their multipliers,
+    and the pooling layers (``*.gpool.*``) at lr × ``pooling_lr_mult`` when that is not 1."""
     t = cfg.train
-    backbone, text_backbone, heads = [], [], []
+    backbone, text_backbone, pooling, heads = [], [], [], []
     for name, p in model.named_parameters():
         if name.startswith("image.backbone."):
             if t.finetune_backbone:
@@ -253,6 +254,8 @@ def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.
         elif name.startswith("text.bert."):
             if t.finetune_text:
                 text_backbone.append(p)
+        elif ".gpool." in name and t.pooling_lr_mult != 1.0:
+            pooling.append(p)
         else:
             heads.append(p)
     heads += list(loss_fn.parameters())
@@ -263,6 +266,9 @@ def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.
     if text_backbone:
         groups.append({"params": text_backbone, "lr": t.lr * t.text_backbone_lr_mult,
                        "lr_mult": t.text_backbone_lr_mult, "name": "text_backbone"})
+    if pooling:
+        groups.append({"params": pooling, "lr": t.lr * t.pooling_lr_mult, "lr_mult": t.pooling_lr_mult,
+                       "name": "pooling"})
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
