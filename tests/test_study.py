@@ -182,6 +182,25 @@ def test_a_changed_recipe_gets_new_run_directories(config_file):
     assert cell_dir(Path("r"), cell, cell.config(base)) == cell_dir(Path("r"), cell, cell.config(base))
 
 
+def test_pooling_lr_mult_retrains_only_cells_with_pooling_parameters(config_file):
+    base = study_config(str(config_file), None, None, [])
+    faster = study_config(str(config_file), None, None, ["--pooling_lr_mult", "10"])
+    for cell in (Cell("kmax:5", "avg"), Cell("max", "cls")):
+        assert cell_dir(Path("r"), cell, cell.config(base)) == cell_dir(Path("r"), cell, cell.config(faster))
+    for cell in (Cell("gpo", "gpo"), Cell("kmax:5", "gem")):
+        assert cell_dir(Path("r"), cell, cell.config(base)) != cell_dir(Path("r"), cell, cell.config(faster))
+        assert cell.config(faster).train.pooling_lr_mult == 10.0
+
+
+def test_parallel_jobs_give_the_sequential_results_in_planned_order(config_file, tmp_path):
+    """``--jobs 2`` trains cells in worker processes; each cell is the same deterministic run."""
+    one = study(config_file, tmp_path / "one" / "s.json", "--grid", "1,N")
+    two = study(config_file, tmp_path / "two" / "s.json", "--grid", "1,N", "--jobs", "2")
+    assert [(c["visual"], c["text"]) for c in two["cells"]] == [(c["visual"], c["text"]) for c in one["cells"]]
+    assert [c["rsum"] for c in two["cells"]] == [c["rsum"] for c in one["cells"]]
+    assert two["jobs"] == 2 and two["wall_seconds"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Coefficient plots
 
