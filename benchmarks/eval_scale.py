@@ -221,6 +221,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--full-reference-max-pairs", type=float, default=2.5e7,
                         help="also run rank_details_reference on the full matrix up to this many pairs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="where to rank (default cpu; e.g. cuda: the score "
+                        "blocks are computed there, the embeddings stay in host memory)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -240,7 +242,8 @@ def main(argv=None) -> dict:
     rss_before = _status_mb("VmRSS")
     peak_reset = _reset_peak_rss()
     t0 = time.time()
-    details = rank_details_from_embeddings(img, txt, t2i, chunk_size=args.chunk_size, progress=progress)
+    details = rank_details_from_embeddings(img, txt, t2i, chunk_size=args.chunk_size, progress=progress,
+                                           device=args.device)
     rank_s = time.time() - t0
     rank_peak = _status_mb("VmHWM") if peak_reset else float("nan")
     metrics = details.metrics()
@@ -255,7 +258,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "exact retrieval ranks from embeddings, chunked (rank_details_from_embeddings)",
         "images": args.images, "captions": n_texts, "dim": args.dim, "pairs": pairs,
-        "chunk_size": args.chunk_size, "noise": list(args.noise), "seed": args.seed,
+        "chunk_size": args.chunk_size, "device": args.device or "cpu", "noise": list(args.noise), "seed": args.seed,
         "embeddings_mb": round((img.nbytes + txt.nbytes) / 2**20, 1),
         "generate_s": round(generate_s, 2), "rank_s": round(rank_s, 2), "check_s": round(check_s, 2),
         "pairs_per_s": round(pairs / rank_s), "rss_before_rank_mb": round(rss_before, 1),
