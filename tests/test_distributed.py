@@ -121,3 +121,29 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
     writers = [line.split() for line in saves.read_text().splitlines()]
     assert writers and {rank for rank, _ in writers} == {"0"}
     assert {name for _, name in writers} == {"last", "best"}
+
+
+def _skip_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from vseinf.train import World, _any_rank_skips
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        world = World(rank=rank, size=2)
+        # Rank 1 alone has a batch with no readable image: both ranks must skip that step together.
+        results[rank] = (_any_rank_skips(rank == 1, world, True, "cpu"),
+                         _any_rank_skips(False, world, True, "cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_batch_unreadable_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """A live-image batch whose images all fail to load on one rank must not leave the other rank
+    waiting in the gradient all-reduce: the skip decision is shared."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_skip_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        assert dict(results) == {0: (True, False), 1: (True, False)}

@@ -445,7 +445,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             imgs = train_split.caption_to_image[caps]
             with amp:
                 img_emb, keep = embed_images(model, tr_img, imgs, device, image_loader)
-                if img_emb is None:
+                if _any_rank_skips(img_emb is None, world, image_loader is not None, device):
                     continue
                 caps_k, imgs_k = caps[keep], imgs[keep]
                 txt_emb = embed_captions(model, tr_txt, caps_k, device, augment=True, rng=text_rng,
@@ -503,6 +503,16 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
         best = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
         (run_dir / "metrics.json").write_text(json.dumps(best, indent=2) + "\n")
     return best
+
+
+def _any_rank_skips(skip: bool, world: World, can_skip: bool, device) -> bool:
+    """Whether this step is skipped (no readable image in the batch). Under DDP every rank must skip
+    together, or the ranks' collectives fall out of step; only live image batches can be empty."""
+    if world.size == 1 or not can_skip:
+        return skip
+    flag = torch.tensor([1.0 if skip else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
 
 
 def _allreduce_grads(model, loss_fn, world: World):
