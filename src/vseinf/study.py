@@ -507,6 +507,7 @@ def run_study(args, extra) -> int:
     result = run_pooling_study(cfg, cells, runs_dir, out, progress=not args.no_progress, grid=grid, meta=meta,
                                plots=plots, jobs=args.jobs)
     print(f"wrote {out} ({len(result['cells'])} cells, {result['total_seconds'] / 60:.1f} min of training)")
-    for png in sorted(plots.parent.glob(plots.name + "_*.png")):
-        print(f"wrote {png}")
+    for png in (Path(f"{plots}_grid.png"), Path(f"{plots}_aggregators.png")):
+        if png.is_file():
+            print(f"wrote {png}")
     return 0
