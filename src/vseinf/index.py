@@ -688,15 +688,11 @@ def _base_meta(kind: str, root: Path, identity: dict, skipped: list[Skipped]) ->
             "skipped": [dataclasses.asdict(s) for s in skipped]}
 
 
-def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
-    root = gallery.resolve()
-    report = EncodeReport(out, "images")
-    paths, skipped = scan_images(root, exclude=[out])
-    old, report.note = _previous(out, "images", identity, str(root))
-    old_rows = {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
-                                       for i, it in enumerate(old.items)}
-
-    stats, to_encode, rows = {}, [], {}
+def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> tuple[dict, list, dict, int]:
+    """Which files of a folder gallery can keep their previous rows (same size and mtime) and which
+    must be encoded. ``old_rows`` maps a relative path to ``(row, size, mtime_ns, ...)``; unreadable
+    files go to ``skipped``. Returns (stats, to_encode, reused old_rows entries, number removed)."""
+    stats, to_encode, reused = {}, [], {}
     for rel in paths:
         try:
             st = (root / rel).stat()
@@ -705,11 +701,23 @@ def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_
             continue
         stats[rel] = (st.st_size, st.st_mtime_ns)
         prev = old_rows.get(rel)
-        if prev is not None and prev[1:] == stats[rel]:
-            rows[rel] = ("old", prev[0])
+        if prev is not None and tuple(prev[1:3]) == stats[rel]:
+            reused[rel] = prev
         else:
             to_encode.append(rel)
-    report.removed = sum(1 for rel in old_rows if rel not in stats)
+    return stats, to_encode, reused, sum(1 for rel in old_rows if rel not in stats)
+
+
+def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
+    root = gallery.resolve()
+    report = EncodeReport(out, "images")
+    paths, skipped = scan_images(root, exclude=[out])
+    old, report.note = _previous(out, "images", identity, str(root))
+    old_rows = {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
+                                       for i, it in enumerate(old.items)}
+
+    stats, to_encode, reused, report.removed = _reuse_plan(root, paths, old_rows, skipped)
+    rows = {rel: ("old", prev[0]) for rel, prev in reused.items()}
 
     new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress)
     for j, i in enumerate(kept):
@@ -790,20 +798,8 @@ def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, sta
             if isinstance(thumb, str) and THUMB_RE.fullmatch(thumb) and (old.path / thumb).is_file():
                 old_rows[it["path"]] = (i, it.get("size"), it.get("mtime_ns"), it)
 
-    stats, to_encode, rows = {}, [], {}
-    for rel in paths:
-        try:
-            st = (root / rel).stat()
-        except OSError as exc:
-            skipped.append(Skipped(rel, f"cannot read ({exc.strerror})"))
-            continue
-        stats[rel] = (st.st_size, st.st_mtime_ns)
-        prev = old_rows.get(rel)
-        if prev is not None and prev[1:3] == stats[rel]:
-            rows[rel] = ("old", prev)
-        else:
-            to_encode.append(rel)
-    report.removed = sum(1 for rel in old_rows if rel not in stats)
+    stats, to_encode, reused, report.removed = _reuse_plan(root, paths, old_rows, skipped)
+    rows = {rel: ("old", prev) for rel, prev in reused.items()}
 
     bar = _progress(len(to_encode), "videos", progress)
     try:
