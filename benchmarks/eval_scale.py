@@ -36,17 +36,12 @@ import numpy as np
 import torch
 
 from vseinf.evaluation import DEFAULT_EMB_CHUNK, rank_details_from_embeddings, rank_details_reference
+from _procstatus import status_mb  # benchmarks/ is on sys.path when run as a script
 
 TARGET_PAIRS = 100_000 * 500_000  # the issue's scale
 GEN_CHUNK = 16384  # rows generated at a time (64 MB of float32 at d = 1024)
 
 
-def _status_mb(field: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` (VmRSS, VmHWM, …) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _reset_peak_rss() -> bool:
@@ -239,13 +234,13 @@ def main(argv=None) -> dict:
                                     args.seed, progress)
     generate_s = time.time() - t0
 
-    rss_before = _status_mb("VmRSS")
+    rss_before = status_mb("VmRSS")
     peak_reset = _reset_peak_rss()
     t0 = time.time()
     details = rank_details_from_embeddings(img, txt, t2i, chunk_size=args.chunk_size, progress=progress,
                                            device=args.device)
     rank_s = time.time() - t0
-    rank_peak = _status_mb("VmHWM") if peak_reset else float("nan")
+    rank_peak = status_mb("VmHWM") if peak_reset else float("nan")
     metrics = details.metrics()
 
     t0 = time.time()

@@ -28,21 +28,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _procstatus import status_mb  # benchmarks/ is on sys.path when run as a script
 
 REGIONS, DIM, BATCH = 36, 2048, 128
 
 
-def _status_mb(field: str) -> float:
-    """One ``kB`` field of ``/proc/self/status`` in MB (nan where the kernel lacks it)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def memory() -> dict:
     """Resident memory now: total, anonymous (owned) and file-backed (evictable page cache)."""
-    return {"rss_mb": _status_mb("VmRSS"), "anon_mb": _status_mb("RssAnon"), "file_mb": _status_mb("RssFile")}
+    return {"rss_mb": status_mb("VmRSS"), "anon_mb": status_mb("RssAnon"), "file_mb": status_mb("RssFile")}
 
 
 def write_precomp(root: Path, n: int, progress: bool = True) -> Path:
