@@ -331,7 +331,7 @@ def plot_grid(result: dict, out_png: str | Path) -> Path | None:
         lo, hi = min(lo, gpo["rsum"]), max(hi, gpo["rsum"])
     fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2.8, 1.0 * len(order) + 1.6))
     im = ax.imshow(values, cmap="viridis", vmin=lo, vmax=hi, origin="upper")
-    labels = [f"N (avg)" if k == "N" else str(k) for k in order]
+    labels = ["N (avg)" if k == "N" else str(k) for k in order]
     ax.set_xticks(range(len(order)), labels)
     ax.set_yticks(range(len(order)), labels)
     ax.set_xlabel("text: K-max pooling, K")

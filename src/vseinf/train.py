@@ -16,7 +16,6 @@ CNN on images, BiGRU or fine-tuned transformer on tokens).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
