@@ -23,24 +23,31 @@ def _train(cmd, env):
     return proc
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = ["--data", str(flickr8k_root), *ARGS]
+def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol=1e-5, port=29517) -> None:
+    """`vseinf train` at batch 16 in one process and at batch 8 × 2 ranks under torchrun end with
+    the same weights; only rank 0 writes the log."""
+    common = ["--data", str(data_root), *ARGS]
     one = tmp_path / "one"
     _train([sys.executable, "-m", "vseinf", "train", "--out", str(one), "--batch_size", "16", "--no-progress",
             *common], env)
     two = tmp_path / "two"
-    _train(["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "vseinf", "train",
+    _train(["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m", "vseinf", "train",
             "--out", str(two), "--batch_size", "8", "--no-progress", *common], env)
     a = load_file(str(one / "last" / "model.safetensors"))
     b = load_file(str(two / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
     # only rank 0 writes: one log line per step, not two
     steps = [line for line in (two / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == len([line for line in (one / "log.jsonl").read_text().splitlines() if '"loss"' in line])
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache):
+    # gloo on the CPU even where GPUs exist (tests/test_cuda.py runs the nccl twin)
+    check_two_processes_train_like_one(flickr8k_root, tmp_path,
+                                       dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
 
 
 # Runs `vseinf train` under torchrun with two test hooks (environment variables, so the same
@@ -92,7 +99,8 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
     saves = tmp_path / "saves.txt"
 
     def run(out, die_at=0, resume=False):
-        env = dict(os.environ, OMP_NUM_THREADS="1", SAVES_LOG=str(saves), VSELOSS_DIE_AT=str(die_at))
+        env = dict(os.environ, OMP_NUM_THREADS="1", SAVES_LOG=str(saves), VSELOSS_DIE_AT=str(die_at),
+                   CUDA_VISIBLE_DEVICES="")
         cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(launcher), *common, "--out", str(out)]
         return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
                               timeout=600)

@@ -369,3 +369,24 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     other = save_tiny(other_model(model), tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):
         run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "x", "--model", str(other)])
+
+
+def test_device_flag_is_checked_before_any_work(tmp_path, capsys):
+    """`--device` naming a device this machine lacks is one line on stderr (exit 2), not a
+    traceback from inside torch after the index and model have loaded."""
+    import torch
+
+    from vseinf.cli import main
+
+    missing = str(tmp_path / "no-index")
+    assert main(["search", missing, "dog", "--device", "gpu"]) == 2
+    assert "--device: expected cpu, cuda, cuda:N or mps, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["search", missing, "dog", "--device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+    else:
+        assert main(["search", missing, "dog", "--device", f"cuda:{torch.cuda.device_count()}"]) == 2
+        assert "CUDA device(s)" in capsys.readouterr().err
+    assert main(["search", missing, "dog", "--device", "cpu"]) == 2  # a valid device: on to the real error
+    assert "not a vseinf index" in capsys.readouterr().err
+

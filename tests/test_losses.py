@@ -249,44 +249,47 @@ def _loss(kind, img, txt, ids, scale, local_rows=None):
     return hinge_triplet_loss(img, txt, ids, hardest=kind == "hinge", local_rows=local_rows)
 
 
-def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One rank: its rows as leaves, the global batch gathered, its local loss backpropagated."""
+def _rank_worker(rank: int, init_file: str, out_dir: str, backend: str = "gloo", split=SPLIT) -> None:
+    """One rank: its rows as leaves, the global batch gathered, its local loss backpropagated.
+    With ``backend="nccl"`` rank r computes on cuda:r (tests/test_cuda.py)."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(SPLIT)
-    )
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=len(split))
     try:
-        img, txt = make_batch()
-        start = sum(SPLIT[:rank])
-        mine = slice(start, start + SPLIT[rank])
+        img, txt = (t.to(device) for t in make_batch())
+        start = sum(split[:rank])
+        mine = slice(start, start + split[rank])
         # gather_with_grad alone reassembles the global batch in rank order
         torch.testing.assert_close(gather_with_grad(img[mine]), img, rtol=0, atol=0)
         out = {}
         for kind in KINDS:
             local_img, local_txt = leaves(img[mine], txt[mine])
-            scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True)
+            scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, device=device, requires_grad=True)
             all_img, all_txt, all_ids, rows = gather_batch(
-                local_img, local_txt, torch.tensor(IMAGE_IDS)[mine]
+                local_img, local_txt, torch.tensor(IMAGE_IDS, device=device)[mine]
             )
             assert rows == mine and all_ids.tolist() == IMAGE_IDS
             loss = _loss(kind, all_img, all_txt, all_ids, scale, local_rows=rows)
             loss.backward()
-            out[f"{kind}_loss"] = loss.detach().numpy()
-            out[f"{kind}_img"] = local_img.grad.numpy()
-            out[f"{kind}_txt"] = local_txt.grad.numpy()
+            out[f"{kind}_loss"] = loss.detach().cpu().numpy()
+            out[f"{kind}_img"] = local_img.grad.cpu().numpy()
+            out[f"{kind}_txt"] = local_txt.grad.cpu().numpy()
             no_grad = torch.zeros((), dtype=torch.float64)  # hinge: the scale is unused
-            out[f"{kind}_scale"] = (no_grad if scale.grad is None else scale.grad).numpy()
+            out[f"{kind}_scale"] = (no_grad if scale.grad is None else scale.grad).cpu().numpy()
         np.savez(f"{out_dir}/rank{rank}.npz", **out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+def check_ranks_equal_one_process(tmp_path, backend: str = "gloo", split=SPLIT) -> None:
+    """Spawn ``len(split)`` ranks and compare their losses and gradients with one process's."""
     mp.spawn(
-        _rank_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=len(SPLIT),
+        _rank_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), backend, split), nprocs=len(split),
         join=True,
     )  # fmt: skip
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(len(SPLIT))]
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(len(split))]
     img, txt = make_batch()
     for kind in KINDS:
         full_img, full_txt = leaves(img, txt)
@@ -304,3 +307,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
         got_scale = sum(float(r[f"{kind}_scale"]) for r in ranks)
         want_scale = scale.grad.item() if scale.grad is not None else 0.0
         assert got_scale == pytest.approx(want_scale, abs=1e-5)
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    check_ranks_equal_one_process(tmp_path, "gloo")

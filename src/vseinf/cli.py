@@ -186,6 +186,25 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(name: str) -> str:
+    """``--device`` as given, once it names a device this machine has; else a one-line error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return name
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
@@ -197,6 +216,8 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _, run = COMMANDS[args.command]
     try:
+        if getattr(args, "device", None):
+            check_device(args.device)
         return int(run(args, extra) or 0)
     except (ValueError, FileNotFoundError, KeyboardInterrupt) as exc:
         if os.environ.get("VSEINF_DEBUG"):

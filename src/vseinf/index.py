@@ -118,6 +118,17 @@ def exact_search_reference(vectors: np.ndarray, queries: np.ndarray, k: int) -> 
     return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
 
 
+def _tensor_rows(vectors: np.ndarray, start: int, stop: int):
+    """Rows ``start:stop`` as a CPU tensor without a copy. Scored with torch's matmul, not numpy's:
+    numpy takes a slow path for a single query row (~10× slower measured). The rows may be a
+    read-only memory map; torch warns about wrapping one, but nothing here writes to it."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(vectors[start:stop])
+
+
 class GalleryIndex(ABC):
     """Nearest neighbours by dot product over a fixed set of gallery vectors."""
 
@@ -149,11 +160,16 @@ class ExactIndex(GalleryIndex):
         vectors: n × d float32 gallery rows (may be a read-only memory map).
         chunk_rows: gallery rows scored per step.
         budget_bytes: upper bound on the score block (queries × chunk rows × 4 bytes) held at once.
+        device: where to score (``"cpu"``, ``"cuda"``, ``"cuda:1"``…). Off the CPU the gallery is
+            copied to the device once, here, and every search runs there.
     """
 
     name = "exact"
 
-    def __init__(self, vectors: np.ndarray, chunk_rows: int = 65_536, budget_bytes: int = 64 << 20):
+    def __init__(self, vectors: np.ndarray, chunk_rows: int = 65_536, budget_bytes: int = 64 << 20,
+                 device: str | None = None):
+        import torch
+
         if vectors.ndim != 2:
             raise ValueError(f"gallery vectors must be n × d, got shape {vectors.shape}")
         if vectors.dtype != np.float32:
@@ -161,6 +177,10 @@ class ExactIndex(GalleryIndex):
         self.vectors = vectors
         self.chunk_rows = max(1, int(chunk_rows))
         self.budget_bytes = max(4096, int(budget_bytes))
+        self.device = torch.device(device or "cpu")
+        self._rows = None  # the gallery as a tensor on self.device (CPU: wrapped per chunk, never copied)
+        if self.device.type != "cpu":
+            self._rows = _tensor_rows(vectors, 0, len(vectors)).to(self.device)
 
     @property
     def size(self) -> int:
@@ -183,15 +203,11 @@ class ExactIndex(GalleryIndex):
         chunk = min(self.chunk_rows, self.size)
         q_block = max(1, self.budget_bytes // (4 * chunk))
         for qs in range(0, n_q, q_block):
-            block = torch.from_numpy(q[qs:qs + q_block])
+            block = torch.from_numpy(q[qs:qs + q_block]).to(self.device)
             best_s = best_i = None
             for gs in range(0, self.size, chunk):
-                # torch's matmul, not numpy's: numpy takes a slow path for a single query row
-                # (~10× slower measured). The rows may be a read-only memory map; torch warns about
-                # wrapping one, but nothing here writes to it.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    rows = torch.from_numpy(self.vectors[gs:gs + chunk])
+                rows = self._rows[gs:gs + chunk] if self._rows is not None else \
+                    _tensor_rows(self.vectors, gs, gs + chunk)
                 s = block @ rows.T
                 top_s, top_i = torch.topk(s, min(k, s.shape[1]), dim=1)
                 top_i += gs
@@ -200,8 +216,8 @@ class ExactIndex(GalleryIndex):
                     top_s, pos = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
                     top_i = torch.gather(cand_i, 1, pos)
                 best_s, best_i = top_s, top_i
-            scores[qs:qs + len(block)] = best_s.numpy()
-            ids[qs:qs + len(block)] = best_i.numpy()
+            scores[qs:qs + len(block)] = best_s.cpu().numpy()
+            ids[qs:qs + len(block)] = best_i.cpu().numpy()
         return _order_rows(scores, ids)
 
     def describe(self) -> dict:
@@ -952,8 +968,10 @@ class Gallery:
         self._video_embedder = None  # (model, VideoEmbedder), built on the first video/image query
 
     @classmethod
-    def load(cls, path: str | os.PathLike, engine: str | None = None) -> "Gallery":
-        """Read an index directory; ``engine`` overrides the saved one (``"exact"`` or ``"hnsw"``)."""
+    def load(cls, path: str | os.PathLike, engine: str | None = None, device: str = "cpu") -> "Gallery":
+        """Read an index directory; ``engine`` overrides the saved one (``"exact"`` or ``"hnsw"``).
+        ``device``: where the exact engine scores (the gallery is copied there once); FAISS HNSW
+        always searches on the CPU."""
         path = Path(path)
         meta_file = path / META_FILE
         if not meta_file.is_file():
@@ -985,11 +1003,12 @@ class Gallery:
                 raise IndexFormatError(f"{path / FAISS_FILE}: {index.size} vectors, expected {len(emb)}")
         elif want in ("hnsw", "faiss"):
             if not faiss_available() and engine is None:
-                index = ExactIndex(emb)  # saved as HNSW but faiss is gone: exact still answers correctly
+                # saved as HNSW but faiss is gone: exact still answers correctly
+                index = ExactIndex(emb, device=device)
             else:
                 index = HNSWIndex.build(np.asarray(emb))
         elif want == "exact":
-            index = ExactIndex(emb)
+            index = ExactIndex(emb, device=device)
         else:
             raise ValueError(f"engine: expected 'exact' or 'hnsw', got {want!r}")
         return cls(path, meta, emb, index)
@@ -1282,7 +1301,7 @@ def add_search_parser(sub):
                                                        '(video galleries: + "id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--engine", choices=["exact", "hnsw"], help="override the index's engine")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
     return p
 
 
@@ -1294,7 +1313,7 @@ def run_search(args, extra) -> int:
         raise ValueError(f"search: -k must be a positive integer, got {args.k}")
     if args.query is not None and not args.query.strip():
         raise ValueError("search: the query is empty")
-    gallery = Gallery.load(args.index, engine=args.engine)
+    gallery = Gallery.load(args.index, engine=args.engine, device=args.device)
     image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
     if video_query is not None and not Path(video_query).is_file():
         raise FileNotFoundError(f"{video_query}: query video not found")

@@ -55,12 +55,18 @@ def init_distributed() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        # One GPU per process: nccl refuses two ranks on one device, and deep inside at that.
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"torchrun started more processes on this machine than it has GPUs "
+                             f"({torch.cuda.device_count()}): use --nproc_per_node "
+                             f"{torch.cuda.device_count()} or fewer, or CUDA_VISIBLE_DEVICES= to train on "
+                             f"the CPU (gloo)")
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 

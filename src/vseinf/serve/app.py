@@ -365,7 +365,7 @@ class BodyLimitMiddleware:
 
 def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None = None, model=None,
                model_path: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K):
+               max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, device: str = "cpu"):
     """The FastAPI app serving one index.
 
     Args:
@@ -376,6 +376,8 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         max_upload_bytes: largest accepted image upload.
         max_query_chars: longest accepted text query.
         max_k: most results per request.
+        device: where the model and the exact engine run (``"cpu"``, ``"cuda"``…) when this
+            function loads them.
     """
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -384,9 +386,9 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     if gallery is None:
         if index_dir is None:
             raise ValueError("create_app: pass index_dir or gallery")
-        gallery = Gallery.load(index_dir)
+        gallery = Gallery.load(index_dir, device=device)
     if model is None:
-        model = gallery.load_model(model_path)
+        model = gallery.load_model(model_path, device=device)
     else:
         check_model(gallery, model)
     worker = QueryWorker(model, gallery)
@@ -552,6 +554,7 @@ def add_serve_parser(sub):
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
+    p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
     return p
 
 
@@ -563,7 +566,7 @@ def run_serve(args, extra) -> int:
         raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
-    app = create_app(args.index_dir, model_path=args.model)
+    app = create_app(args.index_dir, model_path=args.model, device=args.device)
     gallery = app.state.gallery
     print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
           "(Ctrl-C to stop)", flush=True)
