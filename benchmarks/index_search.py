@@ -2,6 +2,7 @@
 
     python benchmarks/index_search.py [--model CKPT] [--data ../shared/data/flickr8k] [--out results.json]
                                       [--growth 10000,100000,all,1000000] [--skip-flickr] [--skip-growth]
+                                      [--device cuda] [--vectors glove|clusters]
 
 Sections (all in one JSON document on stdout, and in --out):
 
@@ -18,6 +19,11 @@ Sections (all in one JSON document on stdout, and in --out):
 - ``growth``: gallery sizes 10^4 … 10^6 — GloVe subsets, and above 400,000 the GloVe vectors plus
   jittered copies (x + 0.05·noise, renormalised) — with build time, recall@10 and both engines'
   p50/p99 latency: where the approximate engine starts to pay (``vseinf.index.FAISS_THRESHOLD``).
+
+``--vectors clusters`` replaces GloVe (in ``glove`` and ``growth``) by 400,000 synthetic 50-d unit
+vectors drawn around 4,000 random centres, for machines without the GloVe package.
+``--device cuda`` runs the exact engine on the GPU (``ExactIndex(device=…)``: the gallery is copied
+there once; each query goes over and its top-k comes back); FAISS HNSW stays on the CPU.
 
 Latency is per query: one query vector per call, as a search box sends them, after a warm-up.
 Targets (issue 7): recall@10 ≥ 0.95 while ≥ 10× faster than exact search.
@@ -70,9 +76,9 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def compare(gallery: np.ndarray, queries: np.ndarray, ef_values, exact_latency_n: int, hnsw_latency_n: int,
-            hnsw: HNSWIndex | None = None) -> dict:
-    """Exact ground truth, then HNSW recall@10 and latency at each efSearch."""
-    exact = ExactIndex(gallery)
+            hnsw: HNSWIndex | None = None, device: str = "cpu") -> dict:
+    """Exact ground truth (on ``device``), then HNSW recall@10 and latency at each efSearch."""
+    exact = ExactIndex(gallery, device=device)
     t0 = time.perf_counter()
     _, truth = exact.search(queries, K)
     batch_s = time.perf_counter() - t0
@@ -116,6 +122,14 @@ def load_glove() -> np.ndarray:
     return normalise(vectors)
 
 
+def clustered_vectors(rng, n: int = 400_000, dim: int = 50, centres: int = 4_000, spread: float = 0.35) -> np.ndarray:
+    """Unit vectors around random centres: a stand-in for GloVe where its package is missing."""
+    c = normalise(rng.standard_normal((centres, dim)).astype(np.float32))
+    x = c[rng.integers(0, centres, n)] + spread / np.sqrt(dim) * rng.standard_normal((n, dim)).astype(np.float32)
+    log(f"clusters: {n:,} synthetic vectors × {dim} around {centres:,} centres")
+    return normalise(x)
+
+
 def glove_split(vectors: np.ndarray, args, rng) -> tuple[np.ndarray, np.ndarray]:
     """(gallery, queries): ``--queries`` random words held out of the gallery as queries."""
     held_out = rng.choice(len(vectors), args.queries, replace=False)
@@ -126,7 +140,7 @@ def glove_split(vectors: np.ndarray, args, rng) -> tuple[np.ndarray, np.ndarray]
 
 def glove_section(gallery: np.ndarray, queries: np.ndarray, args) -> dict:
     log(f"glove: gallery {len(gallery):,}, {len(queries)} held-out words as queries")
-    return compare(gallery, queries, args.ef, args.exact_latency_queries, args.latency_queries)
+    return compare(gallery, queries, args.ef, args.exact_latency_queries, args.latency_queries, device=args.device)
 
 
 def flickr_section(args, rng) -> dict:
@@ -161,7 +175,8 @@ def flickr_section(args, rng) -> dict:
             ("text_to_image", image_emb, caption_emb[rng.choice(len(caption_emb), n_q, replace=False)]),
             ("image_to_text", caption_emb, image_emb[rng.choice(len(image_emb), n_q, replace=False)])):
         log(f"  {name}: gallery {len(gallery):,}, {n_q} queries")
-        result = compare(gallery, queries, args.ef, args.exact_latency_queries, args.latency_queries)
+        result = compare(gallery, queries, args.ef, args.exact_latency_queries, args.latency_queries,
+                         device=args.device)
         result.pop("_hnsw")
         out[name] = result
     return out
@@ -174,24 +189,25 @@ def growth_section(gallery_full: np.ndarray, queries: np.ndarray, sizes, args, r
     ``prebuilt`` maps a size to an HNSW index already built over ``gallery_full`` (the GloVe section's).
     """
     rows = []
+    name = "GloVe" if args.vectors == "glove" else "clusters"
     n_full = len(gallery_full)
     for n in sizes:
         n = n_full if n < 0 else n
         hnsw = None
         if n < n_full:
             gallery = gallery_full[np.sort(rng.choice(n_full, n, replace=False))]
-            how = "GloVe subset"
+            how = f"{name} subset"
         elif n == n_full:
-            gallery, how = gallery_full, "GloVe (all but the held-out query words)"
+            gallery, how = gallery_full, f"{name} (all but the held-out queries)"
             hnsw = (prebuilt or {}).get(n)
         else:  # more than GloVe has: add jittered copies of random words
             extra = gallery_full[rng.choice(n_full, n - n_full)]
             extra = normalise(extra + 0.05 * rng.standard_normal(extra.shape).astype(np.float32))
             gallery = np.concatenate([gallery_full, extra])
-            how = f"GloVe + {n - n_full:,} jittered copies (x + 0.05·noise, renormalised)"
+            how = f"{name} + {n - n_full:,} jittered copies (x + 0.05·noise, renormalised)"
         log(f"growth: {n:,} ({how})")
         result = compare(gallery, queries, [HNSW_EF_SEARCH], args.exact_latency_queries, args.latency_queries,
-                         hnsw=hnsw)
+                         hnsw=hnsw, device=args.device)
         result.pop("_hnsw")
         h = result["hnsw"][0]
         rows.append({"size": n, "source": how, "hnsw_build_s": result.get("hnsw_build_s", prebuilt_note(hnsw)),
@@ -224,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-glove", action="store_true")
     p.add_argument("--skip-flickr", action="store_true")
     p.add_argument("--skip-growth", action="store_true")
+    p.add_argument("--vectors", choices=["glove", "clusters"], default="glove",
+                   help="gallery of the glove and growth sections (clusters: synthetic, no package needed)")
+    p.add_argument("--device", default="cpu", help="where the exact engine runs (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -237,7 +256,9 @@ def main(argv=None) -> int:
         "hnsw_params": {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "default_ef_search": HNSW_EF_SEARCH},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-                    "faiss": faiss.__version__, "numpy": np.__version__},
+                    "faiss": faiss.__version__, "numpy": np.__version__, "exact_device": args.device,
+                    "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "vectors": args.vectors,
         "latency": "single-query calls (one vector per search), after 5 warm-up queries",
         "target": "recall@10 >= 0.95 and p50 >= 10x faster than exact",
     }
@@ -256,7 +277,8 @@ def main(argv=None) -> int:
     gallery = queries = None
     prebuilt = {}
     if not args.skip_glove or not args.skip_growth:
-        gallery, queries = glove_split(load_glove(), args, rng)
+        vectors = load_glove() if args.vectors == "glove" else clustered_vectors(rng)
+        gallery, queries = glove_split(vectors, args, rng)
     if not args.skip_glove:
         result["glove"] = glove_section(gallery, queries, args)
         prebuilt[len(gallery)] = result["glove"].pop("_hnsw")  # the growth section's "all" size reuses it
