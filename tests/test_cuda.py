@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -137,16 +136,15 @@ def test_exact_index_on_cuda_equals_the_reference():
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_training_on_cuda_in_bf16_gives_a_checkpoint_the_cpu_evaluates_alike(flickr8k_root, tmp_path, use_cache):
     """`torchrun --nproc_per_node 1 -m vseinf train` on the GPU with bf16 autocast; the best
     checkpoint, evaluated on the CPU, scores what the run recorded (up to a caption's rank
     flipping on float differences)."""
-    from test_distributed import ARGS, _train
+    from test_distributed import ARGS, TORCHRUN, _train
 
     args = [a for a in ARGS if a not in ("--precision", "fp32")]
     out = tmp_path / "run"
-    _train(["torchrun", "--nproc_per_node", "1", "--master_port", "29531", "-m", "vseinf", "train",
+    _train([*TORCHRUN, "--nproc_per_node", "1", "--master_port", "29531", "-m", "vseinf", "train",
             "--data", str(flickr8k_root), "--out", str(out), "--batch_size", "16", "--no-progress",
             *args, "--precision", "bf16"], dict(os.environ))
     recorded = json.loads((out / "best" / "metrics.json").read_text())
@@ -158,7 +156,6 @@ def test_training_on_cuda_in_bf16_gives_a_checkpoint_the_cpu_evaluates_alike(fli
     assert abs(json.loads(metrics.read_text())["rsum"] - recorded["rsum"]) <= 10.0, (recorded, metrics.read_text())
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_nccl_processes_train_like_one(flickr8k_root, tmp_path, use_cache):
     from test_distributed import check_two_processes_train_like_one
@@ -168,10 +165,11 @@ def test_two_nccl_processes_train_like_one(flickr8k_root, tmp_path, use_cache):
                                        rtol=1e-3, atol=1e-4, port=29533)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 @pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs exactly one GPU")
 def test_more_processes_than_gpus_is_a_clear_error(tmp_path):
-    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29535", "-m", "vseinf", "train",
+    from test_distributed import TORCHRUN
+
+    proc = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", "29535", "-m", "vseinf", "train",
                            "--data", str(tmp_path), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,6 +14,11 @@ from safetensors.torch import load_file
 ARGS = ["--max_train_images", "24", "--max_val_images", "12", "--image_size", "96", "--embed_dim", "64",
         "--epochs", "2", "--lr_decay_epoch", "1", "--size_augment", "false", "--log_every", "1",
         "--save_every", "0", "--precision", "fp32"]
+
+
+# `python -m torch.distributed.run` is torchrun itself, and found wherever torch is importable
+# (the torchrun script need not be on PATH).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def _train(cmd, env):
@@ -31,7 +35,7 @@ def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol
     _train([sys.executable, "-m", "vseinf", "train", "--out", str(one), "--batch_size", "16", "--no-progress",
             *common], env)
     two = tmp_path / "two"
-    _train(["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "-m", "vseinf", "train",
+    _train([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port), "-m", "vseinf", "train",
             "--out", str(two), "--batch_size", "8", "--no-progress", *common], env)
     a = load_file(str(one / "last" / "model.safetensors"))
     b = load_file(str(two / "last" / "model.safetensors"))
@@ -43,7 +47,6 @@ def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol
     assert len(steps) == len([line for line in (one / "log.jsonl").read_text().splitlines() if '"loss"' in line])
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache):
     # gloo on the CPU even where GPUs exist (tests/test_cuda.py runs the nccl twin)
     check_two_processes_train_like_one(flickr8k_root, tmp_path,
@@ -85,7 +88,6 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_path, use_cache):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
@@ -101,7 +103,7 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
     def run(out, die_at=0, resume=False):
         env = dict(os.environ, OMP_NUM_THREADS="1", SAVES_LOG=str(saves), VSELOSS_DIE_AT=str(die_at),
                    CUDA_VISIBLE_DEVICES="")
-        cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(launcher), *common, "--out", str(out)]
+        cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(launcher), *common, "--out", str(out)]
         return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
                               timeout=600)
 
