@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -174,3 +175,32 @@ def test_more_processes_than_gpus_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "more processes on this machine than it has GPUs (1)" in proc.stdout + proc.stderr
+
+
+def test_gallery_encoded_and_searched_on_cuda_matches_the_cpu(flickr8k_root, tmp_path, capsys):
+    """`vseinf encode/search --device cuda`: the bundled model on the GPU embeds a photo folder like
+    the CPU does, and the GPU exact engine returns the CPU's ranking."""
+    from vseinf.cli import main
+    from vseinf.index import Gallery
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for src in sorted((flickr8k_root / "Flicker8k_Dataset").glob("*.jpg"))[:12]:
+        shutil.copyfile(src, photos / src.name)
+    indexes = {}
+    for device in ("cuda", "cpu"):
+        indexes[device] = tmp_path / f"index-{device}"
+        assert main(["encode", str(photos), "--out", str(indexes[device]), "--device", device, "--no-progress",
+                     "--engine", "exact"]) == 0
+    capsys.readouterr()
+    emb_gpu, emb_cpu = (np.load(indexes[d] / "embeddings.npy") for d in ("cuda", "cpu"))
+    np.testing.assert_allclose(emb_gpu, emb_cpu, atol=2e-4, rtol=0)
+    query = "a dog runs through the grass"
+    answers = {}
+    for device in ("cuda", "cpu"):
+        assert main(["search", str(indexes["cpu"]), query, "-k", "5", "--json", "--device", device]) == 0
+        answers[device] = json.loads(capsys.readouterr().out)["results"]
+    assert [r["path"] for r in answers["cuda"]] == [r["path"] for r in answers["cpu"]]
+    np.testing.assert_allclose([r["score"] for r in answers["cuda"]], [r["score"] for r in answers["cpu"]],
+                               atol=2e-4)
+    assert Gallery.load(indexes["cpu"], device="cuda").engine._rows.device.type == "cuda"
