@@ -2,7 +2,7 @@
 # The GPU checks of issue 5 in one command, for a lent GPU machine (see benchmarks/gpu/prepare.sh):
 #   run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=540)
 #   run(command="bash benchmarks/gpu/run.sh tests ranks", carry=[".gpu"], timeout_s=300)   # a subset
-# Steps: tests (tests/test_cuda.py), pooling, ranks, throughput, eval_scale, index_search; each under
+# Steps: tests (tests/test_cuda.py), pooling, ranks, throughput, live_images, eval_scale, index_search; each under
 # its own time limit, each writing into $OUT (tests.log, <step>_cuda.json; run.log holds everything).
 # DEVICE=cpu QUICK=1 runs the same plumbing, small, on a machine without a GPU (a dry run).
 set -uo pipefail
@@ -12,7 +12,7 @@ DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests pooling ranks throughput eval_scale index_search)
+[ ${#steps[@]} -eq 0 ] && steps=(tests pooling ranks throughput live_images eval_scale index_search)
 
 SITE=/tmp/vseinf-site  # the carried packages, plus faiss and the stand-in MiniLM's weights
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,7 +40,7 @@ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>
 $PY -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'GPU(s)')"
 
-quick=(); [ -n "${QUICK:-}" ] && quick=(--quick)
+quick=(); live_steps=12; [ -n "${QUICK:-}" ] && quick=(--quick) && live_steps=2
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s) $(date -u +%T)"
@@ -56,12 +56,14 @@ for s in "${steps[@]}"; do
     pooling) step pooling 90 $PY benchmarks/pooling.py --device "$DEVICE" "${quick[@]}" --out "$OUT/pooling_$DEVICE.json" ;;
     ranks) step ranks 120 $PY benchmarks/ranks.py --device "$DEVICE" "${quick[@]}" --out "$OUT/ranks_$DEVICE.json" ;;
     throughput) step throughput 150 $PY benchmarks/throughput.py --device "$DEVICE" "${quick[@]}" --out "$OUT/throughput_$DEVICE.json" ;;
+    live_images) step live_images 120 $PY benchmarks/live_images.py --device "$DEVICE" --data .gpu/data/flickr8k \
+                   --workers "${WORKERS:-0,4,8}" --steps "$live_steps" --out "$OUT/live_images_$DEVICE.json" ;;
     eval_scale) step eval_scale 150 $PY benchmarks/eval_scale.py --device "$DEVICE" --no-progress \
                   --images "${EVAL_IMAGES:-100000}" --out "$OUT/eval_scale_$DEVICE.json" ;;
     index_search) step index_search 200 $PY benchmarks/index_search.py --device "$DEVICE" --vectors clusters \
                     --skip-flickr --growth "${GROWTH:-10000,100000,all,1000000}" --latency-queries 300 \
                     --exact-latency-queries 100 --out "$OUT/index_search_$DEVICE.json" ;;
-    *) echo "unknown step $s (tests pooling ranks throughput eval_scale index_search)"; exit 2 ;;
+    *) echo "unknown step $s (tests pooling ranks throughput live_images eval_scale index_search)"; exit 2 ;;
   esac
 done
 echo "=== done $(date -u +%T)"

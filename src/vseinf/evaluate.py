@@ -43,7 +43,7 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
         split_obj = split_obj.subset(range(min(max_images, split_obj.n_images)))
     img_side = image_side(model, split_obj, cfg, progress)
     txt_side = text_side(model, split_obj, cfg, progress)
-    img, txt, usable = encode_split(model, img_side, txt_side, device=device)
+    img, txt, usable = encode_split(model, img_side, txt_side, device=device, num_workers=cfg.data.num_workers)
     t2i = split_obj.caption_to_image
     if not usable.all():
         print(f"{split_obj.name}: left out {int((~usable).sum())} unreadable images/clips and their captions")

@@ -126,32 +126,28 @@ def text_side(model: VSEModel, split: CaptionSplit, cfg: RunConfig, progress: bo
     return Side("tokens", split=split)
 
 
-class ImageLoader:
-    """Loads and transforms the images of a batch (live CNN path); unreadable ones are dropped."""
+def live_images(model: VSEModel, split: CaptionSplit, train: bool, batches, num_workers: int, device,
+                seed_key=None, first_step: int = 0):
+    """An iterator over ``(pixels | None, kept positions)`` for each batch of image indices (live
+    CNN path): worker processes decode ahead; unreadable images are dropped from their batch."""
+    from .data.images import ImageBatches, ImageDataset, image_batch_loader
 
-    def __init__(self, model: VSEModel, split: CaptionSplit, train: bool):
-        from .data.images import ImageDataset
-
-        self.dataset = ImageDataset(split, model.image_transform(train=train))
-
-    def __call__(self, image_indices):
-        items = [self.dataset[int(i)] for i in image_indices]
-        keep = [k for k, item in enumerate(items) if item is not None]
-        if not keep:
-            return None, keep
-        return torch.stack([items[k][0] for k in keep]), keep
+    dataset = ImageDataset(split, model.image_transform(train=train))
+    return iter(image_batch_loader(ImageBatches(dataset, batches, seed_key, first_step), num_workers,
+                                   pin_memory=torch.device(device).type == "cuda"))
 
 
-def embed_images(model: VSEModel, side: Side, image_indices, device, loader: ImageLoader | None = None):
-    """Image embeddings of ``image_indices``; returns (embeddings, kept positions)."""
+def embed_images(model: VSEModel, side: Side, image_indices, device, live=None):
+    """Image embeddings of ``image_indices``; returns (embeddings, kept positions). Live images
+    come, already decoded, from ``live`` (see :func:`live_images`)."""
     if side.kind == "sets":
         feats, lengths = side.source.batch(image_indices)
         emb, _ = model.embed_image_features(feats.to(device), lengths.to(device))
         return emb, list(range(len(image_indices)))
-    pixels, keep = loader(image_indices)
+    pixels, keep = next(live)
     if pixels is None:
         return None, keep
-    emb, _ = model.image(pixels.to(device))
+    emb, _ = model.image(pixels.to(device, non_blocking=True))
     return emb, keep
 
 
@@ -195,16 +191,21 @@ def _augmented_tokens(model: VSEModel, texts, rng: random.Random):
 
 
 @torch.no_grad()
-def encode_split(model: VSEModel, image: Side, text: Side, batch_size: int = 256, device="cpu"):
+def encode_split(model: VSEModel, image: Side, text: Side, batch_size: int = 256, device="cpu",
+                 num_workers: int = 0):
     """Embed every image once and every caption once; returns (image_emb, text_emb, usable-image mask)."""
     model.eval()
     split = image.split
-    loader = ImageLoader(model, split, train=False) if image.kind == "images" else None
+    starts = range(0, split.n_images, batch_size)
+    live = None
+    if image.kind == "images":
+        batches = [range(s, min(s + batch_size, split.n_images)) for s in starts]
+        live = live_images(model, split, False, batches, num_workers, device)
     img_rows = []
     usable = np.ones(split.n_images, dtype=bool)
-    for start in range(0, split.n_images, batch_size):
+    for start in starts:
         idx = list(range(start, min(start + batch_size, split.n_images)))
-        emb, keep = embed_images(model, image, idx, device, loader)
+        emb, keep = embed_images(model, image, idx, device, live)
         full = torch.zeros(len(idx), model.embed_dim, device=device)
         if emb is not None:
             full[torch.tensor(keep, dtype=torch.long)] = emb.float()
@@ -232,9 +233,9 @@ def drop_unusable(img, txt, text_to_image, usable):
             remap[text_to_image[keep_txt]])
 
 
-def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu") -> dict:
+def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu", num_workers: int = 0) -> dict:
     """Recall@K table of ``model`` on a split (images that could not be read are left out)."""
-    img, txt, usable = encode_split(model, image, text, device=device)
+    img, txt, usable = encode_split(model, image, text, device=device, num_workers=num_workers)
     img, txt, t2i = drop_unusable(img, txt, image.split.caption_to_image, usable)
     sims = img @ txt.T
     metrics = retrieval_metrics(sims.cpu(), t2i)
@@ -416,7 +417,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     if tr_img.kind == "sets" and tr_img.source.broken.any():
         usable_caps = usable_caps[~tr_img.source.broken[train_split.caption_to_image]]
 
-    image_loader = ImageLoader(model, train_split, train=True) if tr_img.kind == "images" else None
     text_rng = random.Random(t.seed * 1000 + world.rank)
     aug_gen = torch.Generator().manual_seed(t.seed + 7919 * world.rank)
     rngs = (text_rng, aug_gen)
@@ -439,6 +439,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             steps = min(steps, t.max_steps_per_epoch)
         warmup = epoch < t.warmup_epochs
         model.train()
+        live = None
+        if tr_img.kind == "images":
+            # Crops are seeded by (seed, rank, epoch, step): the same for any worker count, and on resume.
+            batches = [train_split.caption_to_image[usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]]]
+                       for s in range(state["step_in_epoch"], steps)]
+            live = live_images(model, train_split, True, batches, cfg.data.num_workers, device,
+                               seed_key=(t.seed, world.rank, epoch), first_step=state["step_in_epoch"])
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -449,8 +456,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             caps = usable_caps[order[step * t.batch_size:(step + 1) * t.batch_size]]
             imgs = train_split.caption_to_image[caps]
             with amp:
-                img_emb, keep = embed_images(model, tr_img, imgs, device, image_loader)
-                if _any_rank_skips(img_emb is None, world, image_loader is not None, device):
+                img_emb, keep = embed_images(model, tr_img, imgs, device, live)
+                if _any_rank_skips(img_emb is None, world, live is not None, device):
                     continue
                 caps_k, imgs_k = caps[keep], imgs[keep]
                 txt_emb = embed_captions(model, tr_txt, caps_k, device, augment=True, rng=text_rng,
@@ -489,7 +496,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                             "sec_per_step": (time.time() - t0) / run_n})
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
-            metrics = evaluate_split(model, va_img, va_txt, device)
+            metrics = evaluate_split(model, va_img, va_txt, device, cfg.data.num_workers)
             metrics["epoch"] = epoch + 1
             _log(log_path, {"epoch": epoch, "val": metrics})
             print(f"epoch {epoch + 1}: val rsum {metrics['rsum']:.1f} "
@@ -520,12 +527,41 @@ def _any_rank_skips(skip: bool, world: World, can_skip: bool, device) -> bool:
     return bool(flag.item() > 0)
 
 
+GRAD_BUCKET_ELEMENTS = 1 << 23  # 32 MB of fp32 per all-reduce
+
+
+def _grad_buckets(grads: list[torch.Tensor], cap: int = GRAD_BUCKET_ELEMENTS) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, grouped up to ``cap`` elements (a larger
+    tensor is a bucket of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        last = buckets[-1] if buckets else None
+        if last is None or size + g.numel() > cap or (g.dtype, g.device) != (last[0].dtype, last[0].device):
+            buckets.append([g])
+            size = g.numel()
+        else:
+            last.append(g)
+            size += g.numel()
+    return buckets
+
+
 def _allreduce_grads(model, loss_fn, world: World):
-    """Average gradients across ranks (each rank's loss covers only its own anchor rows)."""
-    for p in list(model.parameters()) + list(loss_fn.parameters()):
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world.size
+    """Average gradients across ranks (each rank's loss covers only its own anchor rows). Gradients
+    travel in a few flat buckets: one collective per parameter tensor costs a round trip each."""
+    grads = [p.grad for p in list(model.parameters()) + list(loss_fn.parameters()) if p.grad is not None]
+    for bucket in _grad_buckets(grads):
+        if len(bucket) == 1:
+            dist.all_reduce(bucket[0])
+            bucket[0].div_(world.size)
+            continue
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world.size)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs, world: World):

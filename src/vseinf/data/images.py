@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from .splits import CaptionSplit
 
@@ -233,6 +233,12 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        pixels = self.load(index)
+        return None if pixels is None else (pixels, index)
+
+    def load(self, index: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Image ``index`` transformed (random crops drawn from ``generator`` when given), or
+        ``None`` if the file cannot be read (recorded and warned about once)."""
         path = self.paths[index]
         try:
             img = load_rgb(path)
@@ -241,7 +247,7 @@ class ImageDataset(Dataset):
                 log.warning("skipping unreadable image %s", e)
                 self._broken[index] = True
             return None
-        return self.transform(img), index
+        return self.transform(img, generator=generator)
 
     @property
     def skipped(self) -> list[Path]:
@@ -273,3 +279,52 @@ def collate_skip_broken(batch: Sequence[object]) -> object | None:
     if not kept:
         return None
     return default_collate(kept)
+
+
+class ImageBatches(Dataset):
+    """Item k = the images of ``batches[k]`` (a sequence of image indices) as ``(pixels B'×3×S×S,
+    kept positions)``, or ``(None, [])`` when none of them can be read.
+
+    Training reads it through :func:`image_batch_loader`, so worker processes decode and augment
+    the next batches while the model trains on this one. With ``seed_key`` the random crops of
+    batch k come from a generator seeded by ``(*seed_key, first_step + k)``: they depend neither on
+    the number of workers nor on the step a resumed run starts from.
+
+    Args:
+        dataset: the images (with a train or eval transform).
+        batches: image indices per batch.
+        seed_key: e.g. ``(seed, rank, epoch)``; None: the transform's own randomness.
+        first_step: the step number of ``batches[0]`` (a resumed epoch starts mid-way).
+    """
+
+    def __init__(self, dataset: ImageDataset, batches: Sequence[Sequence[int]],
+                 seed_key: Sequence[int] | None = None, first_step: int = 0) -> None:
+        self.dataset = dataset
+        self.batches = [[int(i) for i in b] for b in batches]
+        self.seed_key = None if seed_key is None else [int(x) for x in seed_key]
+        self.first_step = int(first_step)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, list[int]]:
+        generator = None
+        if self.seed_key is not None:
+            seed = np.random.SeedSequence([*self.seed_key, self.first_step + k]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+        items = [self.dataset.load(i, generator=generator) for i in self.batches[k]]
+        keep = [j for j, item in enumerate(items) if item is not None]
+        if not keep:
+            return None, keep
+        return torch.stack([items[j] for j in keep]), keep
+
+
+def image_batch_loader(batches: ImageBatches, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches in order, ``num_workers`` processes decoding ahead (0: in this process, on demand);
+    ``pin_memory`` for fast, asynchronous copies to a GPU."""
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's global
+    # RNG, which would shift the training's other random draws (size augmentation) whenever a
+    # loader is created, e.g. at a --resume. The crops do not need it: ImageBatches seeds them.
+    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=max(0, int(num_workers)),
+                      pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
