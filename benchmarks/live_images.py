@@ -1,4 +1,4 @@
-"""Fine-tuning the CNN on live JPEGs: training steps with 0, 1, 2… loader worker processes.
+"""Live JPEGs with 0, 1, 2… decoding worker processes: fine-tuning the CNN, and `vseinf encode`.
 
     python benchmarks/live_images.py [--data ../shared/data/flickr8k] [--workers 0,1,2] [--device cuda]
                                      [--image-size 224] [--batch-size 32] [--steps 8] [--out FILE.json]
@@ -9,8 +9,9 @@ processes (``vseinf.data.images.image_batch_loader``) which prepare the next bat
 trains on this one. This measures, on the real Flickr8k train photos (cycled when ``--steps`` needs
 more), the decode rate alone and the training rate (MobileNetV2 + GPO head, cached-token text side of
 random features, AdamW, bf16 autocast on CPU), per worker count, against 0 workers in the same run.
-Where the accelerator is fast (a GPU) decoding is the bottleneck and workers pay most; on a 2-core
-CPU they compete with the step's own threads.
+The ``encode`` rows time ``vseinf.index.encode_image_files`` (what ``vseinf encode --workers N``
+runs) over ``--encode-images`` photos. Where the accelerator is fast (a GPU) decoding is the
+bottleneck and workers pay most; on a 2-core CPU they compete with the model's own threads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from vseinf.config import ModelConfig
 from vseinf.data.images import ImageBatches, ImageDataset, image_batch_loader
 from vseinf.data.splits import open_split
+from vseinf.index import encode_image_files
 from vseinf.losses import VSELoss
 from vseinf.model import VSEModel
 
@@ -93,6 +95,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="timed steps per worker count (after one warm-up)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--encode-images", type=int, default=512, help="photos embedded per worker count (0: skip)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -111,6 +114,20 @@ def main(argv=None):
     base = rows[0]["train_pairs_per_sec"]
     for r in rows:
         r["train_speedup_vs_first"] = round(r["train_pairs_per_sec"] / base, 2)
+    encode_rows = []
+    if args.encode_images:
+        model.eval()
+        paths = [split.image_path(i % split.n_images) for i in range(args.encode_images)]
+        encode_image_files(model, paths[:args.batch_size], args.batch_size, workers=0)  # warm-up
+        for w in args.workers:
+            sync(device)
+            t0 = time.perf_counter()
+            encode_image_files(model, paths, args.batch_size, workers=w)
+            rate = len(paths) / (time.perf_counter() - t0)
+            encode_rows.append({"workers": w, "images_per_sec": round(rate, 1)})
+            print(f"encode, workers {w}: {rate:7.1f} images/s", flush=True)
+        for r in encode_rows:
+            r["speedup_vs_first"] = round(r["images_per_sec"] / encode_rows[0]["images_per_sec"], 2)
     result = {
         "benchmark": "live_images", "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -119,6 +136,7 @@ def main(argv=None):
         "data": str(args.data), "split": args.split, "images_in_split": split.n_images,
         "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
         "precision": args.precision, "backbone": "mobilenet_v2 (fine-tuned)", "rows": rows,
+        "encode": {"images": args.encode_images, "precision": "fp32", "rows": encode_rows},
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -205,6 +205,19 @@ def test_encode_gallery_skips_unreadable_files_and_matches_encode_images(photo_d
     assert all(abs(r[0]["score"] - 1) < 1e-4 for r in results)
 
 
+def test_decoding_workers_give_the_same_index_and_skip_report(photo_dir, tmp_path, model):
+    """`vseinf encode --workers N`: processes decode ahead; the vectors, their order and the named
+    skipped files are those of decoding in this process (batches of 2 spread them over workers)."""
+    add_broken_files(photo_dir)
+    here, there = tmp_path / "here", tmp_path / "workers"
+    a = encode_gallery(photo_dir, here, model, progress=False, batch_size=2, workers=0)
+    b = encode_gallery(photo_dir, there, model, progress=False, batch_size=2, workers=2)
+    assert [(s.path, s.reason) for s in a.skipped] == [(s.path, s.reason) for s in b.skipped]
+    ga, gb = Gallery.load(here), Gallery.load(there)
+    assert [it["path"] for it in ga.items] == [it["path"] for it in gb.items]
+    np.testing.assert_array_equal(np.asarray(ga.embeddings), np.asarray(gb.embeddings))
+
+
 def test_encode_is_incremental(photo_dir, tmp_path, model):
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)

@@ -506,18 +506,58 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
-def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False
-                       ) -> tuple[np.ndarray, list[int], list[Skipped]]:
+class _DecodedBatches:
+    """Item k = batch k of ``paths`` decoded and resized: (pixels | None, kept indices, skipped as
+    (index, reason)). A torch Dataset in all but name, so DataLoader workers can read it ahead."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform, batch_size: int):
+        self.paths, self.transform, self.batch_size = list(paths), transform, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.paths) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, k: int):
+        import torch
+
+        from .data.images import BadImageError, load_rgb
+
+        pixels, kept, skipped = [], [], []
+        for i in range(k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))):
+            try:
+                pixels.append(self.transform(load_rgb(self.paths[i])))
+                kept.append(i)
+            except BadImageError as exc:
+                skipped.append((i, exc.reason))
+        return (torch.stack(pixels) if pixels else None), kept, skipped
+
+
+def default_workers(n_images: int, batch_size: int, device) -> int:
+    """Decoding processes for ``encode``: on a GPU, where decoding is the bottleneck, up to 4
+    (leaving a core to feed the GPU); none on a CPU, where the model costs ~15× the decoding and
+    workers only compete for its cores (benchmarks/live_images.py), nor for a few batches."""
+    import torch
+
+    if n_images <= 4 * batch_size or torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False,
+                       workers: int | None = None) -> tuple[np.ndarray, list[int], list[Skipped]]:
     """Embed image files, skipping unreadable ones → (m × d float32, indices of encoded paths, skipped).
 
     Each image is resized by the model's transform right after decoding, so a batch of large photos
     costs S×S pixels each, not their full size. Gives the same vectors as ``model.encode_images``.
+    ``workers`` processes decode the next batches while the model embeds this one (None: see
+    :func:`default_workers`; 0: decode here).
     """
     import torch
+    from torch.utils.data import DataLoader
 
-    from .data.images import BadImageError, load_rgb
-
-    transform = model.image_transform(train=False)
+    batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
+    workers = default_workers(len(paths), batch_size, model.device) if workers is None else max(0, int(workers))
+    loader = DataLoader(batches, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                        pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None)
     out: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
@@ -525,21 +565,15 @@ def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: in
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(paths), batch_size):
-            pixels, batch_kept = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    pixels.append(transform(load_rgb(paths[i])))
-                    batch_kept.append(i)
-                except BadImageError as exc:
-                    skipped.append(Skipped(str(paths[i]), exc.reason))
-            if pixels:
+        for pixels, batch_kept, batch_skipped in loader:
+            skipped.extend(Skipped(str(paths[i]), reason) for i, reason in batch_skipped)
+            if pixels is not None:
                 with torch.no_grad():
-                    emb, _ = model.image(torch.stack(pixels).to(model.device))
+                    emb, _ = model.image(pixels.to(model.device, non_blocking=True))
                 out.append(emb.float().cpu().numpy())
                 kept.extend(batch_kept)
             if bar is not None:
-                bar.update(min(batch_size, len(paths) - start))
+                bar.update(len(batch_kept) + len(batch_skipped))
     finally:
         model.train(was_training)
         if bar is not None:
@@ -625,7 +659,8 @@ def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery
 
 
 def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, engine: str = "auto",
-                   batch_size: int = 32, progress: bool = True, kind: str = "auto", video=None) -> EncodeReport:
+                   batch_size: int = 32, progress: bool = True, kind: str = "auto", video=None,
+                   workers: int | None = None) -> EncodeReport:
     """Build or update the index ``out`` for ``gallery``.
 
     Args:
@@ -642,6 +677,7 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
             files), ``"features"`` (frame-feature files) or ``"captions"``.
         video: for video files, the :class:`vseinf.video.VideoEmbedder` (default:
             ``VideoEmbedder.for_model(model)``).
+        workers: image folders: processes decoding ahead of the model (None: by size and cores).
     """
     t0 = time.perf_counter()
     gallery = Path(gallery)
@@ -671,7 +707,8 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
             report, meta, emb, extra_files = _encode_video_folder(gallery, out, identity, embedder, staging,
                                                                   progress)
         elif gallery.is_dir():
-            report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress)
+            report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress,
+                                                     workers)
         elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
         else:
@@ -724,7 +761,8 @@ def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> 
     return stats, to_encode, reused, sum(1 for rel in old_rows if rel not in stats)
 
 
-def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
+def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool,
+                         workers: int | None = None):
     root = gallery.resolve()
     report = EncodeReport(out, "images")
     paths, skipped = scan_images(root, exclude=[out])
@@ -735,7 +773,8 @@ def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_
     stats, to_encode, reused, report.removed = _reuse_plan(root, paths, old_rows, skipped)
     rows = {rel: ("old", prev[0]) for rel, prev in reused.items()}
 
-    new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress)
+    new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress,
+                                            workers)
     for j, i in enumerate(kept):
         rows[to_encode[i]] = ("new", j)
     for s in bad:
@@ -1232,6 +1271,8 @@ def add_encode_parser(sub):
     p.add_argument("--engine", default="auto", choices=["auto", "exact", "hnsw"],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images ahead of the model (default: up to 4 on a GPU, none on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("videos")
@@ -1281,7 +1322,10 @@ def run_encode(args, extra) -> int:
         elif video_options:
             raise ValueError(f"encode: --frames/--extract-settings/--backbone-weights are for folders of video "
                              f"files; {args.gallery} is taken for {kind}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"encode: --workers must be 0 or more, got {args.workers}")
     report = encode_gallery(args.gallery, args.out, model, engine=args.engine, batch_size=args.batch_size,
+                            workers=args.workers,
                             progress=not args.no_progress, kind=kind, video=video)
     print(report.summary())
     return 0
