@@ -2,7 +2,8 @@
 
     python benchmarks/index_search.py [--model CKPT] [--data ../shared/data/flickr8k] [--out results.json]
                                       [--growth 10000,100000,all,1000000] [--skip-flickr] [--skip-growth]
-                                      [--device cuda] [--vectors glove|clusters]
+                                      [--device cuda] [--vectors glove|clusters] [--plot growth.png]
+    python benchmarks/index_search.py --replot results/bench/index_search.json --plot docs/index_growth.png
 
 Sections (all in one JSON document on stdout, and in --out):
 
@@ -220,6 +221,41 @@ def growth_section(gallery_full: np.ndarray, queries: np.ndarray, sizes, args, r
     return rows
 
 
+def plot_growth(result: dict, path: str) -> None:
+    """Per-query latency (p50, p99 as a band) of both engines against gallery size, and HNSW recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["growth"]
+    n = [r["size"] for r in rows]
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for engine, colour in (("exact", "tab:blue"), ("hnsw", "tab:orange")):
+        p50 = [r[f"{engine}_p50_ms"] for r in rows]
+        p99 = [r[f"{engine}_p99_ms"] for r in rows]
+        label = "exact" if engine == "exact" else f"FAISS HNSW (efSearch {HNSW_EF_SEARCH})"
+        ax.plot(n, p50, marker="o", color=colour, label=f"{label}, p50")
+        ax.fill_between(n, p50, p99, color=colour, alpha=0.2, label=f"{label}, p50–p99")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gallery size")
+    ax.set_ylabel("ms per single-vector query")
+    device = result.get("machine", {}).get("exact_device", "cpu")
+    ax.set_title(f"search latency (exact on {device})")
+    ax.legend(fontsize=8)
+    rx.plot(n, [r["recall_at_10"] for r in rows], marker="o", color="tab:orange")
+    rx.set_xscale("log")
+    rx.set_ylim(0.9, 1.0)
+    rx.set_xlabel("gallery size")
+    rx.set_ylabel("HNSW recall@10")
+    rx.set_title("recall@10 against exact search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"wrote {path}")
+
+
 def prebuilt_note(hnsw) -> str | None:
     return "built in the glove section" if hnsw is not None else None
 
@@ -245,7 +281,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where the exact engine runs (cpu, cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--plot", help="draw the growth section (latency and recall against size) to this PNG")
+    p.add_argument("--replot", metavar="JSON", help="only redraw --plot from a saved result, measuring nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        plot_growth(json.loads(Path(args.replot).read_text()), args.plot or "index_growth.png")
+        return 0
 
     import faiss
     import torch
@@ -290,6 +331,8 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.plot and result.get("growth"):
+        plot_growth(result, args.plot)
     return 0
 
 
