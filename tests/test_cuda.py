@@ -143,11 +143,12 @@ def test_training_on_cuda_in_bf16_gives_a_checkpoint_the_cpu_evaluates_alike(fli
     flipping on float differences)."""
     from test_distributed import ARGS, TORCHRUN, _train
 
-    args = [a for a in ARGS if a not in ("--precision", "fp32")]
+    # size augmentation on: its draws come from CPU generators and must reach GPU tensors
+    args = [a for a in ARGS if a not in ("--precision", "fp32", "--size_augment", "false")]
     out = tmp_path / "run"
     _train([*TORCHRUN, "--nproc_per_node", "1", "--master_port", "29531", "-m", "vseinf", "train",
             "--data", str(flickr8k_root), "--out", str(out), "--batch_size", "16", "--no-progress",
-            *args, "--precision", "bf16"], dict(os.environ))
+            *args, "--precision", "bf16", "--size_augment", "true"], dict(os.environ))
     recorded = json.loads((out / "best" / "metrics.json").read_text())
     assert recorded["rsum"] > 0
     metrics = tmp_path / "cpu.json"
@@ -155,6 +156,41 @@ def test_training_on_cuda_in_bf16_gives_a_checkpoint_the_cpu_evaluates_alike(fli
             "--max-images", "12", "--device", "cpu", "--json", str(metrics)], dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     # 12 images: one image query changing rank moves RSUM by 8.3
     assert abs(json.loads(metrics.read_text())["rsum"] - recorded["rsum"]) <= 10.0, (recorded, metrics.read_text())
+
+
+def test_killed_run_on_cuda_resumes_to_the_same_weights(flickr8k_root, tmp_path, use_cache, monkeypatch):
+    """Resume on the GPU: the CPU RNG (augmentations drawn on the host) and the GPU's own are
+    restored. Looser than the CPU test: GPU scatters (GPO's backward) add in varying order."""
+    from test_train import _Interrupt, slice_config
+
+    from vseinf.losses import VSELoss
+    from vseinf.train import train
+
+    cfg = dict(epochs=2, max_steps_per_epoch=6, save_every=4, lr_decay_epoch=1, max_train_images=60,
+               max_val_images=12, image_size=96, embed_dim=64, batch_size=8, precision="fp32")
+    full = tmp_path / "full"
+    train(slice_config(flickr8k_root, **cfg), full, progress=False)
+    original = VSELoss.forward
+    calls = {"n": 0}
+
+    def dying_forward(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, after the step-8 save
+            raise _Interrupt()
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(VSELoss, "forward", dying_forward)
+    killed = tmp_path / "killed"
+    with pytest.raises(_Interrupt):
+        train(slice_config(flickr8k_root, **cfg), killed, progress=False)
+    monkeypatch.setattr(VSELoss, "forward", original)
+    train(slice_config(flickr8k_root, **cfg), killed, resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "last" / "model.safetensors"))
+    b = load_file(str(killed / "last" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -824,6 +824,13 @@ class SelfAttentionPool(nn.Module):
 # Size augmentation
 
 
+def host_rand(*shape: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """``torch.rand`` drawn on the CPU (from ``generator``, else torch's CPU RNG), then moved to
+    ``device``. Augmentations draw this way so that a run makes the same draws on any device, a
+    CPU generator also works for GPU tensors, and a resume only needs the CPU RNG states."""
+    return torch.rand(*shape, generator=generator).to(device)
+
+
 def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float = 0.2,
                  generator: torch.Generator | None = None):
     """Randomly drop set elements (training only) so the pooling sees many set sizes (SPEC §2).
@@ -834,7 +841,7 @@ def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float
         mode: "region" drops each element with probability ``p``; "grid" does so for a random 80% of
             the samples, each with its own rate ``p · r``, r ~ U(0.2, 1]; "none" returns the input.
         p: base drop probability.
-        generator: optional torch.Generator for reproducibility.
+        generator: optional CPU torch.Generator for reproducibility (see :func:`host_rand`).
 
     Returns:
         (features, lengths): kept elements moved to the front in their original order, the rest
@@ -850,17 +857,17 @@ def size_augment(features: torch.Tensor, lengths, mode: str = "region", p: float
     if mode == "region":
         rate = torch.full((batch, 1), float(p), device=device)
     elif mode == "grid":
-        r = 1.0 - 0.8 * torch.rand(batch, 1, generator=generator, device=device)  # U(0.2, 1]
-        apply = torch.rand(batch, 1, generator=generator, device=device) < 0.8
+        r = 1.0 - 0.8 * host_rand(batch, 1, generator=generator, device=device)  # U(0.2, 1]
+        apply = host_rand(batch, 1, generator=generator, device=device) < 0.8
         rate = torch.where(apply, p * r, torch.zeros_like(r))
     else:
         raise ValueError(f"size_augment mode must be 'region', 'grid' or 'none', got {mode!r}")
     mask = valid_mask(lengths, n_max)
-    keep = (torch.rand(batch, n_max, generator=generator, device=device) >= rate) & mask
+    keep = (host_rand(batch, n_max, generator=generator, device=device) >= rate) & mask
     # Never empty a set: keep one random valid element where everything was dropped.
     empty = keep.sum(1) == 0
     if empty.any():
-        pick = (torch.rand(batch, generator=generator, device=device) * lengths).long()
+        pick = (host_rand(batch, generator=generator, device=device) * lengths).long()
         keep[empty, pick[empty]] = True
     new_lengths = keep.sum(1)
     # Stable compaction: kept elements first, in order.

@@ -572,22 +572,29 @@ def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs,
     ``rng.augment.r`` and ``text_rng_ranks[r]``; rank 0's under the single-process names).
     """
     text_rng, aug_gen = rngs
-    mine = (torch.get_rng_state(), aug_gen.get_state(), _jsonable(text_rng.getstate()))
+    # The GPU's RNG too: dropout in a fine-tuned text transformer draws from it.
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    mine = (torch.get_rng_state(), aug_gen.get_state(), _jsonable(text_rng.getstate()), cuda_state)
     streams = [mine]
     if world.size > 1:
         # In-process exchange between the ranks of one job (nothing untrusted is unpickled).
-        streams = [None] * world.size if world.main else None
-        dist.gather_object(mine, streams, dst=0)
+        # all_gather, not gather: every backend has it (nccl has long lacked gather_object).
+        streams = [None] * world.size
+        dist.all_gather_object(streams, mine)
     if not world.main:
         return
     tensors, opt_state = optimizer_to_flat(optimizer)
     for k, v in loss_fn.state_dict().items():
         tensors[f"loss.{k}"] = v
-    tensors["rng.torch"], tensors["rng.augment"], text_state = streams[0]
+    tensors["rng.torch"], tensors["rng.augment"], text_state, cuda_state = streams[0]
+    if cuda_state is not None:
+        tensors["rng.cuda"] = cuda_state
     extra = {"optimizer": opt_state, "state": state, "text_rng": text_state, "world_size": world.size}
     if world.size > 1:
-        for r, (torch_state, aug_state, _) in enumerate(streams[1:], start=1):
+        for r, (torch_state, aug_state, _, cuda_state) in enumerate(streams[1:], start=1):
             tensors[f"rng.torch.{r}"], tensors[f"rng.augment.{r}"] = torch_state, aug_state
+            if cuda_state is not None:
+                tensors[f"rng.cuda.{r}"] = cuda_state
         extra["text_rng_ranks"] = {str(r): streams[r][2] for r in range(1, world.size)}
     save_model(model, run_dir / "last", cfg, None, (tensors, extra))
 
@@ -616,6 +623,8 @@ def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs, world: Worl
         torch.set_rng_state(tensors[f"rng.torch{suffix}"])
         aug_gen.set_state(tensors[f"rng.augment{suffix}"])
         text_rng.setstate(_tupled(text_state))
+        if torch.device(device).type == "cuda" and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
     else:
         # Saved by a run with fewer processes: this rank keeps its freshly seeded streams (taking
         # rank 0's would make two ranks draw the same augmentations); the rest resumes exactly.

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from vseinf.pooling import build_pooling, l2norm
+from vseinf.pooling import build_pooling, host_rand, l2norm
 
 __all__ = [
     "tokenize",
@@ -921,13 +921,13 @@ def drop_token_features(features: torch.Tensor, lengths, p: float = 0.2,
         features: B × L × H padded token features.
         lengths: valid tokens per caption (B).
         p: deletion probability of each inner token.
-        generator: optional torch.Generator for reproducibility.
+        generator: optional CPU torch.Generator for reproducibility (see ``host_rand``).
     """
     if features.dim() != 3:
         raise ValueError(f"features must be B×L×H, got shape {tuple(features.shape)}")
     lengths = torch.as_tensor(lengths, dtype=torch.long, device=features.device)
     batch, n_max, _ = features.shape
-    rand = torch.rand(batch, n_max, generator=generator, device=features.device)
+    rand = host_rand(batch, n_max, generator=generator, device=features.device)
     positions = torch.arange(n_max, device=features.device).unsqueeze(0)
     ends = (positions == 0) | (positions == lengths.unsqueeze(1) - 1)
     keep = ((rand >= p) | ends) & (positions < lengths.unsqueeze(1))
