@@ -614,7 +614,10 @@ def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs, world: Worl
         raise ValueError(f"{run_dir / 'last'}: unexpected tensors {unexpected[:5]}")
     tensors, saved = load_trainer_state(run_dir / "last")
     loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
-    optimizer_from_flat(optimizer, {k: v.to(device) for k, v in tensors.items() if k.startswith("optim.")},
+    # Left on the CPU: load_state_dict moves the moments to their parameters' device and keeps
+    # AdamW's step counters on the host, where the optimizer wants them (a GPU counter would cost a
+    # synchronisation per parameter and step).
+    optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                         saved["optimizer"])
     text_rng, aug_gen = rngs
     suffix = f".{world.rank}" if world.rank else ""
