@@ -20,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,10 @@ def init_distributed() -> World:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # Rank 0 alone evaluates and writes checkpoints while the others wait in the next
+        # collective: allow that an hour (VSEINF_DIST_TIMEOUT_MIN), not nccl's default 10 minutes.
+        minutes = float(os.environ.get("VSEINF_DIST_TIMEOUT_MIN", "60"))
+        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 
