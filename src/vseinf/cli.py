@@ -102,7 +102,7 @@ def _cmd_extract(args, extra):
     cfg = load_config(args.config, overrides)
     if not cfg.data.path:
         raise ValueError("extract: pass --data DIR or set data.path in the config")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(args.device).eval()
     for name in args.split or [cfg.data.train_split, cfg.data.val_split]:
         split = open_split(cfg.data.path, name)
         if cfg.model.image_encoder == "grid" and uses_image_cache(cfg):

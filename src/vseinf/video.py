@@ -699,7 +699,8 @@ def add_extract_video_arguments(parser) -> None:
     g.add_argument("--backbone-weights", default=None, help="'default', a weights file, or 'none'")
     g.add_argument("--image-size", type=int, default=None, help="frame input size (default 224)")
     g.add_argument("--frame-batch", type=int, default=32, help="frames per backbone call")
-    g.add_argument("--device", default="cpu")
+    if not any("--device" in a.option_strings for a in parser._actions):
+        parser.add_argument("--device", default="cpu", help="where the backbones run (cpu, cuda, cuda:1…)")
     if not any("--rebuild" in a.option_strings for a in parser._actions):
         parser.add_argument("--rebuild", action="store_true", help="recompute existing features")
     if not any("--no-progress" in a.option_strings for a in parser._actions):
