@@ -26,7 +26,6 @@ the wall time it extrapolates to 100,000 × 500,000 pairs.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.evaluation import DEFAULT_EMB_CHUNK, rank_details_from_embeddings, rank_details_reference
 from _procstatus import status_mb  # benchmarks/ is on sys.path when run as a script
@@ -264,11 +264,7 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_name(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     if not check["ok"]:
         raise SystemExit("eval_scale: fast ranks disagree with the brute-force reference beyond near-ties")
     return result

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.index import HNSW_EF_SEARCH, HNSW_M, HNSW_EF_CONSTRUCTION, ExactIndex, HNSWIndex
 
@@ -327,10 +328,7 @@ def main(argv=None) -> int:
     if not args.skip_growth:
         result["growth"] = growth_section(gallery, queries[:args.growth_queries], args.growth, args, rng, prebuilt,
                                           on_row=lambda rows: (result.__setitem__("growth", rows), save()))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     if args.plot and result.get("growth"):
         plot_growth(result, args.plot)
     return 0

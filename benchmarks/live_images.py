@@ -17,7 +17,6 @@ bottleneck and workers pay most; on a 2-core CPU they compete with the model's o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.config import ModelConfig
 from vseinf.data.images import ImageBatches, ImageDataset, image_batch_loader
@@ -138,11 +138,7 @@ def main(argv=None):
         "precision": args.precision, "backbone": "mobilenet_v2 (fine-tuned)", "rows": rows,
         "encode": {"images": args.encode_images, "precision": "fp32", "rows": encode_rows},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ records how much anonymous memory that costs (skip with ``--no-compare``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from _procstatus import status_mb  # benchmarks/ is on sys.path when run as a script
+from _report import emit
 
 REGIONS, DIM, BATCH = 36, 2048, 128
 
@@ -127,11 +127,7 @@ def main(argv=None) -> dict:
             del loaded
     result.update(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
                   mem_total_mb=round(_meminfo_mb("MemTotal"), 0))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     if not result["anon_flat"]:
         raise SystemExit(f"anonymous memory grew by {result['anon_growth_peak_mb']} MB while streaming "
                          f"(batch: {batch_mb:.1f} MB): the features are not being streamed")

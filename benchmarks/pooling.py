@@ -12,12 +12,12 @@ weight, sum. Ratios are measured against max pooling and against naive in the sa
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.pooling import GPO, AvgPool, MaxPool, check_set_batch, valid_mask
 
@@ -117,11 +117,7 @@ def main(argv=None):
             print(f"{shape_name:8s} {regime:12s} fast {t_fast*1e3:8.2f} ms  naive {t_naive*1e3:8.2f} ms  "
                   f"max {t_max*1e3:7.2f} ms  fast/max {case['gpo_fast_over_max']:5.2f}  "
                   f"naive/fast {case['naive_over_fast']:5.2f}  err {max_err:.1e}", flush=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

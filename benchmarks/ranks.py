@@ -13,7 +13,6 @@ a file.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.evaluation import rank_details, rank_details_reference
 
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {k: round(v, 4) for k, v in fast.metrics().items()},
         "torch": torch.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     if mismatched:
         print(f"error: fast and reference ranks differ in {', '.join(mismatched)}", file=sys.stderr)
         return 1

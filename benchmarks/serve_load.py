@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 SUBJECTS = ["a dog", "two children", "a man", "a woman", "a cat", "a black dog", "a girl", "a boy", "people",
             "a surfer", "a cyclist", "a brown horse", "an astronaut", "a red motorcycle", "a rocket"]
@@ -113,10 +114,7 @@ def main(argv=None) -> int:
                   f"p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, {res['throughput_qps']} queries/s",
                   file=sys.stderr)
     result["errors"] = sum(r["errors"] for r in result["rounds"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     if workdir is not None:
         workdir.cleanup()
     return 1 if result["errors"] else 0

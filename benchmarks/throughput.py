@@ -14,7 +14,6 @@ Inputs are random tensors of the real shapes, so no dataset is needed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _report import emit  # benchmarks/ is on sys.path when run as a script
 
 from vseinf.config import ModelConfig
 from vseinf.losses import VSELoss
@@ -157,11 +157,7 @@ def main(argv=None):
         "training": bench_training(device, batch_sizes, repeats, precisions),
         "encoding": bench_encoding(device, repeats, peak32),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
