@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# MKL picks its thread count per call from the machine's load unless told not to, and a different
+# count sums in a different order: the runs that the resume tests compare would differ in the last
+# bits whenever something else shares the cores. (Set before anything imports torch.)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 REPO = Path(__file__).resolve().parents[1]
 

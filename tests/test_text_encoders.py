@@ -418,3 +418,19 @@ def test_drop_token_features_keeps_ends_and_order():
     assert abs(dropped / total_inner - 0.3) < 0.04
     same, same_len = T.drop_token_features(feats, lengths, p=0.0)
     assert torch.equal(same, feats) and torch.equal(same_len, lengths)
+
+
+def test_drop_token_features_equals_a_row_by_row_copy():
+    """The batched compaction against the obvious loop, on random features and the same draws."""
+    lengths = torch.tensor([9, 3, 16, 2, 11])
+    feats = torch.randn(5, 16, 4, generator=torch.Generator().manual_seed(1))
+    feats[torch.arange(16)[None, :] >= lengths[:, None]] = 0.0
+    for seed in range(20):
+        out, new = T.drop_token_features(feats, lengths, p=0.4, generator=torch.Generator().manual_seed(seed))
+        rand = torch.rand(5, 16, generator=torch.Generator().manual_seed(seed))  # the same draws
+        want = torch.zeros(5, int(new.max()), 4)
+        for b, n in enumerate(lengths.tolist()):
+            rows = [feats[b, i] for i in range(n) if i in (0, n - 1) or rand[b, i] >= 0.4]
+            want[b, : len(rows)] = torch.stack(rows)
+            assert int(new[b]) == len(rows)
+        assert torch.equal(out, want)
