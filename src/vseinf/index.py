@@ -508,7 +508,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 class _DecodedBatches:
     """Item k = batch k of ``paths`` decoded and resized: (pixels | None, kept indices, skipped as
-    (index, reason)). A torch Dataset in all but name, so DataLoader workers can read it ahead."""
+    (index, reason)), read ahead by :func:`vseinf.data.images.image_batch_loader`. Unlike
+    :class:`vseinf.data.images.ImageBatches` it keeps each unreadable file's reason for the report."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform, batch_size: int):
         self.paths, self.transform, self.batch_size = list(paths), transform, batch_size
@@ -552,12 +553,12 @@ def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: in
     :func:`default_workers`; 0: decode here).
     """
     import torch
-    from torch.utils.data import DataLoader
+
+    from .data.images import image_batch_loader
 
     batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
     workers = default_workers(len(paths), batch_size, model.device) if workers is None else max(0, int(workers))
-    loader = DataLoader(batches, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                        pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = image_batch_loader(batches, workers, pin_memory=model.device.type == "cuda")
     out: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[Skipped] = []

@@ -443,11 +443,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             steps = min(steps, t.max_steps_per_epoch)
         warmup = epoch < t.warmup_epochs
         model.train()
+        step_caps = [usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]] for s in range(steps)]
         live = None
         if tr_img.kind == "images":
             # Crops are seeded by (seed, rank, epoch, step): the same for any worker count, and on resume.
-            batches = [train_split.caption_to_image[usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]]]
-                       for s in range(state["step_in_epoch"], steps)]
+            batches = [train_split.caption_to_image[caps] for caps in step_caps[state["step_in_epoch"]:]]
             live = live_images(model, train_split, True, batches, cfg.data.num_workers, device,
                                seed_key=(t.seed, world.rank, epoch), first_step=state["step_in_epoch"])
         bar = None
@@ -457,7 +457,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
         run_loss, run_n, t0 = 0.0, 0, time.time()
         for step in range(state["step_in_epoch"], steps):
-            caps = usable_caps[order[step * t.batch_size:(step + 1) * t.batch_size]]
+            caps = step_caps[step]
             imgs = train_split.caption_to_image[caps]
             with amp:
                 img_emb, keep = embed_images(model, tr_img, imgs, device, live)

@@ -319,9 +319,10 @@ class ImageBatches(Dataset):
         return torch.stack([items[j] for j in keep]), keep
 
 
-def image_batch_loader(batches: ImageBatches, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches in order, ``num_workers`` processes decoding ahead (0: in this process, on demand);
-    ``pin_memory`` for fast, asynchronous copies to a GPU."""
+def image_batch_loader(batches: Dataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The items of ``batches`` (each already a batch, e.g. :class:`ImageBatches`) in order,
+    ``num_workers`` processes decoding ahead (0: in this process, on demand); ``pin_memory`` for
+    fast, asynchronous copies to a GPU."""
     # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's global
     # RNG, which would shift the training's other random draws (size augmentation) whenever a
     # loader is created, e.g. at a --resume. The crops do not need it: ImageBatches seeds them.
