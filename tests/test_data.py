@@ -631,6 +631,57 @@ def test_cache_replacement_is_atomic_and_signatures_are_checked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+def test_cache_built_by_two_writers_at_once_keeps_the_first_published(tmp_path):
+    """Two runs that miss the same cache both build it; the second to finish keeps the first one's
+    folder (which readers may already hold open) and drops its own copy."""
+    target, sig = tmp_path / "c", {"weights": "aaa"}
+    first = FeatureCacheWriter(target, dim=2, n_items=1, signature=sig)
+    second = FeatureCacheWriter(target, dim=2, n_items=1, signature=sig)
+    first.append(np.full((1, 2), 1.0))
+    second.append(np.full((1, 2), 2.0))
+    reader = first.close()
+    kept = second.close()
+    assert kept[0].tolist() == reader[0].tolist() == [[1.0, 1.0]]
+    assert FeatureCache(target, signature=sig)[0].tolist() == [[1.0, 1.0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    # A rebuild (a writer started while the cache was there) still replaces it.
+    with FeatureCacheWriter(target, dim=2, n_items=1, signature=sig) as rebuild:
+        rebuild.append(np.full((1, 2), 3.0))
+    assert FeatureCache(target, signature=sig)[0].tolist() == [[3.0, 3.0]]
+    assert reader[0].tolist() == [[1.0, 1.0]]  # an open reader keeps its (replaced) files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def _build_cache_worker(target: str, start, results, rank: int) -> None:
+    items = [np.full((1 + i % 3, 4), float(i)) for i in range(50)]
+    writer = FeatureCacheWriter(target, dim=4, n_items=len(items), signature={"data": "same"})
+    for item in items:
+        writer.append(item)
+    start.wait()  # every process publishes at the same moment
+    try:
+        cache = writer.close()
+        results[rank] = all(np.array_equal(cache[i], item) for i, item in enumerate(items))
+    except Exception as e:  # reported to the test
+        results[rank] = repr(e)
+
+
+def test_processes_building_one_cache_at_once_all_get_it(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start, results = manager.Barrier(4), manager.dict()
+        procs = [ctx.Process(target=_build_cache_worker, args=(str(tmp_path / "c"), start, results, r))
+                 for r in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(120)
+        assert dict(results) == {r: True for r in range(4)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert len(FeatureCache(tmp_path / "c", signature={"data": "same"})) == 50
+
+
 def test_cache_writer_validates_input(tmp_path):
     w = FeatureCacheWriter(tmp_path / "c", dim=3, n_items=2, set_size=2)
     with pytest.raises(ValueError, match="expected 2 rows"):

@@ -53,6 +53,91 @@ def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache
                                        dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_with_their_own_caches_train_like_one_process(flickr8k_root, tmp_path, use_cache):
+    """Two torchrun "machines" (--nnodes 2, one process each) whose VSEINF_CACHE is not shared:
+    the second builds its own feature caches, the run ends with the one-process weights, and only
+    global rank 0 writes (the --out folder is shared, as on a cluster file system)."""
+    common = ["--data", str(flickr8k_root), *ARGS, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    one = tmp_path / "one"
+    _train([sys.executable, "-m", "vseinf", "train", "--out", str(one), "--batch_size", "16", *common], env)
+    two, port = tmp_path / "two", _free_port()
+    node_cache = {0: use_cache, 1: tmp_path / "machine-1-cache"}
+    nodes = [subprocess.Popen(
+        [*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "vseinf", "train",
+         "--out", str(two), "--batch_size", "8", *common],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(env, VSEINF_CACHE=str(node_cache[node]))) for node in (0, 1)]
+    outputs = [proc.communicate(timeout=600) for proc in nodes]
+    for proc, (out, err) in zip(nodes, outputs):
+        assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    a = load_file(str(one / "last" / "model.safetensors"))
+    b = load_file(str(two / "last" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # machine 1 built its own copy of every cache (train and val, images and text)
+    built = sorted(p.name.rsplit("-", 1)[0] for p in (node_cache[1] / "features").iterdir())
+    assert len(built) == 4 and not [n for n in built if n.startswith(".")], built
+    assert "train:" in outputs[0][0] and "train:" not in outputs[1][0]  # rank 0 alone prints
+    steps = [line for line in (two / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == len([line for line in (one / "log.jsonl").read_text().splitlines() if '"loss"' in line])
+
+
+def _turns_worker(rank: int, init_file: str, order, fail_rank: int) -> None:
+    import torch.distributed as dist
+
+    from vseinf.train import World, in_turns
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
+    try:
+        # two machines: ranks 0, 1 on the first, 2, 3 on the second
+        world = World(rank=rank, size=4, local_rank=rank % 2)
+
+        def work():
+            order.append(rank)
+            if rank == fail_rank:
+                raise ValueError(f"rank {rank}: broken data")
+            return rank * 10
+
+        try:
+            order.append(("result", rank, in_turns(world, "cpu", work, "building the feature caches")))
+        except Exception as e:
+            order.append(("error", rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_rank", [-1, 2])
+def test_feature_caches_are_built_in_turns_and_a_failure_stops_every_rank(tmp_path, fail_rank):
+    """Rank 0 first, then the first process of each other machine, then the rest; an error on
+    one rank reaches all of them at once, instead of leaving them waiting for the timeout."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        order = manager.list()
+        mp.spawn(_turns_worker, args=(str(tmp_path / "init"), order, fail_rank), nprocs=4, join=True)
+        order = list(order)
+    work = [x for x in order if isinstance(x, int)]
+    ends = {x[1]: x for x in order if isinstance(x, tuple)}
+    if fail_rank < 0:
+        assert work[0] == 0 and work[1] == 2 and sorted(work[2:]) == [1, 3]
+        assert ends == {r: ("result", r, r * 10) for r in range(4)}
+    else:
+        assert work == [0, 2]  # the third turn never starts
+        assert ends[2] == ("error", 2, "rank 2: broken data")
+        for r in (0, 1, 3):
+            assert ends[r][0] == "error" and "another process failed while building the feature caches" in ends[r][2]
+
+
 # Runs `vseinf train` under torchrun with two test hooks (environment variables, so the same
 # script serves the full, the killed and the resumed run): every checkpoint write is recorded with
 # the writing rank, and VSELOSS_DIE_AT=N makes the N-th loss call of every rank raise — the same

@@ -74,6 +74,33 @@ def init_distributed() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 
+def in_turns(world: World, device, work, what: str):
+    """Runs ``work()`` on every rank, in three turns: rank 0; then the first process of every other
+    machine; then the rest. Feature caches are built that way: rank 0 builds them, the other
+    machines open them from a shared file system or, when VSEINF_CACHE is local to each machine,
+    build their own copy once, and every remaining process opens a finished cache. If ``work``
+    fails on any rank, every rank raises (instead of waiting in a collective until the timeout).
+    """
+    if world.size == 1:
+        return work()
+    my_turn = 0 if world.main else 1 if world.local_rank == 0 else 2
+    result, error = None, None
+    for turn in range(3):
+        if turn == my_turn:
+            try:
+                result = work()
+            except Exception as e:  # reported below, after the other ranks learn of it
+                error = e
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError(f"rank {world.rank}: stopping, another process failed while {what} "
+                               "(its error is in its own output)")
+    return result
+
+
 def _device(world: World) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", world.local_rank)
@@ -400,13 +427,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
         print(f"train: {train_split.n_images} images, {train_split.n_captions} captions; "
               f"val: {val_split.n_images} images, {val_split.n_captions} captions")
 
-    # Feature caches are built by rank 0 first; the other ranks then open them.
-    if world.size > 1 and not world.main:
-        dist.barrier()
-    tr_img, tr_txt = image_side(model, train_split, cfg, progress), text_side(model, train_split, cfg, progress)
-    va_img, va_txt = image_side(model, val_split, cfg, progress), text_side(model, val_split, cfg, progress)
-    if world.size > 1 and world.main:
-        dist.barrier()
+    def open_sides():
+        return (image_side(model, train_split, cfg, progress), text_side(model, train_split, cfg, progress),
+                image_side(model, val_split, cfg, progress), text_side(model, val_split, cfg, progress))
+
+    tr_img, tr_txt, va_img, va_txt = in_turns(world, device, open_sides, "building the feature caches")
 
     torch.manual_seed(t.seed + world.rank)  # ranks draw different augmentations
     loss_fn = VSELoss(t.loss, t.margin).to(device)

@@ -19,6 +19,7 @@ extraction therefore never leaves a folder that :class:`FeatureCache` would acce
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -141,6 +142,8 @@ class FeatureCacheWriter:
         self.keys = None if keys is None else [str(k) for k in keys]
         self.signature = _normalise_signature(signature)
         _check_replaceable(self.directory)
+        # What is there now: a cache that appears there later was published by another process.
+        self._found = _identity(self.directory)
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         # A hidden sibling, so the final rename stays on one file system (and is atomic).
         self._tmp = self.directory.parent / (
@@ -213,19 +216,51 @@ class FeatureCacheWriter:
         # meta.json is what marks a folder as a cache; it goes in last.
         (self._tmp / _META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         FeatureCache(self._tmp)  # reads back every check before anything is published
-        self._publish()
         self._closed = True
-        return FeatureCache(self.directory)
+        try:
+            return self._publish()
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
 
-    def _publish(self) -> None:
-        _check_replaceable(self.directory)
-        old = None
-        if self.directory.exists():
-            old = self.directory.parent / f".{self.directory.name}.old-{secrets.token_hex(4)}"
-            os.replace(self.directory, old)
-        os.replace(self._tmp, self.directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def _publish(self) -> FeatureCache:
+        # Several processes may build the same cache at once (a sweep of runs, every machine of a
+        # distributed job on a shared file system). The first to finish publishes; a later one
+        # keeps that cache and drops its own, so nobody's open cache is pulled away. A cache that
+        # was already there when this writer started (stale, or being rebuilt) is replaced.
+        for _ in range(3):
+            theirs = self._published_meanwhile()
+            if theirs is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                return theirs
+            _check_replaceable(self.directory)
+            old = None
+            if self.directory.exists():
+                old = self.directory.parent / f".{self.directory.name}.old-{secrets.token_hex(4)}"
+                os.replace(self.directory, old)
+            try:
+                os.replace(self._tmp, self.directory)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # Another process renamed its cache into place between the check and the rename.
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                continue
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            return FeatureCache(self.directory)
+        raise CacheError(f"{self.directory}: could not publish the cache (other processes kept "
+                         "replacing the folder)")
+
+    def _published_meanwhile(self) -> FeatureCache | None:
+        now = _identity(self.directory)
+        if now is None or now == self._found:
+            return None
+        try:
+            return FeatureCache(self.directory, signature=self.signature)
+        except CacheError:
+            return None
 
     def abort(self) -> None:
         """Discards everything written so far (nothing at ``directory`` changes)."""
@@ -247,6 +282,16 @@ class FeatureCacheWriter:
             self.close()
         else:
             self.abort()
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which folder is at ``directory`` (device, inode), or ``None``; publishing renames a new
+    folder into place, so the identity changes whenever a cache is (re)published."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _check_replaceable(directory: Path) -> None:
