@@ -145,7 +145,8 @@ def glove_section(gallery: np.ndarray, queries: np.ndarray, args) -> dict:
     return compare(gallery, queries, args.ef, args.exact_latency_queries, args.latency_queries, device=args.device)
 
 
-def flickr_section(args, rng) -> dict:
+def flickr_embeddings(args) -> tuple[str, np.ndarray, np.ndarray]:
+    """(model path, image embeddings without unreadable images, caption embeddings) of a Flickr8k split."""
     import torch
 
     import vseinf
@@ -171,7 +172,12 @@ def flickr_section(args, rng) -> dict:
     image_emb = image_emb[~np.asarray(images.broken, dtype=bool)]
     captions = text_sets(model, split)
     caption_emb = embed(captions, model.embed_text_features, len(captions))
-    out = {"model": str(getattr(model, "checkpoint_path", "")), "split": args.flickr_split}
+    return str(getattr(model, "checkpoint_path", "")), image_emb, caption_emb
+
+
+def flickr_section(args, rng) -> dict:
+    model_path, image_emb, caption_emb = flickr_embeddings(args)
+    out = {"model": model_path, "split": args.flickr_split}
     n_q = min(args.queries, len(image_emb))
     for name, gallery, queries in (
             ("text_to_image", image_emb, caption_emb[rng.choice(len(caption_emb), n_q, replace=False)]),
