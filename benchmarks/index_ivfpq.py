@@ -98,7 +98,7 @@ def scale_section(base: np.ndarray, queries: np.ndarray, n: int, args, rng) -> d
     out["ivfpq"] = {"build_s": round(time.perf_counter() - t0, 1), **ivf.describe(),
                     "index_mb": round(index_bytes(ivf) / 1e6, 1), "grid": []}
     log(f"  ivfpq: built in {out['ivfpq']['build_s']} s, index {out['ivfpq']['index_mb']} MB")
-    for nprobe in (IVF_NPROBE, 2 * IVF_NPROBE):
+    for nprobe in (IVF_NPROBE // 2, IVF_NPROBE):
         ivf.nprobe = nprobe
         out["ivfpq"]["grid"].append(ivfpq_row(ivf, queries, truth, out["exact"]["p50_ms"], args.latency_queries))
     return out
