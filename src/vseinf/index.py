@@ -258,7 +258,28 @@ def faiss_available() -> bool:
     return True
 
 
-class HNSWIndex(GalleryIndex):
+def _no_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty((n_queries, max(k, 0)), np.float32), np.empty((n_queries, max(k, 0)), np.int64)
+
+
+class _FaissEngine(GalleryIndex):
+    """What the FAISS engines share: ``self.index``, a FAISS index over every gallery row."""
+
+    index = None
+
+    def save(self, path: str | os.PathLike) -> None:
+        _faiss().write_index(self.index, str(path))
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+
+class HNSWIndex(_FaissEngine):
     """FAISS HNSW graph over the gallery rows, inner-product metric (cosine on unit vectors).
 
     Args:
@@ -288,23 +309,11 @@ class HNSWIndex(GalleryIndex):
     def load(cls, path: str | os.PathLike, ef_search: int = HNSW_EF_SEARCH) -> "HNSWIndex":
         return cls(_faiss().read_index(str(path)), ef_search)
 
-    def save(self, path: str | os.PathLike) -> None:
-        _faiss().write_index(self.index, str(path))
-
-    @property
-    def size(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
-        q = _as_queries(queries, self.dim)
-        k = min(int(k), self.size)
+        q, k = _as_queries(queries, self.dim), min(int(k), self.size)
         if k <= 0 or len(q) == 0:
-            return np.empty((len(q), max(k, 0)), np.float32), np.empty((len(q), max(k, 0)), np.int64)
+            return _no_results(len(q), k)
         params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         scores, ids = self.index.search(q, k, params=params)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
@@ -333,7 +342,7 @@ def default_pq_m(dim: int) -> int:
     return 1
 
 
-class IVFPQIndex(GalleryIndex):
+class IVFPQIndex(_FaissEngine):
     """FAISS inverted file with product-quantised codes, re-ranked exactly from the stored rows.
 
     Memory is the codes (``m`` bytes a row) plus the pages of ``vectors`` that re-ranking touches,
@@ -400,23 +409,11 @@ class IVFPQIndex(GalleryIndex):
              rerank: int = IVF_RERANK) -> "IVFPQIndex":
         return cls(_faiss().read_index(str(path)), vectors, nprobe, rerank)
 
-    def save(self, path: str | os.PathLike) -> None:
-        _faiss().write_index(self.index, str(path))
-
-    @property
-    def size(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
-        q = _as_queries(queries, self.dim)
-        k = min(int(k), self.size)
+        q, k = _as_queries(queries, self.dim), min(int(k), self.size)
         if k <= 0 or len(q) == 0:
-            return np.empty((len(q), max(k, 0)), np.float32), np.empty((len(q), max(k, 0)), np.int64)
+            return _no_results(len(q), k)
         n_cand = min(max(self.rerank, k), self.size)
         _, cand = self.index.search(q, n_cand, params=faiss.SearchParametersIVF(nprobe=self.nprobe))
         scores = np.full(cand.shape, -np.inf, np.float32)
@@ -780,7 +777,7 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
     def write(tmp: Path):
         np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        if isinstance(engine, (HNSWIndex, IVFPQIndex)):
+        if isinstance(engine, _FaissEngine):
             engine.save(tmp / FAISS_FILE)
         for name, source in (extra_files or {}).items():
             try:  # a hard link costs nothing; the old index directory is deleted after the swap
