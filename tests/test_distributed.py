@@ -159,6 +159,8 @@ def recording_save(model, path, *args, **kwargs):
 
 train_mod.save_model = recording_save
 die_at = int(os.environ.get("VSELOSS_DIE_AT", "0"))
+if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("DIE_ONCE"):
+    die_at = 0  # torchrun restarted the job after the kill: this attempt runs to the end
 original_forward = VSELoss.forward
 calls = [0]
 
@@ -185,12 +187,13 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
               "--batch_size", "8", "--no-progress"]
     saves = tmp_path / "saves.txt"
 
-    def run(out, die_at=0, resume=False):
+    def run(out, die_at=0, resume=False, restarts=0):
         env = dict(os.environ, OMP_NUM_THREADS="1", SAVES_LOG=str(saves), VSELOSS_DIE_AT=str(die_at),
-                   CUDA_VISIBLE_DEVICES="")
-        cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(launcher), *common, "--out", str(out)]
-        return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
-                              timeout=600)
+                   CUDA_VISIBLE_DEVICES="", DIE_ONCE="1" if restarts else "")
+        cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", "--max_restarts", str(restarts), str(launcher),
+               *common, "--out", str(out)]
+        flag = ["--resume", "auto"] if resume == "auto" else ["--resume"] if resume else []
+        return subprocess.run(cmd + flag, capture_output=True, text=True, env=env, timeout=600)
 
     full = tmp_path / "full"
     proc = run(full)
@@ -212,6 +215,16 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
     ja = json.loads((full / "last" / "trainer.json").read_text())["state"]
     jb = json.loads((killed / "last" / "trainer.json").read_text())["state"]
     assert ja["global_step"] == jb["global_step"] == 14
+
+    # The same kill under `torchrun --max_restarts 1` with `--resume auto`: the first attempt starts
+    # the run, torchrun restarts the job by itself, and the second attempt resumes it from step 9.
+    restarted = tmp_path / "restarted"
+    proc = run(restarted, die_at=11, resume="auto", restarts=1)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "killed at loss call 11" in proc.stderr and "resuming" in proc.stdout
+    c = load_file(str(restarted / "last" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-5, msg=key)
     # Every checkpoint (last/ and best/, in all three runs) was written by rank 0 alone.
     writers = [line.split() for line in saves.read_text().splitlines()]
     assert writers and {rank for rank, _ in writers} == {"0"}

@@ -23,7 +23,10 @@ def _add_train(sub):
     p.add_argument("--config", help="YAML or JSON config file (defaults reproduce the paper)")
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, plot)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto", "no"],
+                   help="continue the run in --out where it stopped; '--resume auto' continues it if it "
+                        "has a checkpoint and starts it otherwise (for jobs that are restarted, e.g. "
+                        "torchrun --max_restarts or a preemptible queue)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -36,7 +39,8 @@ def _cmd_train(args, extra):
     if args.data:
         overrides.insert(0, ("data.path", args.data))
     cfg = load_config(args.config, overrides)
-    metrics = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    resume = {"yes": True, "no": False, "auto": "auto"}[args.resume]
+    metrics = train(cfg, args.out, resume=resume, progress=not args.no_progress)
     if metrics:
         from .evaluation import format_table
 

@@ -155,14 +155,14 @@ def cell_dir(runs_dir: Path, cell: Cell, cfg: RunConfig) -> Path:
 
 def run_cell(cell: Cell, base: RunConfig, runs_dir: Path, progress: bool = False) -> dict:
     """Train one cell (or read its finished result) and return its record for the study JSON."""
-    from .train import train
+    from .train import has_checkpoint, train
 
     cfg = cell.config(base)
     run_dir = cell_dir(runs_dir, cell, cfg)
     done = run_dir / "study_cell.json"
     if (run_dir / "metrics.json").is_file() and done.is_file():
         return json.loads(done.read_text())
-    resume = (run_dir / "last").exists() or (run_dir / ".last.old").exists()
+    resume = has_checkpoint(run_dir)
     if not resume and (run_dir / "log.jsonl").exists():
         (run_dir / "log.jsonl").unlink()  # a run killed before its first checkpoint starts over
     t0 = time.time()

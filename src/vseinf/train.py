@@ -69,8 +69,18 @@ def init_distributed() -> World:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         # Rank 0 alone evaluates and writes checkpoints while the others wait in the next
         # collective: allow that an hour (VSEINF_DIST_TIMEOUT_MIN), not nccl's default 10 minutes.
-        minutes = float(os.environ.get("VSEINF_DIST_TIMEOUT_MIN", "60"))
-        dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+        timeout = timedelta(minutes=float(os.environ.get("VSEINF_DIST_TIMEOUT_MIN", "60")))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun lends its rendezvous store to the workers and keeps it when it restarts them
+            # (--max_restarts), so a restarted process group would read the previous attempt's
+            # addresses and fail to connect (pytorch/pytorch#135712): each attempt gets its own keys.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                                        is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"vseinf/attempt-{attempt}", agent_store),
+                                    rank=int(os.environ["RANK"]), world_size=size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 
@@ -380,13 +390,20 @@ def plot_history(run_dir: Path) -> Path | None:
     return out
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a run to resume (``last/``, or the copy a save in progress keeps)."""
+    run_dir = Path(run_dir)
+    return (run_dir / "last").exists() or (run_dir / ".last.old").exists()
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progress: bool = True) -> dict:
     """Train a VSE∞ model; returns the best validation metrics.
 
     Args:
         cfg: the run's full config.
         run_dir: output directory (created).
-        resume: continue from ``run_dir/last``.
+        resume: continue from ``run_dir/last``; ``"auto"``: continue if that checkpoint exists,
+            else start (a restarted job runs the same command each time).
         progress: show progress bars.
     """
     world = init_distributed()
@@ -394,16 +411,24 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     run_dir = Path(run_dir)
     progress = progress and world.main
     t = cfg.train
+    if resume == "auto":
+        resume = has_checkpoint(run_dir)
+        if world.main and not resume and (run_dir / "log.jsonl").exists():
+            (run_dir / "log.jsonl").unlink()  # a run killed before its first checkpoint starts over
+        if world.size > 1:
+            dist.barrier()  # nobody reads the folder while rank 0 clears it
     if resume:
-        if not (run_dir / "last").exists() and not (run_dir / ".last.old").exists():
-            raise ValueError(f"{run_dir}: nothing to resume (no last/ checkpoint)")
+        if not has_checkpoint(run_dir):
+            raise ValueError(f"{run_dir}: nothing to resume (no last/ checkpoint); '--resume auto' starts "
+                             "a run that has none")
         saved = json.loads((run_dir / "config.json").read_text())
         from .config import config_from_dict
 
         cfg = config_from_dict({k: saved[k] for k in ("model", "data", "train")}, str(run_dir / "config.json"))
         t = cfg.train
     elif (run_dir / "last").exists():
-        raise ValueError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+        raise ValueError(f"{run_dir} already holds a run; use --resume (or --resume auto) to continue it or "
+                         "choose another --out")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
