@@ -180,6 +180,14 @@ def test_ivfpq_index_saved_and_loaded_with_the_gallery(glove_sample, tmp_path):
     np.testing.assert_array_equal(loaded.engine.search(queries, 10)[1], engine.search(queries, 10)[1])
     assert Gallery.load(out, engine="exact").engine.name == "exact"
     assert Gallery.load(out, engine="hnsw").engine.name == "hnsw"  # built from the embeddings
+    # search-time settings: for this engine only, positive
+    vindex.tune_engine(loaded.engine, nprobe=8, rerank=20, ef_search=None)
+    assert (loaded.engine.nprobe, loaded.engine.rerank) == (8, 20)
+    assert loaded.engine.describe()["nprobe"] == 8
+    with pytest.raises(ValueError, match="--ef-search applies to the hnsw engine; this index searches with ivfpq"):
+        vindex.tune_engine(loaded.engine, ef_search=100)
+    with pytest.raises(ValueError, match="--rerank: must be a positive integer, got 0"):
+        vindex.tune_engine(loaded.engine, rerank=0)
     # a faiss file that does not match the embeddings is named
     IVFPQIndex.build(np.concatenate([gallery, gallery[:5]])).save(out / "faiss.index")
     with pytest.raises(vindex.IndexFormatError, match="faiss.index.*does not match"):
@@ -441,9 +449,17 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
 
     for argv, message in [([str(out)], "text query or --image"), ([str(out), "x", "--image", "y.jpg"], "one of"),
                           ([str(out), "x", "-k", "0"], "positive"), ([str(out), "  "], "empty"),
-                          ([str(out), "--image", str(photo_dir / "random.jpg")], "random.jpg")]:
+                          ([str(out), "--image", str(photo_dir / "random.jpg")], "random.jpg"),
+                          ([str(out), "x", "--nprobe", "8"], "--nprobe applies to the ivfpq engine; this index "
+                                                              "searches with exact")]:
         with pytest.raises(ValueError, match=message):
             run_cli(vindex.add_search_parser, vindex.run_search, ["search", *argv])
+
+    if vindex.faiss_available():  # the HNSW candidate list, set for one search
+        assert run_cli(vindex.add_search_parser, vindex.run_search,
+                       ["search", str(out), "a red motorcycle", "-k", "3", "--json", "--engine", "hnsw",
+                        "--ef-search", "128"]) == 0
+        assert [r["path"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["path"] for r in results]
 
     other = save_tiny(other_model(model), tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):

@@ -310,3 +310,28 @@ def test_search_page_in_a_real_browser(served, model, tmp_path):
                                    "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         finally:
             browser.close()
+
+
+def test_serve_command_tunes_the_engine_and_checks_settings_before_loading_the_model(served, tmp_path,
+                                                                                      monkeypatch, model):
+    import uvicorn
+    from test_index import run_cli, save_tiny
+
+    from vseinf.serve.app import add_serve_parser, run_serve
+
+    _, gallery, _ = served
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
+    with pytest.raises(ValueError, match="--nprobe applies to the ivfpq engine; this index searches with exact"):
+        run_cli(add_serve_parser, run_serve, ["serve", str(gallery.path), "--nprobe", "8", "--model", "/nonexistent"])
+    assert not started
+    import vseinf
+
+    pytest.importorskip("faiss")
+    _, _, root = served
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    encode_gallery(root, tmp_path / "index", vseinf.load_model(ckpt), engine="hnsw", progress=False)
+    assert run_cli(add_serve_parser, run_serve, ["serve", str(tmp_path / "index"), "--ef-search", "200",
+                                                 "--port", "8123"]) == 0
+    engine = started["app"].state.gallery.engine
+    assert started["port"] == 8123 and (engine.name, engine.ef_search) == ("hnsw", 200)

@@ -446,6 +446,40 @@ def choose_engine(n_items: int, threshold: int = FAISS_THRESHOLD, dim: int = 102
     return "hnsw"
 
 
+# Search-time settings of the approximate engines: name → the engine it belongs to.
+ENGINE_SETTINGS = {"ef_search": "hnsw", "nprobe": "ivfpq", "rerank": "ivfpq"}
+
+
+def tune_engine(engine: GalleryIndex, **settings: int | None) -> GalleryIndex:
+    """Sets search-time settings (``ef_search`` for HNSW, ``nprobe`` and ``rerank`` for IVF-PQ) on a
+    loaded engine; ``None`` leaves one as saved. A setting for another engine is an error."""
+    for name, value in settings.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name not in ENGINE_SETTINGS:
+            raise ValueError(f"{flag}: unknown engine setting (known: {', '.join(ENGINE_SETTINGS)})")
+        if ENGINE_SETTINGS[name] != engine.name:
+            raise ValueError(f"{flag} applies to the {ENGINE_SETTINGS[name]} engine; this index searches with "
+                             f"{engine.name} (--engine {ENGINE_SETTINGS[name]} builds one)")
+        if int(value) < 1:
+            raise ValueError(f"{flag}: must be a positive integer, got {value}")
+        setattr(engine, name, int(value))
+    return engine
+
+
+def add_engine_settings(p) -> None:
+    """The ``--ef-search``, ``--nprobe`` and ``--rerank`` options of ``search`` and ``serve``."""
+    p.add_argument("--ef-search", type=int, help=f"HNSW: candidate list per query (default {HNSW_EF_SEARCH}; "
+                                                 "larger = better recall, slower)")
+    p.add_argument("--nprobe", type=int, help=f"IVF-PQ: cells scanned per query (default {IVF_NPROBE})")
+    p.add_argument("--rerank", type=int, help=f"IVF-PQ: candidates re-scored exactly (default {IVF_RERANK})")
+
+
+def engine_settings(args) -> dict:
+    return {name: getattr(args, name, None) for name in ENGINE_SETTINGS}
+
+
 def build_engine(vectors: np.ndarray, engine: str = "auto") -> GalleryIndex:
     """An engine over ``vectors``: ``"exact"``, ``"hnsw"``, ``"ivfpq"`` or ``"auto"`` (by size)."""
     if engine == "auto":
@@ -1510,6 +1544,7 @@ def add_search_parser(sub):
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--engine", choices=list(ENGINES), help="override the index's engine")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
+    add_engine_settings(p)
     return p
 
 
@@ -1522,6 +1557,7 @@ def run_search(args, extra) -> int:
     if args.query is not None and not args.query.strip():
         raise ValueError("search: the query is empty")
     gallery = Gallery.load(args.index, engine=args.engine, device=args.device)
+    tune_engine(gallery.engine, **engine_settings(args))
     image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
     if video_query is not None and not Path(video_query).is_file():
         raise FileNotFoundError(f"{video_query}: query video not found")
@@ -1544,7 +1580,7 @@ def run_search(args, extra) -> int:
 
 __all__ = [
     "FAISS_THRESHOLD", "ENGINES", "ExactIndex", "HNSWIndex", "IVFPQIndex", "GalleryIndex", "Gallery",
-    "EncodeReport", "Skipped", "build_engine", "choose_engine", "encode_gallery", "encode_image_files",
+    "EncodeReport", "Skipped", "build_engine", "choose_engine", "tune_engine", "encode_gallery", "encode_image_files",
     "exact_search_reference",
     "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
     "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..index import Gallery, check_model, embed_query_images, encode_texts_np, load_query_image
+from ..index import (Gallery, add_engine_settings, check_model, embed_query_images, encode_texts_np, engine_settings,
+                     load_query_image, tune_engine)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -555,6 +556,7 @@ def add_serve_parser(sub):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
+    add_engine_settings(p)
     return p
 
 
@@ -566,8 +568,9 @@ def run_serve(args, extra) -> int:
         raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
-    app = create_app(args.index_dir, model_path=args.model, device=args.device)
-    gallery = app.state.gallery
+    gallery = Gallery.load(args.index_dir, device=args.device)
+    tune_engine(gallery.engine, **engine_settings(args))  # a wrong setting fails before the model loads
+    app = create_app(gallery=gallery, model_path=args.model, device=args.device)
     print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
           "(Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
