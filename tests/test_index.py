@@ -305,6 +305,41 @@ def test_encode_is_incremental(photo_dir, tmp_path, model):
     assert encode_gallery(photo_dir, out, model, progress=False).encoded == 0
 
 
+def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir, tmp_path, model, monkeypatch):
+    clean = tmp_path / "clean"
+    encode_gallery(photo_dir, clean, model, batch_size=1, progress=False, workers=0)
+    monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", 1)
+    calls, kill_at = [0], [3]
+    forward = model.image.forward
+
+    def counting_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at[0]:
+            raise KeyboardInterrupt  # as if the process were killed during the third image
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.image, "forward", counting_forward)
+    out = tmp_path / "index"
+    with pytest.raises(KeyboardInterrupt):
+        encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert not out.exists() and len(list((tmp_path / ".index.partial").glob("rows-*.json"))) == 2
+    calls[0], kill_at[0] = 0, 0
+    report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert calls[0] == 2  # only the two images the killed run had not finished
+    assert "2 images were already encoded" in report.summary() and report.total == 4
+    got, want = Gallery.load(out), Gallery.load(clean)
+    assert [it["path"] for it in got.items] == [it["path"] for it in want.items]
+    np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-6)
+    assert not (tmp_path / ".index.partial").exists()
+    # progress saved by another model is not used
+    kill_at[0], calls[0] = 2, 0
+    with pytest.raises(KeyboardInterrupt):
+        encode_gallery(photo_dir, tmp_path / "again", model, batch_size=1, progress=False, workers=0)
+    other = other_model(model)
+    report = encode_gallery(photo_dir, tmp_path / "again", other, batch_size=1, progress=False, workers=0)
+    assert "already encoded" not in report.summary() and not (tmp_path / ".again.partial").exists()
+
+
 def test_another_model_reencodes_everything(photo_dir, tmp_path, model):
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)
