@@ -95,7 +95,7 @@ def test_two_machines_with_their_own_caches_train_like_one_process(flickr8k_root
 def _turns_worker(rank: int, init_file: str, order, fail_rank: int) -> None:
     import torch.distributed as dist
 
-    from vseinf.train import World, in_turns
+    from vseinf.distributed import World, in_turns
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=4)
     try:

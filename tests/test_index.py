@@ -340,6 +340,37 @@ def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir,
     assert "already encoded" not in report.summary() and not (tmp_path / ".again.partial").exists()
 
 
+def test_torchrun_processes_encode_shares_of_a_folder_into_one_index(photo_dir, tmp_path, model):
+    import subprocess
+    import sys
+
+    from test_distributed import TORCHRUN
+
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    add_broken_files(photo_dir)
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for cmd, out in (([sys.executable, "-m", "vseinf"], one),
+                     ([*TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "vseinf"], two)):
+        proc = subprocess.run([*cmd, "encode", str(photo_dir), "--out", str(out), "--model", str(ckpt),
+                               "--no-progress", "--batch-size", "1"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(": 4 images (") == 1  # rank 0 alone reports
+    assert "4 images encoded by 2 processes" in proc.stdout and "skipped random.jpg" in proc.stdout
+    a, b = Gallery.load(one), Gallery.load(two)
+    assert [it["path"] for it in a.items] == [it["path"] for it in b.items]
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
+    assert a.meta["skipped"] == b.meta["skipped"]
+    assert not (tmp_path / ".two.partial").exists()
+    from vseinf.distributed import World
+
+    captions = tmp_path / "caps.txt"
+    captions.write_text("a dog\na cat\n")
+    with pytest.raises(ValueError, match="several processes .torchrun. encode folders of images only"):
+        encode_gallery(captions, tmp_path / "caps-index", model, progress=False, world=World(rank=0, size=2))
+
+
 def test_another_model_reencodes_everything(photo_dir, tmp_path, model):
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)

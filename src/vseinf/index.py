@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -842,7 +843,7 @@ def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery
 
 def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, engine: str = "auto",
                    batch_size: int = 32, progress: bool = True, kind: str = "auto", video=None,
-                   workers: int | None = None) -> EncodeReport:
+                   workers: int | None = None, world=None) -> EncodeReport | None:
     """Build or update the index ``out`` for ``gallery``.
 
     Args:
@@ -860,6 +861,8 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
         video: for video files, the :class:`vseinf.video.VideoEmbedder` (default:
             ``VideoEmbedder.for_model(model)``).
         workers: image folders: processes decoding ahead of the model (None: by size and cores).
+        world: the :class:`vseinf.distributed.World` of a torchrun job: each process encodes a share
+            of an image folder and rank 0 writes the index (the others return ``None``).
     """
     t0 = time.perf_counter()
     gallery = Path(gallery)
@@ -873,6 +876,14 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
     if kind == "auto":
         kind = detect_gallery_kind(gallery, exclude=[out])
     identity = model_identity(model)
+    processes = 1 if world is None else world.size
+    if processes > 1:
+        if kind != "images" or not gallery.is_dir():
+            raise ValueError(f"{gallery}: several processes (torchrun) encode folders of images only; "
+                             f"encode this {kind} gallery with one process")
+        _encode_image_share(gallery, out, model, identity, batch_size, progress and world.main, workers, world)
+        if not world.main:
+            return None
     extra_files: dict[str, Path] = {}
     staging: Path | None = None
     try:
@@ -890,7 +901,7 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
                                                                   progress)
         elif gallery.is_dir():
             report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress,
-                                                     workers)
+                                                     workers, processes)
         elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
         else:
@@ -962,9 +973,11 @@ class EncodeJournal:
     over a large gallery that is killed loses at most the last ``flush_every`` images.
 
     Kept beside the index as ``.<index name>.partial/``: ``journal.json`` names the model and the
-    folder; each flush adds ``rows-NNNNNN.npy`` (float32) and then ``rows-NNNNNN.json`` (each row's
-    path, size and mtime), which marks the pair complete. Rows are reused only for the same model and
-    folder and for files whose size and mtime are unchanged. Removed once the index is written.
+    folder; each flush adds ``rows-<unique>.npy`` (float32) and then ``rows-<unique>.json`` (each
+    row's path, size and mtime), which marks the pair complete. Rows are reused only for the same
+    model and folder and for files whose size and mtime are unchanged. Removed once the index is
+    written. Processes encoding shares of one folder (``torchrun … vseinf encode``) add to one
+    journal, and rank 0 assembles the index from it.
     """
 
     def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None):
@@ -973,7 +986,6 @@ class EncodeJournal:
         self.flush_every = int(flush_every or ENCODE_FLUSH_EVERY)
         self._rows: list[np.ndarray] = []
         self._items: list[list] = []
-        self._next = 0
 
     def load(self) -> dict[str, tuple[int, int, np.ndarray]]:
         """rel path → (size, mtime_ns, vector) from an earlier run of the same model on the same
@@ -998,7 +1010,6 @@ class EncodeJournal:
                 continue
             for (rel, size, mtime_ns), row in zip(items, rows):
                 found[rel] = (int(size), int(mtime_ns), row)
-            self._next = max(self._next, int(part.stem.split("-")[1]) + 1)
         return found
 
     def add(self, rels: Sequence[str], stats: dict, rows: np.ndarray) -> None:
@@ -1012,11 +1023,14 @@ class EncodeJournal:
         if not self._rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        stem = self.dir / f"rows-{self._next:06d}"
+        # Unique names: several processes (torchrun) may add to one journal.
+        stem = self.dir / f"rows-{time.time_ns()}-{os.getpid()}-{secrets.token_hex(3)}"
         try:
             meta_file = self.dir / "journal.json"
             if not meta_file.is_file():
-                meta_file.write_text(json.dumps({"model": self.identity, "root": self.root}))
+                tmp = self.dir / f"journal.{os.getpid()}.tmp"
+                tmp.write_text(json.dumps({"model": self.identity, "root": self.root}))
+                os.replace(tmp, meta_file)
             tmp = stem.with_name(stem.name + ".tmp.npy")
             np.save(tmp, np.stack(self._rows).astype(np.float32), allow_pickle=False)
             os.replace(tmp, stem.with_suffix(".npy"))
@@ -1029,32 +1043,66 @@ class EncodeJournal:
             if not any(self.dir.glob("rows-*.json")):  # nothing saved yet: leave no trace
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
-        self._next += 1
         self._rows, self._items = [], []
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _image_rows(old: "Gallery | None") -> dict:
+    """The rows of a previous image index: relative path → (row, size, mtime_ns)."""
+    return {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
+                                   for i, it in enumerate(old.items)}
+
+
+def _journaled(done: dict, to_encode: list[str], stats: dict) -> dict[str, np.ndarray]:
+    """The rows of ``to_encode`` that the journal holds for the files as they are now."""
+    return {rel: done[rel][2] for rel in to_encode if rel in done and done[rel][:2] == stats[rel]}
+
+
+def _encode_image_share(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool,
+                        workers: int | None, world) -> None:
+    """One torchrun process's share of an image folder (every ``world.size``-th file still to encode),
+    saved to the encode journal, where rank 0 then finds every share."""
+    from .distributed import in_turns, together
+
+    root = gallery.resolve()
+    paths, skipped = scan_images(root, exclude=[out])
+    old, _ = _previous(out, "images", identity, str(root))
+    stats, to_encode, _, _ = _reuse_plan(root, paths, _image_rows(old), skipped)
+    journal = EncodeJournal(out, identity, str(root))
+    # rank 0 first: it clears a journal left by another model before anyone adds to it
+    done = in_turns(world, model.device, journal.load, "reading the saved progress")
+    resumed = _journaled(done, to_encode, stats)
+    mine = [rel for rel in to_encode[world.rank::world.size] if rel not in resumed]
+
+    def encode_mine() -> None:
+        encode_image_files(model, [root / rel for rel in mine], batch_size, progress, workers,
+                           on_batch=lambda rows, kept: journal.add([mine[i] for i in kept], stats, rows))
+        journal.flush()
+
+    together(world, model.device, encode_mine, "encoding its share of the images")
+
+
 def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_size: int, progress: bool,
-                         workers: int | None = None):
+                         workers: int | None = None, processes: int = 1):
     root = gallery.resolve()
     report = EncodeReport(out, "images")
     paths, skipped = scan_images(root, exclude=[out])
     old, report.note = _previous(out, "images", identity, str(root))
-    old_rows = {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
-                                       for i, it in enumerate(old.items)}
-
-    stats, to_encode, reused, report.removed = _reuse_plan(root, paths, old_rows, skipped)
+    stats, to_encode, reused, report.removed = _reuse_plan(root, paths, _image_rows(old), skipped)
     rows = {rel: ("old", prev[0]) for rel, prev in reused.items()}
 
     journal = EncodeJournal(out, identity, str(root))
-    done = journal.load()
-    resumed = {rel: done[rel][2] for rel in to_encode if rel in done and done[rel][:2] == stats[rel]}
-    if resumed:
+    resumed = _journaled(journal.load(), to_encode, stats)
+    note = ""
+    if processes > 1:
+        note = f"note: {len(resumed):,} images encoded by {processes} processes"
+    elif resumed:
         note = f"note: resuming an interrupted run: {len(resumed):,} images were already encoded"
+    if note:
         report.note = f"{report.note}\n{note}" if report.note else note
-        to_encode = [rel for rel in to_encode if rel not in resumed]
+    to_encode = [rel for rel in to_encode if rel not in resumed]
 
     def save_progress(batch_rows: np.ndarray, batch_kept: list[int]) -> None:
         journal.add([to_encode[i] for i in batch_kept], stats, batch_rows)
@@ -1613,7 +1661,13 @@ def run_encode(args, extra) -> int:
     frames = getattr(args, "frames", None)
     if frames is not None and frames < 1:
         raise ValueError(f"encode: --frames must be a positive integer, got {frames}")
-    model = load_model_or_explain(args.model, args.device)
+    from .distributed import init_distributed
+
+    world = init_distributed()  # under torchrun: each process encodes a share of an image folder
+    device = args.device
+    if world.size > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{world.local_rank}"
+    model = load_model_or_explain(args.model, device)
     kind = getattr(args, "kind", "auto")
     video = None
     video_options = frames is not None or getattr(args, "extract_settings", None) or \
@@ -1632,9 +1686,10 @@ def run_encode(args, extra) -> int:
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"encode: --workers must be 0 or more, got {args.workers}")
     report = encode_gallery(args.gallery, args.out, model, engine=args.engine, batch_size=args.batch_size,
-                            workers=args.workers,
-                            progress=not args.no_progress, kind=kind, video=video)
-    print(report.summary())
+                            workers=args.workers, progress=not args.no_progress, kind=kind, video=video,
+                            world=world if world.size > 1 else None)
+    if report is not None:  # rank 0 (or the only process)
+        print(report.summary())
     return 0
 
 
