@@ -65,30 +65,26 @@ def in_turns(world: World, device, work, what: str):
     build their own copy once, and every remaining process opens a finished cache. If ``work``
     fails on any rank, every rank raises (instead of waiting in a collective until the timeout).
     """
+    my_turn = 0 if world.main else 1 if world.local_rank == 0 else 2
+    return _take_turns(world, device, work, what, my_turn, turns=3)
+
+
+def together(world: World, device, work, what: str):
+    """Runs ``work()`` on every rank at once; if it fails on any rank, every rank raises."""
+    return _take_turns(world, device, work, what, my_turn=0, turns=1)
+
+
+def _take_turns(world: World, device, work, what: str, my_turn: int, turns: int):
     if world.size == 1:
         return work()
-    my_turn = 0 if world.main else 1 if world.local_rank == 0 else 2
     result, error = None, None
-    for turn in range(3):
+    for turn in range(turns):
         if turn == my_turn:
             try:
                 result = work()
             except Exception as e:  # reported below, after the other ranks learn of it
                 error = e
         _raise_if_any_failed(world, device, error, what)
-    return result
-
-
-def together(world: World, device, work, what: str):
-    """Runs ``work()`` on every rank at once; if it fails on any rank, every rank raises."""
-    if world.size == 1:
-        return work()
-    result, error = None, None
-    try:
-        result = work()
-    except Exception as e:  # reported below, after the other ranks learn of it
-        error = e
-    _raise_if_any_failed(world, device, error, what)
     return result
 
 
