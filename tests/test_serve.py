@@ -335,3 +335,5 @@ def test_serve_command_tunes_the_engine_and_checks_settings_before_loading_the_m
                                                  "--port", "8123"]) == 0
     engine = started["app"].state.gallery.engine
     assert started["port"] == 8123 and (engine.name, engine.ef_search) == ("hnsw", 200)
+    with TestClient(started["app"]) as client:  # the page's info shows the setting in force
+        assert client.get("/api/info").json()["engine_settings"]["ef_search"] == 200

@@ -430,6 +430,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     def info():
         m = gallery.meta["model"]
         return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
+                "engine_settings": gallery.engine.describe(),
                 "video_source": gallery.video_source, "image_queries": image_queries(),
                 "model": {"checkpoint": m.get("checkpoint"), "bundled": m.get("bundled", False),
                           "config_hash": m.get("config_hash")},
