@@ -305,24 +305,28 @@ def test_encode_is_incremental(photo_dir, tmp_path, model):
     assert encode_gallery(photo_dir, out, model, progress=False).encoded == 0
 
 
-def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir, tmp_path, model, monkeypatch):
+@pytest.mark.parametrize("flush_every,parts", [(1, 2), (1000, 1)])
+def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir, tmp_path, model, monkeypatch,
+                                                                       flush_every, parts):
+    """Saved every ``flush_every`` images (what survives a hard kill), and once more when an
+    exception such as Ctrl-C stops the run."""
     clean = tmp_path / "clean"
     encode_gallery(photo_dir, clean, model, batch_size=1, progress=False, workers=0)
-    monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", 1)
+    monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", flush_every)
     calls, kill_at = [0], [3]
     forward = model.image.forward
 
     def counting_forward(*args, **kwargs):
         calls[0] += 1
         if calls[0] == kill_at[0]:
-            raise KeyboardInterrupt  # as if the process were killed during the third image
+            raise KeyboardInterrupt  # Ctrl-C during the third image
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.image, "forward", counting_forward)
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
-    assert not out.exists() and len(list((tmp_path / ".index.partial").glob("rows-*.json"))) == 2
+    assert not out.exists() and len(list((tmp_path / ".index.partial").glob("rows-*.json"))) == parts
     calls[0], kill_at[0] = 0, 0
     report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
     assert calls[0] == 2  # only the two images the killed run had not finished

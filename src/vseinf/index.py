@@ -1077,9 +1077,11 @@ def _encode_image_share(gallery: Path, out: Path, model, identity: dict, batch_s
     mine = [rel for rel in to_encode[world.rank::world.size] if rel not in resumed]
 
     def encode_mine() -> None:
-        encode_image_files(model, [root / rel for rel in mine], batch_size, progress, workers,
-                           on_batch=lambda rows, kept: journal.add([mine[i] for i in kept], stats, rows))
-        journal.flush()
+        try:
+            encode_image_files(model, [root / rel for rel in mine], batch_size, progress, workers,
+                               on_batch=lambda rows, kept: journal.add([mine[i] for i in kept], stats, rows))
+        finally:
+            journal.flush()
 
     together(world, model.device, encode_mine, "encoding its share of the images")
 
@@ -1107,9 +1109,11 @@ def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_
     def save_progress(batch_rows: np.ndarray, batch_kept: list[int]) -> None:
         journal.add([to_encode[i] for i in batch_kept], stats, batch_rows)
 
-    new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress,
-                                            workers, on_batch=save_progress)
-    journal.flush()
+    try:
+        new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress,
+                                                workers, on_batch=save_progress)
+    finally:
+        journal.flush()  # on Ctrl-C too: the rows embedded since the last flush are kept
     for j, i in enumerate(kept):
         rows[to_encode[i]] = ("new", j)
     if resumed:
