@@ -92,7 +92,7 @@ HNSW_EF_SEARCH = 64
 # own copy of every row): an inverted file of NLIST ≈ 2·√n cells holds a product-quantised code of
 # each row (128 bytes for d = 1024: 128 sub-vectors of 8 dims, 8 bits each), NPROBE cells are
 # scanned per query, and the best RERANK candidates are re-scored exactly from the memory-mapped
-# rows, so the reported scores are exact dot products. Measured in benchmarks/index_search.py.
+# rows, so the reported scores are exact dot products. Measured in benchmarks/index_ivfpq.py.
 IVF_NPROBE = 64
 IVF_RERANK = 100
 IVF_MIN_ITEMS = 10_000  # fewer rows cannot train 256 codewords per sub-quantizer (faiss wants ~39 each)
@@ -786,6 +786,9 @@ class EncodeReport:
     seconds: float = 0.0
     note: str = ""
 
+    def add_note(self, note: str) -> None:
+        self.note = f"{self.note}\n{note}" if self.note else note
+
     def summary(self) -> str:
         what = {"images": "images", "captions": "captions", "videos": "clips"}.get(self.kind, self.kind)
         lines = [f"{self.index_dir}: {self.total} {what} ({self.encoded} encoded, {self.reused} unchanged, "
@@ -916,17 +919,14 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
             raise ValueError(f"{gallery}: nothing to index (no readable {what}){detail}")
         if engine == "ivfpq" and len(emb) < IVF_MIN_ITEMS:
             # Refusing now would throw away the embeddings just computed.
-            note = (f"note: {len(emb):,} items are too few to train IVF-PQ (it needs {IVF_MIN_ITEMS:,}); "
-                    "using the exact engine")
-            report.note = f"{report.note}\n{note}" if report.note else note
+            report.add_note(f"note: {len(emb):,} items are too few to train IVF-PQ (it needs "
+                            f"{IVF_MIN_ITEMS:,}); using the exact engine")
             engine = "exact"
-        journal = meta.pop("_journal", None)
         index = build_engine(emb, engine)
         meta["engine"] = index.describe()
         report.engine = index.name
         _write_index(out, meta, emb, index, extra_files)
-        if journal is not None:
-            journal.discard()
+        shutil.rmtree(journal_dir(out), ignore_errors=True)  # the progress of this (or a killed) run
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -968,6 +968,11 @@ def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> 
 ENCODE_FLUSH_EVERY = 1024
 
 
+def journal_dir(out: Path) -> Path:
+    """Where the encode journal of the index ``out`` lives (beside it, hidden)."""
+    return out.parent / f".{out.name}.partial"
+
+
 class EncodeJournal:
     """Rows an interrupted ``vseinf encode`` of an image folder had already embedded, so that a run
     over a large gallery that is killed loses at most the last ``flush_every`` images.
@@ -981,7 +986,7 @@ class EncodeJournal:
     """
 
     def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None):
-        self.dir = out.parent / f".{out.name}.partial"
+        self.dir = journal_dir(out)
         self.identity, self.root = identity, root
         self.flush_every = int(flush_every or ENCODE_FLUSH_EVERY)
         self._rows: list[np.ndarray] = []
@@ -1011,6 +1016,10 @@ class EncodeJournal:
             for (rel, size, mtime_ns), row in zip(items, rows):
                 found[rel] = (int(size), int(mtime_ns), row)
         return found
+
+    def recorder(self, rels: Sequence[str], stats: dict):
+        """An ``on_batch`` callback for :func:`encode_image_files` over the files ``rels``."""
+        return lambda rows, kept: self.add([rels[i] for i in kept], stats, rows)
 
     def add(self, rels: Sequence[str], stats: dict, rows: np.ndarray) -> None:
         for rel, row in zip(rels, rows):
@@ -1045,9 +1054,6 @@ class EncodeJournal:
             raise
         self._rows, self._items = [], []
 
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 def _image_rows(old: "Gallery | None") -> dict:
     """The rows of a previous image index: relative path → (row, size, mtime_ns)."""
@@ -1079,7 +1085,7 @@ def _encode_image_share(gallery: Path, out: Path, model, identity: dict, batch_s
     def encode_mine() -> None:
         try:
             encode_image_files(model, [root / rel for rel in mine], batch_size, progress, workers,
-                               on_batch=lambda rows, kept: journal.add([mine[i] for i in kept], stats, rows))
+                               on_batch=journal.recorder(mine, stats))
         finally:
             journal.flush()
 
@@ -1097,21 +1103,15 @@ def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_
 
     journal = EncodeJournal(out, identity, str(root))
     resumed = _journaled(journal.load(), to_encode, stats)
-    note = ""
     if processes > 1:
-        note = f"note: {len(resumed):,} images encoded by {processes} processes"
+        report.add_note(f"note: {len(resumed):,} images encoded by {processes} processes")
     elif resumed:
-        note = f"note: resuming an interrupted run: {len(resumed):,} images were already encoded"
-    if note:
-        report.note = f"{report.note}\n{note}" if report.note else note
+        report.add_note(f"note: resuming an interrupted run: {len(resumed):,} images were already encoded")
     to_encode = [rel for rel in to_encode if rel not in resumed]
-
-    def save_progress(batch_rows: np.ndarray, batch_kept: list[int]) -> None:
-        journal.add([to_encode[i] for i in batch_kept], stats, batch_rows)
 
     try:
         new_emb, kept, bad = encode_image_files(model, [root / rel for rel in to_encode], batch_size, progress,
-                                                workers, on_batch=save_progress)
+                                                workers, on_batch=journal.recorder(to_encode, stats))
     finally:
         journal.flush()  # on Ctrl-C too: the rows embedded since the last flush are kept
     for j, i in enumerate(kept):
@@ -1136,7 +1136,6 @@ def _encode_image_folder(gallery: Path, out: Path, model, identity: dict, batch_
     report.skipped = skipped
     meta = _base_meta("images", root, identity, skipped)
     meta["items"] = items
-    meta["_journal"] = journal  # discarded by encode_gallery once the index is written
     return report, meta, emb
 
 

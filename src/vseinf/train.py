@@ -27,7 +27,7 @@ import torch.distributed as dist
 from .checkpoint import load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat
 from .config import RunConfig
 from .data.splits import CaptionSplit, open_split
-from .distributed import World, in_turns, init_distributed  # noqa: F401  (World: public here too)
+from .distributed import World, in_turns, init_distributed
 from .evaluation import retrieval_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
