@@ -235,3 +235,21 @@ def test_head_init_default_is_pytorchs_and_xavier_is_the_authors():
     assert region.fc.weight.abs().max() <= (6 / (64 + 32)) ** 0.5
     with pytest.raises(ValueError, match="model.head_init"):
         GridHead(8, 4, head_init="kaiming")
+
+
+def test_grid_head_mlp_residual_is_fc_plus_mlp_and_ignores_padding():
+    """``grid_mlp``: the grid head adds the region tower's MLP residual; padding never reaches it
+    (BatchNorm sees only valid cells) and the plain head's keys are unchanged without it."""
+    torch.manual_seed(9)
+    head = GridHead(16, 8, pooling="avg", mlp=True).eval()
+    assert {"fc", "mlp"} <= {k.split(".")[0] for k in head.state_dict()}
+    assert "mlp" not in {k.split(".")[0] for k in GridHead(16, 8, pooling="avg").state_dict()}
+    sets = [torch.randn(n, 16) for n in (49, 30, 5)]
+    with torch.no_grad():
+        alone = torch.cat([head(s.unsqueeze(0))[0] for s in sets])
+        padded, lengths = _padded(sets, 64, float("nan"))
+        assert torch.allclose(head(padded, lengths)[0], alone, atol=1e-5)
+        x = sets[0].unsqueeze(0)
+        mask = torch.ones(1, 49, dtype=torch.bool)
+        expected = torch.nn.functional.normalize((head.fc(x) + head.mlp(x, mask)).mean(1), dim=-1)
+        assert torch.allclose(head(x)[0], expected, atol=1e-6)

@@ -38,6 +38,7 @@ class ModelConfig:
         embed_dim: joint embedding size d (paper: 1024).
         head_init: initialisation of the image head's Linear layer: "default" (PyTorch's, +5 dev
             RSUM on frozen grids) or "xavier" (the authors' Xavier-uniform).
+        grid_mlp: add the region tower's 2-layer MLP residual to the grid head (``fc(x) + mlp(x)``).
         image_pooling / text_pooling: pooling names for ``vseinf.pooling.build_pooling``.
         size_augment: drop ~20% of set elements during training (SPEC §2).
         text_augment: the authors' token masking/replacing/deleting (live text encoders only).
@@ -57,6 +58,7 @@ class ModelConfig:
     glove: bool = False
     embed_dim: int = 1024
     head_init: str = "default"
+    grid_mlp: bool = False
     image_pooling: str = "gpo"
     text_pooling: str = "gpo"
     size_augment: bool = True

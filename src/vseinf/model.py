@@ -52,7 +52,7 @@ class VSEModel(nn.Module):
             if weights in ("none", ""):
                 weights = None
             self.image = GridImageEncoder(config.backbone, weights, config.embed_dim, config.image_pooling,
-                                          config.size_augment, config.head_init)
+                                          config.size_augment, config.head_init, config.grid_mlp)
         elif kind in ("region", "frames"):
             self.image = RegionEncoder(config.feature_dim, config.embed_dim, config.image_pooling,
                                        config.size_augment, config.head_init)

@@ -139,15 +139,18 @@ class GridHead(nn.Module):
         pooling: pooling name for :func:`vseinf.pooling.build_pooling`.
         size_augment: in training mode, drop grid vectors at random (mode "grid").
         head_init: "default" (PyTorch's Linear init) or "xavier" (the authors'); see :func:`head_linear`.
+        mlp: add the 2-layer MLP residual of the region tower (``fc(x) + mlp(x)``; the authors'
+            "backbone" head for fine-tuned grids).
     """
 
     def __init__(self, in_dim: int, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True,
-                 head_init: str = "default"):
+                 head_init: str = "default", mlp: bool = False):
         super().__init__()
         self.in_dim = in_dim
         self.embed_dim = embed_dim
         self.size_augment = size_augment
         self.fc = head_linear(in_dim, embed_dim, head_init)
+        self.mlp = RegionMLP(in_dim, embed_dim // 2, embed_dim) if mlp else None
         self.gpool = build_pooling(pooling, embed_dim)
 
     @staticmethod
@@ -169,7 +172,10 @@ class GridHead(nn.Module):
         _check_sets(features, self.in_dim, "GridHead")
         lengths = check_set_batch(features, lengths)
         mask = valid_mask(lengths, features.shape[1])
-        embedded = self.fc(features.masked_fill(~mask.unsqueeze(2), 0.0))
+        features = features.masked_fill(~mask.unsqueeze(2), 0.0)
+        embedded = self.fc(features)
+        if self.mlp is not None:
+            embedded = embedded + self.mlp(features, mask)
         if self.training and self.size_augment:
             embedded, lengths = size_augment(embedded, lengths, mode="grid")
         pooled, weights = self.gpool(embedded, lengths)
@@ -187,16 +193,17 @@ class GridImageEncoder(nn.Module):
         pooling: pooling name for the head.
         size_augment: drop grid vectors at random in training mode.
         head_init: initialisation of the head's Linear layer (see :func:`head_linear`).
+        mlp: the head's MLP residual (see :class:`GridHead`).
 
     Images are expected normalised with ``backbone.mean`` / ``backbone.std`` (``backbone.normalize``
     maps 0..1 RGB to that); the paper resizes them to 512 × 512 for training.
     """
 
     def __init__(self, backbone_name: str, weights: str | Path | None = "default", embed_dim: int = 1024,
-                 pooling: str = "gpo", size_augment: bool = True, head_init: str = "default"):
+                 pooling: str = "gpo", size_augment: bool = True, head_init: str = "default", mlp: bool = False):
         super().__init__()
         self.backbone: Backbone = freeze_batchnorm(build_backbone(backbone_name, weights))
-        self.image_encoder = GridHead(self.backbone.out_channels, embed_dim, pooling, size_augment, head_init)
+        self.image_encoder = GridHead(self.backbone.out_channels, embed_dim, pooling, size_augment, head_init, mlp)
 
     @property
     def embed_dim(self) -> int:

@@ -1,0 +1,102 @@
+"""The recipe's ablation on Flickr8k: one training run per row, each changing one element.
+
+Every row is a ``vseinf train`` command on the default config (``configs/flickr8k.yaml``) with a few
+overrides, or the minimal reference trainer (``benchmarks/baseline_trainer.py``). Runs are kept
+under ``--runs`` (one folder a row) and skipped when already finished, so the script can be stopped
+and started again; the table of dev RSUMs goes to ``--json``.
+
+    python benchmarks/recipe_ablation.py --rows fixed-gpo,fixed-max --json results/recipe_ablation_flickr8k.json
+    python benchmarks/recipe_ablation.py --list          # every row and its command
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _report import emit  # benchmarks/_report.py
+
+HERE = Path(__file__).resolve().parent
+MAX = ["--model.image_pooling", "max", "--model.text_pooling", "max"]
+AVG = ["--model.image_pooling", "avg", "--model.text_pooling", "avg"]
+
+# name → (what changes, arguments). "baseline:" rows run the reference trainer instead of vseinf.
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "baseline-max": ("reference trainer: Linear + max pooling, fp32, no masking", ["baseline:", "--pool", "max"]),
+    "baseline-max-seed1": ("reference trainer, seed 1", ["baseline:", "--pool", "max", "--seed", "1"]),
+    "xavier-max": ("vseinf max/max with the authors' Xavier head init (the old default)",
+                   MAX + ["--model.head_init", "xavier"]),
+    "fixed-max": ("vseinf max/max, PyTorch's head init (the new default)", MAX),
+    "fixed-max-seed1": ("vseinf max/max, seed 1", MAX + ["--train.seed", "1"]),
+    "fixed-avg": ("vseinf avg/avg", AVG),
+    "fixed-gpo": ("vseinf GPO/GPO (the default recipe)", []),
+    "fixed-gpo-seed1": ("vseinf GPO/GPO, seed 1", ["--train.seed", "1"]),
+    "xavier-gpo": ("vseinf GPO/GPO with the Xavier head init", ["--model.head_init", "xavier"]),
+    "max-no-size-augment": ("max/max without size augmentation", MAX + ["--model.size_augment", "false"]),
+    "max-fp32": ("max/max in fp32 instead of bf16 autocast", MAX + ["--train.precision", "fp32"]),
+    "max-no-warmup": ("max/max, hardest negatives from the first step", MAX + ["--train.warmup_epochs", "0"]),
+    "max-wd0": ("max/max without weight decay", MAX + ["--train.weight_decay", "0"]),
+}
+
+
+def command(name: str, run_dir: Path, config: str) -> list[str]:
+    args = ROWS[name][1]
+    if args and args[0] == "baseline:":
+        return [sys.executable, str(HERE / "baseline_trainer.py"), "--config", config,
+                "--json", str(run_dir / "metrics.json"), *args[1:]]
+    return [sys.executable, "-m", "vseinf", "train", "--config", config, "--out", str(run_dir), "--resume", "auto",
+            *args]
+
+
+def result_of(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data.get("final", data)  # the baseline nests its table under "final"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="baseline-max,fixed-max,fixed-gpo,fixed-avg,xavier-max")
+    p.add_argument("--config", default="configs/flickr8k.yaml")
+    p.add_argument("--runs", default=os.path.join(os.environ.get("VSEINF_CACHE", "runs"), "ablation"))
+    p.add_argument("--json", default="results/recipe_ablation_flickr8k.json")
+    p.add_argument("--list", action="store_true", help="print the rows and their commands, run nothing")
+    args = p.parse_args()
+    names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"unknown rows: {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    table = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"rows": {}}
+    for name in names:
+        run_dir = Path(args.runs) / name
+        cmd = command(name, run_dir, args.config)
+        if args.list:
+            print(f"{name}: {ROWS[name][0]}\n  {' '.join(cmd)}")
+            continue
+        if result_of(run_dir) is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            start = time.time()
+            print(f"== {name}: {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, check=True)
+            (run_dir / "wall_s.txt").write_text(f"{time.time() - start:.0f}\n")
+        metrics = result_of(run_dir)
+        wall = (run_dir / "wall_s.txt").read_text().strip() if (run_dir / "wall_s.txt").exists() else None
+        table["rows"][name] = {"what": ROWS[name][0], "args": ROWS[name][1], "rsum": round(metrics["rsum"], 1),
+                               "i2t": [round(metrics[f"i2t_r{k}"], 1) for k in (1, 5, 10)],
+                               "t2i": [round(metrics[f"t2i_r{k}"], 1) for k in (1, 5, 10)],
+                               "wall_s": int(wall) if wall else None}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+    if not args.list:
+        emit(table, None)
+
+
+if __name__ == "__main__":
+    main()
