@@ -137,7 +137,7 @@ def main() -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 2.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         metrics = evaluate(img_tower, txt_tower, dv_img, dv_img_len, dv_txt, dv_txt_len, dev.caption_to_image)
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "rsum": metrics["rsum"]})
         if best is None or metrics["rsum"] > best["rsum"]:  # picked on dev, as vseinf train does

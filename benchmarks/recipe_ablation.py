@@ -38,7 +38,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fixed-gpo-seed1": ("vseinf GPO/GPO, seed 1", ["--train.seed", "1"]),
     "xavier-gpo": ("vseinf GPO/GPO with the Xavier head init", ["--model.head_init", "xavier"]),
     "max-no-size-augment": ("max/max without size augmentation", MAX + ["--model.size_augment", "false"]),
-    "max-fp32": ("max/max in fp32 instead of bf16 autocast", MAX + ["--train.precision", "fp32"]),
+    "max-bf16": ("max/max with bf16 autocast (auto picks fp32 on CPUs without native bf16)",
+                 MAX + ["--train.precision", "bf16"]),
     "max-no-warmup": ("max/max, hardest negatives from the first step", MAX + ["--train.warmup_epochs", "0"]),
     "max-wd0": ("max/max without weight decay", MAX + ["--train.weight_decay", "0"]),
 }
@@ -88,6 +89,8 @@ def main() -> None:
             (run_dir / "wall_s.txt").write_text(f"{time.time() - start:.0f}\n")
         metrics = result_of(run_dir)
         wall = (run_dir / "wall_s.txt").read_text().strip() if (run_dir / "wall_s.txt").exists() else None
+        # Re-read before writing: two copies of this script may run side by side (one row each).
+        table = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"rows": {}}
         table["rows"][name] = {"what": ROWS[name][0], "args": ROWS[name][1], "rsum": round(metrics["rsum"], 1),
                                "i2t": [round(metrics[f"i2t_r{k}"], 1) for k in (1, 5, 10)],
                                "t2i": [round(metrics[f"t2i_r{k}"], 1) for k in (1, 5, 10)],

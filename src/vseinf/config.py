@@ -110,7 +110,8 @@ class TrainConfig:
         finetune_backbone: train the CNN after ``freeze_backbone_epochs`` (needs live images).
         freeze_backbone_epochs: epochs with the CNN frozen (paper: 1).
         finetune_text: train the text transformer (off for the cached recipe).
-        precision: "fp32" or "bf16" (autocast).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the hardware multiplies it
+            natively — CUDA, AVX-512 BF16/AMX CPUs —, else fp32; see ``vseinf.precision``).
         seed: random seed.
         eval_every: validate every N epochs.
         log_every: steps between log lines.

@@ -31,6 +31,7 @@ from .distributed import World, in_turns, init_distributed
 from .evaluation import retrieval_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
+from .precision import autocast, resolve_precision
 
 
 
@@ -402,7 +403,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
         state = _restore(run_dir, model, loss_fn, optimizer, device, rngs, world)
         if world.main:
             print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    amp = autocast(t.precision, device)
+    if world.main and t.precision == "auto":
+        print(f"precision auto: {resolve_precision(t.precision, device)} on {device.type}")
     log_path = run_dir / "log.jsonl"
 
     for epoch in range(state["epoch"], t.epochs):
