@@ -139,8 +139,8 @@ class GridHead(nn.Module):
         pooling: pooling name for :func:`vseinf.pooling.build_pooling`.
         size_augment: in training mode, drop grid vectors at random (mode "grid").
         head_init: "default" (PyTorch's Linear init) or "xavier" (the authors'); see :func:`head_linear`.
-        mlp: add the 2-layer MLP residual of the region tower (``fc(x) + mlp(x)``; the authors'
-            "backbone" head for fine-tuned grids).
+        mlp: add the region tower's 2-layer MLP residual (``fc(x) + mlp(x)``). The authors' grid
+            checkpoints have no MLP (keys ``fc`` and ``gpool`` only), so it is off by default.
     """
 
     def __init__(self, in_dim: int, embed_dim: int = 1024, pooling: str = "gpo", size_augment: bool = True,
