@@ -42,6 +42,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                  MAX + ["--train.precision", "bf16"]),
     "max-no-warmup": ("max/max, hardest negatives from the first step", MAX + ["--train.warmup_epochs", "0"]),
     "max-wd0": ("max/max without weight decay", MAX + ["--train.weight_decay", "0"]),
+    # The climb: one change at a time on top of the default GPO recipe.
+    "gpo-mlp": ("GPO/GPO + the paper's MLP residual in the grid head", ["--model.grid_mlp", "true"]),
+    "gpo-8ep": ("GPO/GPO, 8 epochs (lr ÷ 10 from epoch 7)", ["--train.epochs", "8", "--train.lr_decay_epoch", "6"]),
+    "gpo-infonce-8ep": ("GPO/GPO, InfoNCE, 8 epochs", ["--train.loss", "infonce", "--train.epochs", "8",
+                                                       "--train.lr_decay_epoch", "6"]),
+    "gpo-lr1e-3": ("GPO/GPO, lr 1e-3", ["--train.lr", "1e-3"]),
 }
 
 
