@@ -1,4 +1,4 @@
-"""Run configuration: dataclasses whose defaults reproduce the paper (SPEC §3–§4).
+"""Run configuration: dataclasses whose defaults reproduce the paper (docs/recipe.md §3–§4).
 
 A run's full config is saved as JSON beside its checkpoint; a YAML or JSON file plus ``--key value``
 overrides on the command line rebuild it. Keys may be written with their section
@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The two towers (SPEC §3).
+    """The two towers (docs/recipe.md §3).
 
     Args:
         image_encoder: "grid" (a CNN's feature map), "region" (precomputed detector regions) or
@@ -40,7 +40,7 @@ class ModelConfig:
             RSUM on frozen grids) or "xavier" (the authors' Xavier-uniform).
         grid_mlp: add the region tower's 2-layer MLP residual to the grid head (``fc(x) + mlp(x)``).
         image_pooling / text_pooling: pooling names for ``vseinf.pooling.build_pooling``.
-        size_augment: drop ~20% of set elements during training (SPEC §2).
+        size_augment: drop ~20% of set elements during training (docs/recipe.md §2).
         text_augment: the authors' token masking/replacing/deleting (live text encoders only).
         gradient_checkpointing: recompute the text transformer's activations in the backward pass
             (less memory when fine-tuning it).
@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe (SPEC §4).
+    """The optimisation recipe (docs/recipe.md §4).
 
     Args:
         epochs: number of epochs (paper: 25; video 35).

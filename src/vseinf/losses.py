@@ -3,7 +3,7 @@
 Both take l2-normalised embeddings ``img`` and ``txt`` (G × d; row i of each is a positive
 pair) and ``image_ids`` (G): rows with equal ids show the same image, so their pairs are
 positives and never negatives. The authors' code treats a second caption of the same image in
-the batch as a negative; we mask it (SPEC §4).
+the batch as a negative; we mask it (docs/recipe.md §4).
 
 Multi-process training: each rank gathers the global batch with :func:`gather_with_grad` (or
 :func:`gather_batch`) and computes the loss of its own rows only (``local_rows``), each row as

@@ -1,4 +1,4 @@
-"""The paper's synthetic check of GPO's coefficient generator (SPEC §8, supplementary Table 6).
+"""The paper's synthetic check of GPO's coefficient generator (docs/recipe.md §8, supplementary Table 6).
 
 Question: can a coefficient generator g(k, N) learn a known pooling pattern from pooled outputs
 alone, and does what it learned carry over to set sizes it never saw?

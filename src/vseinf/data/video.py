@@ -1,6 +1,6 @@
 """Video datasets: captions from MSR-VTT, VaTeX or a pairs file, frame features read lazily.
 
-A video is a *set* of frame features whose size varies from clip to clip (SPEC §1, §6): exactly
+A video is a *set* of frame features whose size varies from clip to clip (docs/recipe.md §1, §6): exactly
 what GPO pools. A video split is a :class:`VideoSplit` — a :class:`~vseinf.data.CaptionSplit`
 whose "images" are videos (``image_keys`` are video ids, ``image_root`` is ``None``) with a
 ``feature_source`` that reads each clip's ``T × D`` frame features when asked:

@@ -1,4 +1,4 @@
-"""Image towers of VSE∞: a set of visual vectors → one l2-normalised embedding (SPEC §3).
+"""Image towers of VSE∞: a set of visual vectors → one l2-normalised embedding (docs/recipe.md §3).
 
 - :class:`RegionEncoder` — precomputed region features (e.g. 36 × 2048 BUTD boxes):
   ``fc(x) + mlp(x)`` (a linear map plus a 2-layer MLP residual) → pooling → l2norm.

@@ -1,6 +1,6 @@
-"""Text towers: caption → set of token vectors → pooling → l2-normalised embedding (SPEC §3).
+"""Text towers: caption → set of token vectors → pooling → l2-normalised embedding (docs/recipe.md §3).
 
-Two towers, with submodule names that match the authors' checkpoints (SPEC §9) so their weights
+Two towers, with submodule names that match the authors' checkpoints (docs/recipe.md §9) so their weights
 load without renaming:
 
 * :class:`BiGRUTextEncoder` — word embedding (``embed``) → bidirectional GRU (``rnn``, the two
@@ -15,7 +15,7 @@ For training on cached features of a *frozen* transformer, :meth:`TransformerTex
 computes the per-token outputs once and :class:`CachedTextHead` (``linear`` + ``gpool``) is the part
 that trains; its state dict loads into the live encoder (``strict=False``) and gives the same output.
 
-Text augmentation (SPEC §4): :func:`augment_tokens` edits token ids before padding (mask / random
+Text augmentation (docs/recipe.md §4): :func:`augment_tokens` edits token ids before padding (mask / random
 token / delete); :func:`drop_token_features` is what the cached path can still do — deleting tokens
 — because masking or replacing a token would change the transformer's outputs, which are frozen.
 
@@ -701,7 +701,7 @@ class TransformerTextEncoder(nn.Module):
         return cls(embed_dim=embed_dim, pooling=pooling, gradient_checkpointing=gradient_checkpointing,
                    bert=bert, tokenizer=tokenizer)
 
-    # -- parameter groups for the trainer (BERT gets 0.1× the learning rate, SPEC §3) -----------
+    # -- parameter groups for the trainer (BERT gets 0.1× the learning rate, docs/recipe.md §3) -----------
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.bert.parameters())
@@ -850,7 +850,7 @@ class CachedTextHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Text augmentation (SPEC §4)
+# Text augmentation (docs/recipe.md §4)
 
 
 def augment_tokens(token_ids: Sequence[int], mask_id: int, vocab_size: int, rng: random.Random,
