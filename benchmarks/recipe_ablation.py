@@ -49,9 +49,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                                        "--train.lr_decay_epoch", "6"]),
     "gpo-lr1e-3": ("GPO/GPO, lr 1e-3", ["--train.lr", "1e-3"]),
     # Fine-tuning as the paper does (text at 0.1x lr; the CNN end to end from epoch 2 at 0.1x, BatchNorm
-    # frozen, on live 224-px photos with crops and flips). CNN rows see ~one caption per image an epoch
+    # frozen, on live 224-px photos with crops and flips). Each sees ~one caption per image an epoch
     # (47 steps of 128) to fit this CPU.
-    "ft-text": ("GPO/GPO, MiniLM fine-tuned at 0.1x lr", ["--train.finetune_text", "true"]),
+    "ft-text": ("GPO/GPO, MiniLM fine-tuned at 0.1x lr, 47 steps an epoch",
+                ["--train.finetune_text", "true", "--train.max_steps_per_epoch", "47"]),
     "ft-cnn": ("GPO/GPO, MobileNetV2 fine-tuned from epoch 2, 47 steps an epoch",
                ["--train.finetune_backbone", "true", "--train.max_steps_per_epoch", "47"]),
     "ft-both": ("GPO/GPO, MiniLM and MobileNetV2 fine-tuned, 47 steps an epoch",
