@@ -25,6 +25,18 @@ TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
 
 
+# Tensors that older versions saved under another name: old name → current name.
+RENAMED_TENSORS = {
+    # InfoNCE's learnable temperature belonged to the loss (saved with the trainer state); the model owns it now.
+    "loss.logit_scale": "logit_scale",
+}
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """``state`` with the tensors of older checkpoints renamed to the current names (see RENAMED_TENSORS)."""
+    return {RENAMED_TENSORS.get(key, key): value for key, value in state.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or of the wrong kind."""
 

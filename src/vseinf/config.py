@@ -117,6 +117,10 @@ class TrainConfig:
         log_every: steps between log lines.
         max_steps_per_epoch: cap steps per epoch (0 = full epochs); for quick runs and tests.
         save_every: also write the resumable ``last/`` checkpoint every N steps (0: only per epoch).
+        num_threads: CPU threads of the training process (0: $OMP_NUM_THREADS when set, else this
+            machine's cores shared among its training processes, at most 8). The count is fixed for
+            the whole run because CPU sums split by thread: a rerun or a resume on the same machine
+            then gives the same weights bit for bit.
     """
 
     epochs: int = 25
@@ -140,6 +144,7 @@ class TrainConfig:
     log_every: int = 50
     max_steps_per_epoch: int = 0
     save_every: int = 200
+    num_threads: int = 0
 
 
 @dataclass

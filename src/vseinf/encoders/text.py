@@ -570,7 +570,10 @@ class BiGRUTextEncoder(nn.Module):
 
         Returns (B × embed_dim unit vectors, B × L pooling weights).
         """
-        features, lengths = self.token_outputs(token_ids, lengths)
+        return self.head(*self.token_outputs(token_ids, lengths))
+
+    def head(self, features: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooling over per-token GRU outputs (B × L × embed_dim) → (unit vectors, pooling weights)."""
         pooled, weights = self.gpool(features, lengths)
         return l2norm(pooled), weights
 
@@ -760,8 +763,12 @@ class TransformerTextEncoder(nn.Module):
         Returns (B × embed_dim unit vectors, B × L pooling weights).
         """
         lengths = _check_tokens(token_ids, lengths).to(token_ids.device)
-        features = self.linear(self.token_outputs(token_ids))
-        pooled, weights = self.gpool(features, lengths)
+        return self.head(self.token_outputs(token_ids), lengths)
+
+    def head(self, features: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part after the transformer, which also runs on cached token outputs: B × L × hidden
+        (padding anywhere past ``lengths``) → ``linear`` → pooling → (unit vectors, pooling weights)."""
+        pooled, weights = self.gpool(self.linear(features), lengths)
         return l2norm(pooled), weights
 
     @torch.no_grad()
