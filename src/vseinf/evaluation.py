@@ -310,20 +310,28 @@ class _RankCounter:
         self.i2t_ranks[a:b] += _count_rows(above) if numpy_kernel else above.sum(1)
         straddle = xp.where((first >= p) & (first < q))[0]
         if len(straddle):  # ties left of c_i, in the tile that holds c_i
-            ties = (tile[straddle] == self.best[a + straddle, None]) & (
-                self.text_idx[None, p:q] < first[straddle, None]
-            )
-            self.i2t_ranks[a + straddle] += ties.sum(1)
+            held = tile if len(straddle) == len(tile) else tile[straddle]
+            equal = held == self.best[a + straddle, None]
+            n_equal = _count_rows(equal) if numpy_kernel else equal.sum(1)
+            # Exact ties are rare: only rows with an equal score besides c_i itself (not in
+            # the tile when positives were set to -inf) need the per-element rule.
+            keep = n_equal > int(exact_positives)
+            if bool(keep.any()):
+                rows = straddle[keep]
+                ties = equal[keep] & (self.text_idx[None, p:q] < first[rows, None])
+                self.i2t_ranks[a + rows] += ties.sum(1)
 
         # Text → image: images above the text's own score, ">=" above its image.
         threshold = xp.where(owners >= b, self.pos_or_equal[p:q], self.pos[p:q])
         above = self._greater(tile, threshold)
         self.t2i_ranks[p:q] += _count_cols(above) if numpy_kernel else above.sum(0)
         if len(inside):  # ties above the image, in the tile that holds it
-            ties = (tile[:, inside] == self.pos[p + inside]) & (
-                self.image_idx[a:b, None] < owners[inside]
-            )
-            self.t2i_ranks[p + inside] += ties.sum(0)
+            equal = tile[:, inside] == self.pos[p + inside]
+            keep = equal.sum(0) > int(exact_positives)  # as above: exact ties are rare
+            if bool(keep.any()):
+                cols = inside[keep]
+                ties = equal[:, keep] & (self.image_idx[a:b, None] < owners[cols])
+                self.t2i_ranks[p + cols] += ties.sum(0)
 
     def _greater(self, tile: Any, threshold: Any) -> Any:
         if self.xp is np:  # a C-ordered mask whatever the tile's layout, for the byte-lane counts
