@@ -50,6 +50,8 @@ def _cmd_train(args, extra):
 
 
 def _add_eval(sub):
+    from .argtypes import nonnegative_int
+
     p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
@@ -57,7 +59,7 @@ def _add_eval(sub):
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
     p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (quick check)")
+    p.add_argument("--max-images", type=nonnegative_int, default=0, help="evaluate only the first N images (quick check)")
     p.add_argument("--device", default="cpu")
     return p
 

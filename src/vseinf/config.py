@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -191,13 +192,42 @@ def _coerce(value: Any, typ, where: str):
     return value
 
 
+# Ranges of the numeric keys: a size or count of 0 (or below) builds a model or a loop that fails
+# far from the config with a message about tensors (e.g. ``embed_dim: -4`` → "negative dimension").
+POSITIVE = {
+    "model": {"image_size", "feature_dim", "max_text_length", "word_dim", "embed_dim"},
+    "train": {"epochs", "batch_size", "lr", "eval_every", "log_every"},
+}
+NONNEGATIVE = {
+    "data": {"num_workers", "max_train_images", "max_val_images"},
+    "train": {"lr_decay_epoch", "weight_decay", "grad_clip", "margin", "warmup_epochs", "backbone_lr_mult",
+              "text_backbone_lr_mult", "pooling_lr_mult", "freeze_backbone_epochs", "max_steps_per_epoch",
+              "save_every"},
+}
+
+
+def _check_range(section: str, key: str, value: Any, where: str) -> None:
+    """Refuse non-finite numbers and values outside the key's range, naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    kind = "integer" if isinstance(value, int) else "number"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
+    if key in POSITIVE.get(section, ()) and not value > 0:
+        raise ConfigError(f"{where}: expected a positive {kind}, got {value}")
+    if key in NONNEGATIVE.get(section, ()) and not value >= 0:
+        raise ConfigError(f"{where}: expected {'an' if kind == 'integer' else 'a'} {kind} >= 0, got {value}")
+
+
 def _set(cfg: RunConfig, section: str, key: str, value: Any, where: str):
     cls = SECTIONS[section]
     hints = get_type_hints(cls)
     if key not in hints:
         known = ", ".join(f.name for f in fields(cls))
         raise ConfigError(f"{where}: unknown key {section}.{key}; known keys: {known}")
-    setattr(getattr(cfg, section), key, _coerce(value, hints[key], where))
+    value = _coerce(value, hints[key], where)
+    _check_range(section, key, value, where)
+    setattr(getattr(cfg, section), key, value)
 
 
 def apply_dict(cfg: RunConfig, data: dict, source: str = "config") -> RunConfig:

@@ -113,6 +113,8 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
 
 
 def add_demo_parser(sub):
+    from .argtypes import positive_int
+
     p = sub.add_parser("demo", help="index sample photos with the bundled model and search them (offline)",
                        description="Index scikit-image's sample photos (or --images DIR) with the bundled model, "
                                    "run a few example queries and show how to open the web page.")
@@ -120,7 +122,7 @@ def add_demo_parser(sub):
     p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     p.add_argument("--out", help="demo working folder (default: $VSEINF_CACHE/demo or ~/.cache/vseinf/demo)")
     p.add_argument("--query", action="append", help="a query to run (repeatable; default: a few examples)")
-    p.add_argument("-k", type=int, default=3, help="results per query")
+    p.add_argument("-k", type=positive_int, default=3, help="results per query")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -124,7 +124,12 @@ def image_sets(model, split: CaptionSplit, batch_size: int = 32, num_workers: in
     cache = None if rebuild else open_cache(path, signature)
     if cache is None:
         cache = extract_grid_features(model, split, path, signature, batch_size, num_workers, progress)
-    return CachedSets(cache)
+    sets = CachedSets(cache)
+    if split.n_images and sets.broken.all():  # else training fails later, on an empty epoch
+        names = ", ".join(str(split.image_path(i)) for i in range(min(3, split.n_images)))
+        raise ValueError(f"none of the {split.n_images} images of {split.name} could be read "
+                         f"({names}{', …' if split.n_images > 3 else ''})")
+    return sets
 
 
 def _backbone_weights_id(model) -> str:

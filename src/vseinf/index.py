@@ -471,10 +471,12 @@ def tune_engine(engine: GalleryIndex, **settings: int | None) -> GalleryIndex:
 
 def add_engine_settings(p) -> None:
     """The ``--ef-search``, ``--nprobe`` and ``--rerank`` options of ``search`` and ``serve``."""
-    p.add_argument("--ef-search", type=int, help=f"HNSW: candidate list per query (default {HNSW_EF_SEARCH}; "
-                                                 "larger = better recall, slower)")
-    p.add_argument("--nprobe", type=int, help=f"IVF-PQ: cells scanned per query (default {IVF_NPROBE})")
-    p.add_argument("--rerank", type=int, help=f"IVF-PQ: candidates re-scored exactly (default {IVF_RERANK})")
+    from .argtypes import positive_int
+
+    p.add_argument("--ef-search", type=positive_int,
+                   help=f"HNSW: candidate list per query (default {HNSW_EF_SEARCH}; larger = better recall, slower)")
+    p.add_argument("--nprobe", type=positive_int, help=f"IVF-PQ: cells scanned per query (default {IVF_NPROBE})")
+    p.add_argument("--rerank", type=positive_int, help=f"IVF-PQ: candidates re-scored exactly (default {IVF_RERANK})")
 
 
 def engine_settings(args) -> dict:
@@ -1615,6 +1617,8 @@ def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_0
 
 
 def add_encode_parser(sub):
+    from .argtypes import nonnegative_int, positive_int
+
     p = sub.add_parser("encode", help="embed a folder of images or videos (or a captions file) into a search index",
                        description="Embed a gallery into INDEX_DIR. Re-running on a grown folder encodes only "
                                    "new or changed files; removed files drop out; unreadable files are "
@@ -1628,15 +1632,15 @@ def add_encode_parser(sub):
     p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items; IVF-PQ, compressed codes "
                         "re-ranked exactly, once the rows take 8 GiB)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="processes decoding images ahead of the model (default: up to 4 on a GPU, none on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("videos")
     g.add_argument("--kind", default="auto", choices=["auto", "images", "videos", "features"],
                    help="what the gallery folder holds (auto: images if any, else videos, else frame features)")
-    g.add_argument("--frames", type=int, default=None,
+    g.add_argument("--frames", type=positive_int, default=None,
                    help="frames sampled per clip (default: 32 for video models, or the extraction settings'; "
                         "8 for image models, whose clip embedding is the mean of its frames')")
     g.add_argument("--extract-settings",
@@ -1697,6 +1701,8 @@ def run_encode(args, extra) -> int:
 
 
 def add_search_parser(sub):
+    from .argtypes import positive_int
+
     p = sub.add_parser("search", help="search an index by text, image or video",
                        description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg, '
                                    'or --video clip.mp4')
@@ -1705,7 +1711,7 @@ def add_search_parser(sub):
     p.add_argument("--image", help="search with this image instead of text")
     p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
                                    "T×D .npy file of frame features)")
-    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]} '
                                                        '(video galleries: + "id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")

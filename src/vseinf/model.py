@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, save_checkpoint, upgrade_state_dict
+from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 from .config import ModelConfig, RunConfig, config_from_dict
 from .losses import DEFAULT_LOGIT_SCALE
 
@@ -310,21 +310,30 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model)."""
     path = Path(path) if path is not None else BUNDLED_DIR
     state, config_dict, metrics = load_checkpoint(path)
-    vocab = config_dict.pop(VOCAB_KEY, None)
-    skipped = tuple(config_dict.pop("stored_prefixes_skipped", []))
+    vocab = _string_list(config_dict.pop(VOCAB_KEY, None), path, VOCAB_KEY)
+    skipped = tuple(_string_list(config_dict.pop("stored_prefixes_skipped", []), path, "stored_prefixes_skipped"))
     run_config = config_from_dict({k: v for k, v in config_dict.items() if k in ("model", "data", "train")},
                                   str(path / "config.json"))
     model = build_model(run_config, vocab=vocab, pretrained=True)
-    missing, unexpected = model.load_state_dict(upgrade_state_dict(state), strict=False)
+    state = upgrade_state_dict(state)
+    check_shapes(model.state_dict(), state, str(path / "model.safetensors"), dataclasses.asdict(run_config.model))
+    missing, unexpected = model.load_state_dict(state, strict=False)
     # Older InfoNCE checkpoints kept the temperature with the loss; embedding does not need it.
     missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     model.run_config = run_config
     model.metrics = metrics
     model.checkpoint_path = path
     return model.to(device).eval()
+
+
+def _string_list(value, path: Path, key: str) -> list[str] | None:
+    """A list-of-strings entry of a checkpoint's config.json (None stays None)."""
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise CheckpointError(f"{path / 'config.json'}: {key}: expected a list of strings")
+    return value
 
 
 def model_config_dict(model: VSEModel) -> dict:
