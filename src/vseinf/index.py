@@ -801,21 +801,111 @@ class EncodeReport:
         return "\n".join(lines)
 
 
+# What an index folder may hold: the files vseinf writes there and nothing else. Every encode replaces
+# the folder whole (a fresh folder swapped in), so anything else in it would be lost: a folder that
+# holds anything else is refused, and on a swap only these files are deleted from the previous one.
+INDEX_FILES = frozenset({EMBEDDINGS_FILE, META_FILE, FAISS_FILE})
+
+
+def is_index_file(name: str) -> bool:
+    """Whether ``name`` is a file vseinf writes in an index folder (see :data:`INDEX_FILES`)."""
+    return name in INDEX_FILES or THUMB_RE.fullmatch(name) is not None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of ``folder`` that vseinf did not write (sorted; folders end in ``/``)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if not (is_index_file(e.name) and e.is_file(follow_symlinks=False)):
+                found.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    return sorted(found)
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be printed: bytes that are not UTF-8 (kept by Python as lone
+    surrogates, see :func:`os.fsdecode`) are shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _check_out_dir(out: Path) -> None:
-    """Refuse to replace a directory that is not an index: the atomic swap would delete its contents."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not (out / META_FILE).is_file():
-            raise ValueError(f"{out}: exists, is not empty and is not a vseinf index; choose another --out")
+    """Refuse an ``--out`` that is not a folder or that holds files vseinf did not write there: the
+    atomic swap replaces the folder whole, so they would be lost."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(printable(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                                                 else "")
+        what = "holds" if (out / META_FILE).is_file() else "is not a vseinf index and holds"
+        raise ValueError(f"{printable(str(out))}: {what} files that vseinf did not write ({shown}); an index "
+                         "folder is replaced whole by every encode, so move them away or choose another --out")
+
+
+def _remove_index_dir(folder: Path) -> None:
+    """Delete a previous index folder: vseinf's own files, then the folder if nothing else is left in
+    it (a file someone put there during the swap stays, with the folder)."""
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if is_index_file(e.name) and e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"warning: kept {folder}: it holds files that vseinf did not write", file=sys.stderr)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so that a reader
+    never finds ``a`` missing; False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap_in(out: Path, new: Path) -> Path | None:
+    """Put the finished index folder ``new`` in place of ``out``; returns the folder now holding the
+    previous index (for :func:`_remove_index_dir`), or None if there was none.
+
+    The previous folder moves to a fresh unique name (never a fixed ``.old``, which concurrent
+    swaps would fight over), in one atomic exchange where the system allows it.
+    """
+    if not out.exists():
+        os.rename(new, out)
+        return None
+    if _exchange(new, out):
+        return new
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)  # over the empty folder just made
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous index back
+        raise
+    return old
 
 
 def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex,
                  extra_files: dict[str, Path] | None = None) -> None:
-    """Write the index directory atomically; ``extra_files`` (name → file) are linked or copied in."""
-    from .checkpoint import save_dir_atomic
-
-    def write(tmp: Path):
+    """Write the index folder atomically; ``extra_files`` (name → file) are linked or copied in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
         np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         if isinstance(engine, _FaissEngine):
@@ -825,8 +915,16 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
                 os.link(source, tmp / name)
             except OSError:
                 shutil.copy2(source, tmp / name)
-
-    save_dir_atomic(out, write)
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _check_out_dir(out)  # again: a file put there while this run was encoding must not be lost
+        previous = _swap_in(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if previous is not None:
+        _remove_index_dir(previous)
 
 
 def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery | None", str]:
