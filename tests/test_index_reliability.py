@@ -71,3 +71,141 @@ def test_a_file_put_in_the_index_during_an_encode_is_kept(photo_dir, tmp_path, m
     report = encode_gallery(photo_dir, out, model, progress=False)
     assert "1 images were already encoded" in report.summary() and report.total == 5
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time; readers see the old index or the new one, never a mix
+
+HOLD_LOCK = """
+import sys
+from vseinf.index import IndexLock
+lock = IndexLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_second_writer_is_told_which_process_holds_the_index(photo_dir, tmp_path, model):
+    import subprocess
+    import sys
+
+    out = tmp_path / "index"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(vindex.IndexLockedError, match=f"index is being written by pid {holder.pid}") as err:
+            encode_gallery(photo_dir, out, model, progress=False)
+        assert "\n" not in str(err.value) and not out.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the holder is gone (as after a kill -9): its lock file, even if left behind, is not stale
+    vindex.lock_path(out).write_text(f"{holder.pid}\n")
+    assert encode_gallery(photo_dir, out, model, progress=False).total == 4
+    assert not vindex.lock_path(out).exists()
+
+
+SWAPPER = """
+import sys
+import numpy as np
+from vseinf.index import IndexLock, _write_index
+from pathlib import Path
+
+out, writer, rounds, locked = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+for r in range(rounds):
+    n = 1 + (writer + r) % 5  # galleries of different sizes, so that a mix would show
+    code = 1000 * writer + r
+    meta = {"format": 1, "kind": "images", "root": "/photos", "model": {"config_hash": "c", "weights_hash": "w"},
+            "items": [{"path": f"{code}-{i}.jpg"} for i in range(n)]}
+    rows = np.full((n, 4), code, np.float32)
+    if locked:
+        with IndexLock(out, wait=True):
+            _write_index(out, meta, rows, None)  # an exact index: nothing to save beside the rows
+    else:
+        _write_index(out, meta, rows, None)
+print("done", flush=True)
+"""
+
+
+def _can_exchange(tmp_path) -> bool:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    return vindex._exchange(tmp_path / "x", tmp_path / "y")
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_concurrent_swaps_never_fail_and_readers_never_see_a_mix(tmp_path, locked):
+    """3 processes × 15 swaps into one folder while this process keeps loading it: every swap
+    succeeds (no fixed ``.old`` name to fight over) and every load is one whole index. Without the
+    lock this relies on the atomic exchange (Linux); with it, on the lock."""
+    import subprocess
+    import sys
+
+    exchange = _can_exchange(tmp_path)
+    if not locked and not exchange:
+        pytest.skip("no atomic directory exchange on this system: concurrent writers need the lock")
+    out = tmp_path / "index"
+    rows = np.zeros((1, 4), np.float32)
+    meta = {"format": 1, "kind": "images", "root": "/photos", "model": {"config_hash": "c", "weights_hash": "w"},
+            "items": [{"path": "0-0.jpg"}]}
+    vindex._write_index(out, meta, rows, vindex.ExactIndex(rows))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    writers = [subprocess.Popen([sys.executable, "-c", SWAPPER, str(out), str(w), "15", str(int(locked))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for w in range(3)]
+    loads = 0
+    while any(w.poll() is None for w in writers) or loads == 0:
+        if exchange:  # without it a reader may find the folder missing between the two renames
+            g = Gallery.load(out)
+            codes = {it["path"].split("-")[0] for it in g.items}
+            assert len(codes) == 1 and np.all(np.asarray(g.embeddings) == float(codes.pop()))
+            loads += 1
+        else:
+            loads = 1
+    for w in writers:
+        stdout, stderr = w.communicate(timeout=120)
+        assert w.returncode == 0 and stdout.strip() == "done", stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+    last = Gallery.load(out)
+    assert np.asarray(last.embeddings)[0, 0] == float(last.items[0]["path"].split("-")[0])
+
+
+def test_an_interrupted_swap_is_put_right_by_the_next_writer(photo_dir, tmp_path, model):
+    """Killed between the two renames of the fallback swap: the index is at ``.index.old-*``, the
+    folder missing. The next encode puts it back (and reuses its rows) and removes half-written folders."""
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    os.rename(out, tmp_path / ".index.old-abcd1234")
+    (tmp_path / ".index.tmp-zzzz9999").mkdir()
+    (tmp_path / ".index.tmp-zzzz9999" / "embeddings.npy").write_bytes(b"half")
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert (report.total, report.reused) == (4, 4)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+
+
+def test_server_answers_from_the_index_encode_swaps_in_and_keeps_a_copy_it_cannot_replace(photo_dir, tmp_path,
+                                                                                          model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from test_index import other_model
+    from vseinf.serve.app import create_app
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    app = create_app(gallery=Gallery.load(out), model=model)
+    with TestClient(app, base_url="http://localhost") as client:
+        def paths():
+            r = client.get("/api/search", params={"q": "a red motorcycle", "k": 10})
+            assert r.status_code == 200, r.text
+            return sorted(x["path"] for x in r.json()["results"])
+
+        assert len(paths()) == 4
+        shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+        encode_gallery(photo_dir, out, model, progress=False)  # while the server holds the old index
+        assert PHOTOS[4] in paths() and len(paths()) == 5
+        assert client.get("/api/info").json()["size"] == 5
+        # an index of another model cannot answer this model's queries: the copy loaded before does
+        encode_gallery(photo_dir, out, other_model(model), progress=False)
+        assert len(paths()) == 5 and client.get(f"/api/thumb?path={PHOTOS[4]}").status_code == 200
