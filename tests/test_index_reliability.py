@@ -209,3 +209,49 @@ def test_server_answers_from_the_index_encode_swaps_in_and_keeps_a_copy_it_canno
         # an index of another model cannot answer this model's queries: the copy loaded before does
         encode_gallery(photo_dir, out, other_model(model), progress=False)
         assert len(paths()) == 5 and client.get(f"/api/thumb?path={PHOTOS[4]}").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# File names that are not UTF-8 (a Latin-1 é from an old disk)
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path, model, capsys):
+    from test_index import run_cli, save_tiny
+    from vseinf.model import load_model
+
+    latin1 = Path(os.fsdecode(bytes(photo_dir)) + "/" + os.fsdecode(b"caf\xe9.png"))
+    try:
+        shutil.copy2(SAMPLES / PHOTOS[4], latin1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take file names that are not UTF-8")
+    (photo_dir / os.fsdecode(b"notes-\xe9.txt")).write_text("not a photo")
+    out = tmp_path / "index"
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert report.total == 5 and "skipped notes-\\xe9.txt" in report.summary()
+    gallery = Gallery.load(out)
+    rel = os.fsdecode(b"caf\xe9.png")
+    assert rel in [it["path"] for it in gallery.items]
+    assert gallery.file_path(rel) == latin1.resolve() and gallery.file_path("caf\\xe9.png") == latin1.resolve()
+    # an update reuses the row: the name read back is the name on disk
+    assert encode_gallery(photo_dir, out, model, progress=False).encoded == 0
+
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    encode_gallery(photo_dir, tmp_path / "cli-index", load_model(ckpt), progress=False)
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1", "--json"]) == 0
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")  # printable on a UTF-8 terminal
+    assert json.loads(printed)["results"][0]["path"] == str(latin1)  # and the exact name, for programs
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("caf\\xe9.png")
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vseinf.serve.app import create_app
+
+    with TestClient(create_app(gallery=gallery, model=model), base_url="http://localhost") as client:
+        r = client.get("/api/search", params={"q": "a red motorcycle", "k": 10})
+        assert r.status_code == 200 and "caf\\xe9.png" in [x["path"] for x in r.json()["results"]]
+        assert client.get("/api/thumb", params={"path": "caf\\xe9.png"}).status_code == 200

@@ -797,7 +797,7 @@ class EncodeReport:
         if self.note:
             lines.append(self.note)
         for s in self.skipped:
-            lines.append(f"  skipped {s.path}: {s.reason}")
+            lines.append(f"  skipped {printable(s.path)}: {printable(s.reason)}")
         return "\n".join(lines)
 
 
@@ -826,6 +826,18 @@ def printable(name: str) -> str:
     """A file name as text that can be printed: bytes that are not UTF-8 (kept by Python as lone
     surrogates, see :func:`os.fsdecode`) are shown as ``\\xNN``."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def json_text(obj, **kwargs) -> str:
+    """``json.dumps`` as text that encodes to UTF-8: non-ASCII characters as they are, unless the data
+    holds names that are not UTF-8 (lone surrogates, see :func:`printable`); then every non-ASCII
+    character is a ``\\uXXXX`` escape, which ``json.loads`` turns back into the same name, byte for byte."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
 
 
 def _check_out_dir(out: Path) -> None:
@@ -1002,7 +1014,7 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        (tmp / META_FILE).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")
         if isinstance(engine, _FaissEngine):
             engine.save(tmp / FAISS_FILE)
         for name, source in (extra_files or {}).items():
@@ -1644,6 +1656,8 @@ class Gallery:
         self.root = Path(meta["root"])
         self._by_path = ({it["path"]: i for i, it in enumerate(self.items)}
                          if self.kind in ("images", "videos") else {})
+        for i, it in enumerate(self.items if self._by_path else []):  # names that are not UTF-8, as printed
+            self._by_path.setdefault(printable(it["path"]), i)
         self._video_embedder = None  # (model, VideoEmbedder), built on the first video/image query
         self._meta_id: tuple | None = None  # gallery.json as loaded (see replaced())
         self._rows_fh = None  # the open embeddings file when the rows are memory-mapped
@@ -1833,7 +1847,7 @@ class Gallery:
         if self.kind != "images" or rel not in self._by_path:
             return None
         root = self.root.resolve()
-        full = (root / rel).resolve()
+        full = (root / self.items[self._by_path[rel]]["path"]).resolve()
         if not full.is_relative_to(root) or not full.is_file():
             return None
         return full
@@ -2119,11 +2133,11 @@ def run_search(args, extra) -> int:
         query = encode_texts_np(model, [args.query])
     results = gallery.search(query, args.k, absolute=True)[0]
     if args.json:
-        print(json.dumps({"results": results}, ensure_ascii=False))
+        print(json_text({"results": results}))
         return 0
     for rank, r in enumerate(results, 1):
         text = f"  {r['caption']}" if "caption" in r else ""
-        print(f"{rank:3d}. {r['score']:.4f}  {r['path']}{text}")
+        print(f"{rank:3d}. {r['score']:.4f}  {printable(r['path'])}{text}")
     return 0
 
 

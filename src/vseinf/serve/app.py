@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
-                     engine_settings, load_query_image, tune_engine)
+                     engine_settings, load_query_image, printable, tune_engine)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -486,6 +486,9 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         except ValueError as exc:  # e.g. an image the model cannot take
             raise BadRequest(str(exc)) from None
         gallery = worker.gallery
+        # names that are not UTF-8 as printable text (JSON and URLs need it); /api/thumb takes them back
+        results = [{**r, "path": printable(r["path"]), **({"id": printable(r["id"])} if "id" in r else {})}
+                   for r in results]
         if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
             results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
                         if r.get("thumb") else None} for r in results]
