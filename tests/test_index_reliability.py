@@ -255,3 +255,37 @@ def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path,
         r = client.get("/api/search", params={"q": "a red motorcycle", "k": 10})
         assert r.status_code == 200 and "caf\\xe9.png" in [x["path"] for x in r.json()["results"]]
         assert client.get("/api/thumb", params={"path": "caf\\xe9.png"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbolic link loops and folders that cannot be read
+
+
+def test_symlink_loops_and_unreadable_folders_are_named_and_skipped(photo_dir, tmp_path, model, monkeypatch):
+    (photo_dir / "loop.jpg").symlink_to("loop.jpg")
+    (photo_dir / "sub" / "ping.png").symlink_to("pong.png")
+    (photo_dir / "sub" / "pong.png").symlink_to("ping.png")
+    (photo_dir / "sub" / "up").symlink_to("..")  # a folder link back up: not followed, not an error
+    private = photo_dir / "private"
+    private.mkdir()
+    shutil.copy2(SAMPLES / PHOTOS[5], private / PHOTOS[5])
+    private.chmod(0)
+    if os.access(private, os.R_OK):  # root reads it anyway: make the folder fail as it would for a user
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if not isinstance(path, int) and Path(os.fsdecode(path)).name == "private":
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        report = encode_gallery(photo_dir, tmp_path / "index", model, progress=False)
+    finally:
+        private.chmod(0o755)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert report.total == 4
+    assert "symbolic link loop" in reasons["loop.jpg"]
+    assert "symbolic link loop" in reasons["sub/ping.png"] and "symbolic link loop" in reasons["sub/pong.png"]
+    assert reasons["private/"] == "cannot read the folder (Permission denied)"
+    assert "skipped private/: cannot read the folder" in report.summary()

@@ -575,21 +575,37 @@ def scan_videos(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
     return _scan_files(root, exclude, frozenset(VIDEO_SUFFIXES), "a video")
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a link that cannot be followed (a loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13's "Symlink loop"
+        return None
+
+
 def _scan_files(root: str | os.PathLike, exclude: Sequence[str | os.PathLike], extensions: frozenset,
                 what: str) -> tuple[list[str], list[Skipped]]:
     root = Path(root).resolve()
     excluded = {Path(e).resolve() for e in exclude}
     images: list[str] = []
     skipped: list[Skipped] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:  # a folder os.walk cannot list
+        rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
+        skipped.append(Skipped(f"{rel}/", f"cannot read the folder ({exc.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _resolved(here / d) not in excluded)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
-            if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(root):
+            target = _resolved(here / name) if (here / name).is_symlink() else here / name
+            if target is None:
+                skipped.append(Skipped(rel, "a symbolic link loop (the link leads back to itself)"))
+            elif not target.is_relative_to(root):
                 skipped.append(Skipped(rel, "a link to a file outside the gallery"))
             elif suffix in extensions:
                 images.append(rel)
@@ -616,7 +632,7 @@ def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.P
     has_video = False
     for dirpath, dirnames, filenames in os.walk(path):
         here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and _resolved(here / d) not in excluded]
         for name in filenames:
             suffix = Path(name).suffix.lower()
             if name.startswith("."):
