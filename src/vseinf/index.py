@@ -577,21 +577,37 @@ def scan_videos(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
     return _scan_files(root, exclude, frozenset(VIDEO_SUFFIXES), "a video")
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a link that cannot be followed (a loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: Python < 3.13's "Symlink loop"
+        return None
+
+
 def _scan_files(root: str | os.PathLike, exclude: Sequence[str | os.PathLike], extensions: frozenset,
                 what: str) -> tuple[list[str], list[Skipped]]:
     root = Path(root).resolve()
     excluded = {Path(e).resolve() for e in exclude}
     images: list[str] = []
     skipped: list[Skipped] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:  # a folder os.walk cannot list
+        rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "?"
+        skipped.append(Skipped(f"{rel}/", f"cannot read the folder ({exc.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _resolved(here / d) not in excluded)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             rel = (here / name).relative_to(root).as_posix()
             suffix = Path(name).suffix.lower()
-            if (here / name).is_symlink() and not (here / name).resolve().is_relative_to(root):
+            target = _resolved(here / name) if (here / name).is_symlink() else here / name
+            if target is None:
+                skipped.append(Skipped(rel, "a symbolic link loop (the link leads back to itself)"))
+            elif not target.is_relative_to(root):
                 skipped.append(Skipped(rel, "a link to a file outside the gallery"))
             elif suffix in extensions:
                 images.append(rel)
@@ -618,7 +634,7 @@ def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.P
     has_video = False
     for dirpath, dirnames, filenames in os.walk(path):
         here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in excluded]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and _resolved(here / d) not in excluded]
         for name in filenames:
             suffix = Path(name).suffix.lower()
             if name.startswith("."):
@@ -799,27 +815,224 @@ class EncodeReport:
         if self.note:
             lines.append(self.note)
         for s in self.skipped:
-            lines.append(f"  skipped {s.path}: {s.reason}")
+            lines.append(f"  skipped {printable(s.path)}: {printable(s.reason)}")
         return "\n".join(lines)
 
 
+# What an index folder may hold: the files vseinf writes there and nothing else. Every encode replaces
+# the folder whole (a fresh folder swapped in), so anything else in it would be lost: a folder that
+# holds anything else is refused, and on a swap only these files are deleted from the previous one.
+INDEX_FILES = frozenset({EMBEDDINGS_FILE, META_FILE, FAISS_FILE})
+
+
+def is_index_file(name: str) -> bool:
+    """Whether ``name`` is a file vseinf writes in an index folder (see :data:`INDEX_FILES`)."""
+    return name in INDEX_FILES or THUMB_RE.fullmatch(name) is not None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of ``folder`` that vseinf did not write (sorted; folders end in ``/``)."""
+    found = []
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if not (is_index_file(e.name) and e.is_file(follow_symlinks=False)):
+                found.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    return sorted(found)
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be printed: bytes that are not UTF-8 (kept by Python as lone
+    surrogates, see :func:`os.fsdecode`) are shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def json_text(obj, **kwargs) -> str:
+    """``json.dumps`` as text that encodes to UTF-8: non-ASCII characters as they are, unless the data
+    holds names that are not UTF-8 (lone surrogates, see :func:`printable`); then every non-ASCII
+    character is a ``\\uXXXX`` escape, which ``json.loads`` turns back into the same name, byte for byte."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
+
+
 def _check_out_dir(out: Path) -> None:
-    """Refuse to replace a directory that is not an index: the atomic swap would delete its contents."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()) and not (out / META_FILE).is_file():
-            raise ValueError(f"{out}: exists, is not empty and is not a vseinf index; choose another --out")
+    """Refuse an ``--out`` that is not a folder or that holds files vseinf did not write there: the
+    atomic swap replaces the folder whole, so they would be lost."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join(printable(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                                                 else "")
+        what = "holds" if (out / META_FILE).is_file() else "is not a vseinf index and holds"
+        raise ValueError(f"{printable(str(out))}: {what} files that vseinf did not write ({shown}); an index "
+                         "folder is replaced whole by every encode, so move them away or choose another --out")
+
+
+def _remove_index_dir(folder: Path) -> None:
+    """Delete a previous index folder: vseinf's own files, then the folder if nothing else is left in
+    it (a file someone put there during the swap stays, with the folder)."""
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if is_index_file(e.name) and e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"warning: kept {folder}: it holds files that vseinf did not write", file=sys.stderr)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so that a reader
+    never finds ``a`` missing; False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _swap_in(out: Path, new: Path) -> Path | None:
+    """Put the finished index folder ``new`` in place of ``out``; returns the folder now holding the
+    previous index (for :func:`_remove_index_dir`), or None if there was none.
+
+    The previous folder moves to a fresh unique name (never a fixed ``.old``, which concurrent
+    swaps would fight over), in one atomic exchange where the system allows it.
+    """
+    if not out.exists():
+        os.rename(new, out)
+        return None
+    if _exchange(new, out):
+        return new
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)  # over the empty folder just made
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)  # put the previous index back
+        raise
+    return old
+
+
+class IndexLockedError(ValueError):
+    """Another process is writing this index."""
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of the index ``out`` (beside it, hidden: the index folder itself is replaced)."""
+    return out.parent / f".{out.name}.lock"
+
+
+class IndexLock:
+    """One writer at a time for the index folder ``out`` (and its encode journal).
+
+    An exclusive ``flock`` on ``.<name>.lock`` beside the index, a file that holds the writer's pid
+    (for the message the next writer gets). The kernel releases the lock when its holder exits,
+    however it exits (kill -9 included), so a lock file left behind is never stale: the next writer
+    finds it unlocked and takes it over. Systems without ``fcntl`` (Windows) take no lock.
+
+    Args:
+        out: the index folder.
+        wait: wait for the current writer to finish instead of raising :class:`IndexLockedError`.
+    """
+
+    def __init__(self, out: str | os.PathLike, wait: bool = False):
+        self.out = Path(out)
+        self.path = lock_path(self.out)
+        self.wait = wait
+        self._fd: int | None = None
+
+    def acquire(self) -> "IndexLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f"pid {holder}" if holder.isdigit() else "another process"
+                raise IndexLockedError(f"{self.out}: the index is being written by {who}; wait for it to finish "
+                                       "or choose another --out") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder before us removes the file as it lets go: lock the file that is there now
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:  # removed while still locked, so that no one can lock this file after us
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "IndexLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _tidy_leftovers(out: Path) -> None:
+    """What a writer killed mid-swap left beside the index ``out`` (called under its lock): the previous
+    index put back if the folder is missing, half-written folders removed (vseinf's files only)."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    leftovers = sorted((p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()),
+                       key=lambda p: p.stat().st_mtime_ns)
+    if not out.exists():
+        for old in reversed(leftovers):
+            if old.name.startswith(f".{out.name}.old-") and (old / META_FILE).is_file():
+                os.rename(old, out)
+                leftovers.remove(old)
+                break
+    for folder in leftovers:
+        _remove_index_dir(folder)
 
 
 def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryIndex,
                  extra_files: dict[str, Path] | None = None) -> None:
-    """Write the index directory atomically; ``extra_files`` (name → file) are linked or copied in."""
-    from .checkpoint import save_dir_atomic
-
-    def write(tmp: Path):
+    """Write the index folder atomically; ``extra_files`` (name → file) are linked or copied in.
+    Writers hold the index's :class:`IndexLock`; readers see the old index or the new, never a mix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
         np.save(tmp / EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        (tmp / META_FILE).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")
         if isinstance(engine, _FaissEngine):
             engine.save(tmp / FAISS_FILE)
         for name, source in (extra_files or {}).items():
@@ -827,8 +1040,16 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
                 os.link(source, tmp / name)
             except OSError:
                 shutil.copy2(source, tmp / name)
-
-    save_dir_atomic(out, write)
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _check_out_dir(out)  # again: a file put there while this run was encoding must not be lost
+        previous = _swap_in(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if previous is not None:
+        _remove_index_dir(previous)
 
 
 def _previous(out: Path, kind: str, identity: dict, root: str) -> tuple["Gallery | None", str]:
@@ -877,15 +1098,33 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
                                 "features or a captions file)")
     if kind not in ("auto", "images", "videos", "features", "captions"):
         raise ValueError(f"kind: expected auto, images, videos, features or captions, got {kind!r}")
-    _check_out_dir(out)
     if kind == "auto":
         kind = detect_gallery_kind(gallery, exclude=[out])
+    if world is not None and world.size > 1 and (kind != "images" or not gallery.is_dir()):
+        raise ValueError(f"{gallery}: several processes (torchrun) encode folders of images only; "
+                         f"encode this {kind} gallery with one process")
+    lock = IndexLock(out)
+    if world is not None and world.size > 1:  # rank 0 writes the index; every rank learns if it cannot
+        from .distributed import together
+
+        together(world, model.device, lock.acquire if world.main else (lambda: None), "taking the index's lock")
+    else:
+        lock.acquire()
+    try:
+        return _encode_locked(gallery, out, model, engine, batch_size, progress, kind, video, workers, world, t0)
+    finally:
+        lock.release()
+
+
+def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int, progress: bool, kind: str,
+                   video, workers: int | None, world, t0: float) -> EncodeReport | None:
+    """:func:`encode_gallery`, once this process holds the index's :class:`IndexLock`."""
+    if world is None or world.main:  # the lock holder
+        _tidy_leftovers(out)
+    _check_out_dir(out)
     identity = model_identity(model)
     processes = 1 if world is None else world.size
     if processes > 1:
-        if kind != "images" or not gallery.is_dir():
-            raise ValueError(f"{gallery}: several processes (torchrun) encode folders of images only; "
-                             f"encode this {kind} gallery with one process")
         _encode_image_share(gallery, out, model, identity, batch_size, progress and world.main, workers, world)
         if not world.main:
             return None
@@ -1332,6 +1571,90 @@ def _encode_feature_clips(path: Path, out: Path, model, identity: dict, batch_si
 # A loaded index
 
 
+class _Replaced(Exception):
+    """The index folder was replaced by a new one while it was being read."""
+
+
+def _file_id(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# Embeddings files up to this size are read into memory when an index is loaded, so that nothing done
+# to the file afterwards can disturb a loaded index; larger ones are memory-mapped (the gallery need
+# not fit in memory), and a server checks them before every query (see Gallery.check_files).
+EMBEDDINGS_IN_MEMORY_BYTES = 1 << 30
+
+
+def read_rows(fh, where: str | os.PathLike) -> np.ndarray:
+    """The ``n × d`` float32 rows of an open ``.npy`` file, its length checked against its header first.
+
+    A memory map of a file shorter than its header says would crash the process (SIGBUS) at the
+    first missing page; here it is an :class:`IndexFormatError`. Rows up to
+    :data:`EMBEDDINGS_IN_MEMORY_BYTES` are read into memory, larger files are memory-mapped.
+
+    Args:
+        fh: the file, opened for binary reading at its start.
+        where: its path, for messages.
+    """
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except ValueError as exc:
+        raise IndexFormatError(f"{where}: cannot read embeddings (not a .npy file: {exc})") from None
+    if len(shape) != 2 or dtype != np.dtype("<f4") or fortran:
+        raise IndexFormatError(f"{where}: expected n × d float32 rows, got {dtype} {shape}")
+    offset = fh.tell()
+    expected = offset + 4 * shape[0] * shape[1]
+    size = os.fstat(fh.fileno()).st_size
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header says"
+        raise IndexFormatError(f"{where}: {state} ({size:,} bytes; {shape[0]} × {shape[1]} float32 rows take "
+                               f"{expected:,}); re-run `vseinf encode` to rebuild the index")
+    if expected - offset > EMBEDDINGS_IN_MEMORY_BYTES:
+        return np.memmap(fh, dtype=np.float32, mode="r", offset=offset, shape=shape)
+    rows = np.fromfile(fh, dtype=np.float32, count=shape[0] * shape[1])
+    if rows.size != shape[0] * shape[1]:
+        raise IndexFormatError(f"{where}: truncated while it was read")
+    return rows.reshape(shape)
+
+
+def _read_faiss(fh, where: Path):
+    """A FAISS index from an open file (Linux: read in place through /proc; elsewhere from its bytes)."""
+    faiss = _faiss()
+    try:
+        fd_path = f"/proc/self/fd/{fh.fileno()}"
+        if os.path.exists(fd_path):
+            return faiss.read_index(fd_path)
+        return faiss.deserialize_index(np.frombuffer(fh.read(), dtype=np.uint8))
+    except RuntimeError as exc:  # FAISS reports a damaged file as RuntimeError
+        raise IndexFormatError(f"{where}: cannot read the FAISS index ({str(exc).splitlines()[0]})") from None
+
+
+def _parse_meta(raw: bytes, meta_file: Path) -> dict:
+    """``gallery.json``'s bytes → the checked metadata dict."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFormatError(f"{meta_file}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{meta_file}: expected a JSON object")
+    for key in ("kind", "root", "items", "model"):
+        if key not in meta:
+            raise IndexFormatError(f"{meta_file}: missing field {key!r}")
+    if meta["kind"] not in KINDS:
+        raise IndexFormatError(f"{meta_file}: field 'kind' must be one of {', '.join(KINDS)}, "
+                               f"got {meta['kind']!r}")
+    if meta["kind"] == "videos" and not isinstance(meta.get("video"), dict):
+        raise IndexFormatError(f"{meta_file}: a video gallery needs the field 'video'")
+    return meta
+
+
 class Gallery:
     """An index directory, loaded: items, embeddings (memory-mapped) and a search engine.
 
@@ -1351,65 +1674,154 @@ class Gallery:
         self.root = Path(meta["root"])
         self._by_path = ({it["path"]: i for i, it in enumerate(self.items)}
                          if self.kind in ("images", "videos") else {})
+        for i, it in enumerate(self.items if self._by_path else []):  # names that are not UTF-8, as printed
+            self._by_path.setdefault(printable(it["path"]), i)
         self._video_embedder = None  # (model, VideoEmbedder), built on the first video/image query
+        self._meta_id: tuple | None = None  # gallery.json as loaded (see replaced())
+        self._rows_fh = None  # the open embeddings file when the rows are memory-mapped
+        self._opened_with: tuple = (None, "cpu")  # Gallery.load's engine and device (see reload())
 
     @classmethod
     def load(cls, path: str | os.PathLike, engine: str | None = None, device: str = "cpu") -> "Gallery":
         """Read an index directory; ``engine`` overrides the saved one (``"exact"``, ``"hnsw"`` or
         ``"ivfpq"``; a FAISS engine other than the saved one is built here, from the embeddings).
         ``device``: where the exact engine scores (the gallery is copied there once); FAISS HNSW
-        always searches on the CPU."""
+        always searches on the CPU.
+
+        Every file is read from the one folder opened first, so a ``vseinf encode`` swapping a new
+        index in meanwhile gives the old index or the new one, never a mix of the two.
+        """
         path = Path(path)
-        meta_file = path / META_FILE
-        if not meta_file.is_file():
-            raise IndexFormatError(f"{path}: not a vseinf index (no {META_FILE}); build one with `vseinf encode`")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IndexFormatError(f"{meta_file}: not valid JSON ({exc})") from None
-        for key in ("kind", "root", "items", "model"):
-            if key not in meta:
-                raise IndexFormatError(f"{meta_file}: missing field {key!r}")
-        if meta["kind"] not in KINDS:
-            raise IndexFormatError(f"{meta_file}: field 'kind' must be one of {', '.join(KINDS)}, "
-                                   f"got {meta['kind']!r}")
-        if meta["kind"] == "videos" and not isinstance(meta.get("video"), dict):
-            raise IndexFormatError(f"{meta_file}: a video gallery needs the field 'video'")
-        try:
-            emb = np.load(path / EMBEDDINGS_FILE, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise IndexFormatError(f"{path / EMBEDDINGS_FILE}: cannot read embeddings ({exc})") from None
-        if emb.ndim != 2 or emb.shape[0] != len(meta["items"]) or emb.dtype != np.float32:
-            raise IndexFormatError(f"{path / EMBEDDINGS_FILE}: expected {len(meta['items'])} × d float32 rows, "
-                              f"got {emb.dtype} {emb.shape}")
-        saved_engine = meta.get("engine") or {}
-        saved = saved_engine.get("engine", "exact")
-        want = engine or saved
-        if want == "faiss":
-            want = "hnsw"
-        if want not in ENGINES:
-            raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {want!r}")
-        prebuilt = want == saved and (path / FAISS_FILE).is_file() and faiss_available()
-        if want == "hnsw" and prebuilt:
-            index: GalleryIndex = HNSWIndex.load(path / FAISS_FILE, saved_engine.get("ef_search", HNSW_EF_SEARCH))
-            if index.size != len(emb):
-                raise IndexFormatError(f"{path / FAISS_FILE}: {index.size} vectors, expected {len(emb)}")
-        elif want == "ivfpq" and prebuilt:
+        for _ in range(10):
             try:
-                index = IVFPQIndex.load(path / FAISS_FILE, emb, saved_engine.get("nprobe", IVF_NPROBE),
-                                        saved_engine.get("rerank", IVF_RERANK))
-            except IndexFormatError as exc:
-                raise IndexFormatError(f"{path / FAISS_FILE}: {exc}") from None
-        elif want in ("hnsw", "ivfpq") and not faiss_available() and engine is None:
-            # saved with a FAISS engine but faiss is gone: exact still answers correctly
-            index = ExactIndex(emb, device=device)
-        elif want == "hnsw":
-            index = HNSWIndex.build(np.asarray(emb))
-        elif want == "ivfpq":
-            index = IVFPQIndex.build(emb)
-        else:
-            index = ExactIndex(emb, device=device)
-        return cls(path, meta, emb, index)
+                gallery = cls._load(path, engine, device)
+            except _Replaced:
+                continue  # a writer swapped a new index in while this one was read: read that one
+            gallery._opened_with = (engine, device)
+            return gallery
+        raise IndexFormatError(f"{path}: the index kept being replaced while it was read; try again")
+
+    @classmethod
+    def _load(cls, path: Path, engine: str | None, device: str) -> "Gallery":
+        try:
+            folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise IndexFormatError(f"{path}: not a vseinf index (no {META_FILE}); build one with `vseinf encode`") \
+                from None
+
+        def open_in_folder(name: str):
+            try:
+                return open(name, "rb", opener=lambda n, flags: os.open(n, flags, dir_fd=folder))
+            except FileNotFoundError:
+                try:  # gone because a writer replaced the folder and deleted the old one's files?
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    return None
+                if (now.st_ino, now.st_dev) != (os.fstat(folder).st_ino, os.fstat(folder).st_dev):
+                    raise _Replaced() from None
+                return None
+
+        meta_file, rows_file = path / META_FILE, path / EMBEDDINGS_FILE
+        try:
+            fh = open_in_folder(META_FILE)
+            if fh is None:
+                raise IndexFormatError(f"{path}: not a vseinf index (no {META_FILE}); build one with `vseinf encode`")
+            with fh:
+                raw = fh.read()
+                meta_id = _file_id(os.fstat(fh.fileno()))
+            meta = _parse_meta(raw, meta_file)
+            fh = open_in_folder(EMBEDDINGS_FILE)
+            if fh is None:
+                raise IndexFormatError(f"{rows_file}: cannot read embeddings (the file is missing)")
+            try:
+                emb = read_rows(fh, rows_file)
+            except BaseException:
+                fh.close()
+                raise
+            if isinstance(emb, np.memmap):
+                rows_fh = fh  # kept open: check_files() compares it with what was mapped
+            else:
+                fh.close()
+                rows_fh = None
+            if emb.shape[0] != len(meta["items"]):
+                raise IndexFormatError(f"{rows_file}: expected {len(meta['items'])} × d float32 rows, "
+                                       f"got {emb.dtype} {emb.shape}")
+            saved_engine = meta.get("engine") or {}
+            saved = saved_engine.get("engine", "exact")
+            want = engine or saved
+            if want == "faiss":
+                want = "hnsw"
+            if want not in ENGINES:
+                raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {want!r}")
+            faiss_fh = open_in_folder(FAISS_FILE) if want == saved and faiss_available() else None
+            if want == "hnsw" and faiss_fh is not None:
+                with faiss_fh:
+                    index: GalleryIndex = HNSWIndex(_read_faiss(faiss_fh, path / FAISS_FILE),
+                                                    saved_engine.get("ef_search", HNSW_EF_SEARCH))
+                if index.size != len(emb):
+                    raise IndexFormatError(f"{path / FAISS_FILE}: {index.size} vectors, expected {len(emb)}")
+            elif want == "ivfpq" and faiss_fh is not None:
+                with faiss_fh:
+                    try:
+                        index = IVFPQIndex(_read_faiss(faiss_fh, path / FAISS_FILE), emb,
+                                           saved_engine.get("nprobe", IVF_NPROBE), saved_engine.get("rerank", IVF_RERANK))
+                    except IndexFormatError as exc:
+                        raise IndexFormatError(f"{path / FAISS_FILE}: {exc}") from None
+            elif want in ("hnsw", "ivfpq") and not faiss_available() and engine is None:
+                # saved with a FAISS engine but faiss is gone: exact still answers correctly
+                index = ExactIndex(emb, device=device)
+            elif want == "hnsw":
+                index = HNSWIndex.build(np.asarray(emb))
+            elif want == "ivfpq":
+                index = IVFPQIndex.build(emb)
+            else:
+                index = ExactIndex(emb, device=device)
+        finally:
+            os.close(folder)
+        gallery = cls(path, meta, emb, index)
+        gallery._meta_id = meta_id
+        gallery._rows_fh = rows_fh
+        gallery._rows_stat = os.fstat(rows_fh.fileno()) if rows_fh is not None else None
+        return gallery
+
+    def on_disk(self) -> tuple | None:
+        """What identifies the ``gallery.json`` now in the folder (None if there is none just now)."""
+        try:
+            return _file_id(os.stat(self.path / META_FILE))
+        except OSError:
+            return None
+
+    def replaced(self) -> bool:
+        """Whether the index folder now holds another index than this one (``vseinf encode`` ran since
+        it was loaded). A folder missing for a moment (a swap in progress) does not count."""
+        now = self.on_disk()
+        return now is not None and now != self._meta_id
+
+    def check_files(self) -> None:
+        """Raise IndexFormatError if the memory-mapped embeddings file changed since it was opened.
+
+        Reading a memory map whose file was truncated kills the process (SIGBUS), so a long-running
+        reader (the web app) calls this before searching. Rows read into memory (files up to
+        :data:`EMBEDDINGS_IN_MEMORY_BYTES`) cannot be disturbed, and an index replaced by ``vseinf
+        encode`` leaves the mapped file as it was: neither fails here.
+        """
+        if self._rows_fh is None:
+            return
+        now = os.fstat(self._rows_fh.fileno())
+        if (now.st_size, now.st_mtime_ns) != (self._rows_stat.st_size, self._rows_stat.st_mtime_ns):
+            change = "truncated" if now.st_size < self._rows_stat.st_size else "changed"
+            raise IndexFormatError(f"{self.path / EMBEDDINGS_FILE}: {change} on disk while it was in use "
+                                   f"({self._rows_stat.st_size:,} → {now.st_size:,} bytes)")
+
+    def reload(self) -> "Gallery":
+        """The index the folder holds now, loaded as this one was (engine, device, search settings)."""
+        engine, device = self._opened_with
+        new = Gallery.load(self.path, engine=engine, device=device)
+        if new.engine.name == self.engine.name:  # keep the settings this engine was tuned with
+            for name, owner in ENGINE_SETTINGS.items():
+                if owner == new.engine.name and hasattr(self.engine, name):
+                    setattr(new.engine, name, getattr(self.engine, name))
+        return new
 
     @property
     def kind(self) -> str:
@@ -1453,7 +1865,7 @@ class Gallery:
         if self.kind != "images" or rel not in self._by_path:
             return None
         root = self.root.resolve()
-        full = (root / rel).resolve()
+        full = (root / self.items[self._by_path[rel]]["path"]).resolve()
         if not full.is_relative_to(root) or not full.is_file():
             return None
         return full
@@ -1743,11 +2155,11 @@ def run_search(args, extra) -> int:
         query = encode_texts_np(model, [args.query])
     results = gallery.search(query, args.k, absolute=True)[0]
     if args.json:
-        print(json.dumps({"results": results}, ensure_ascii=False))
+        print(json_text({"results": results}))
         return 0
     for rank, r in enumerate(results, 1):
         text = f"  {r['caption']}" if "caption" in r else ""
-        print(f"{rank:3d}. {r['score']:.4f}  {r['path']}{text}")
+        print(f"{rank:3d}. {r['score']:.4f}  {printable(r['path'])}{text}")
     return 0
 
 

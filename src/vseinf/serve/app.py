@@ -36,6 +36,7 @@ import html
 import io
 import json
 import queue
+import sys
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -43,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..index import (Gallery, add_engine_settings, check_model, embed_query_images, encode_texts_np, engine_settings,
-                     load_query_image, tune_engine)
+from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
+                     engine_settings, load_query_image, printable, tune_engine)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -105,6 +106,12 @@ class _Job:
 class QueryWorker:
     """Embeds queries and searches the gallery on one thread; concurrent text queries share a batch.
 
+    Before each batch it checks the index on disk: an index that ``vseinf encode`` replaced is
+    loaded and answers from then on (if it cannot be used, the copy loaded before keeps
+    answering), and a memory-mapped embeddings file changed under the server is never read
+    (:meth:`vseinf.index.Gallery.check_files`): the index is reloaded, or the batch fails with
+    :class:`vseinf.index.IndexFormatError` saying why.
+
     Args:
         model: the model that encoded the gallery.
         gallery: the loaded index.
@@ -115,6 +122,7 @@ class QueryWorker:
         self.model = model
         self.gallery = gallery
         self.max_batch = max_batch
+        self._failed: tuple | None = None  # (gallery.json on disk, why it could not be loaded)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="vseinf-query-worker", daemon=True)
         self._thread.start()
@@ -162,8 +170,39 @@ class QueryWorker:
             if stop:
                 return
 
+    def _refresh(self) -> None:
+        """Swap in the index now on disk if it was replaced; raise IndexFormatError if the loaded one
+        cannot be read any more and no usable one replaces it."""
+        gallery = self.gallery
+        damaged = None
+        try:
+            gallery.check_files()
+        except IndexFormatError as exc:
+            damaged = exc
+        now = gallery.on_disk()
+        if damaged is None and (now is None or now == gallery._meta_id):
+            return
+        if self._failed is not None and self._failed[0] == now:  # tried already: same files, same answer
+            error = self._failed[1]
+        else:
+            try:
+                new = gallery.reload()
+                check_model(new, self.model)
+            except (ValueError, OSError) as exc:
+                error = str(exc)
+                self._failed = (now, error)
+                print(f"vseinf serve: the index in {gallery.path} changed but cannot be loaded: {error}",
+                      file=sys.stderr, flush=True)
+            else:
+                self.gallery, self._failed = new, None
+                return
+        if damaged is not None:
+            raise IndexFormatError(f"{damaged}; reloading the index failed: {error}")
+        # otherwise the copy loaded before is intact and keeps answering
+
     def _run(self, jobs: list[_Job], embed) -> None:
         try:
+            self._refresh()
             queries = embed()
             results = self.gallery.search(queries, max(j.k for j in jobs))
             for j, res in zip(jobs, results):
@@ -422,12 +461,14 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 
     def image_queries() -> bool:
         """Whether an uploaded image can be embedded in this gallery's space."""
+        gallery = worker.gallery
         if model.config.image_encoder == "grid":
             return True
         return gallery.kind == "videos" and bool((gallery.meta.get("video") or {}).get("embedder"))
 
     @app.get("/api/info")
     def info():
+        gallery = worker.gallery  # the index now served (reloaded when `vseinf encode` replaces it)
         m = gallery.meta["model"]
         return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
                 "engine_settings": gallery.engine.describe(),
@@ -440,8 +481,14 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     async def answer(future) -> dict:
         try:
             results = await asyncio.wrap_future(future)
+        except IndexFormatError as exc:  # the index on disk is damaged: the server itself is fine
+            raise BadRequest(f"the index cannot be searched now: {exc}", 503) from None
         except ValueError as exc:  # e.g. an image the model cannot take
             raise BadRequest(str(exc)) from None
+        gallery = worker.gallery
+        # names that are not UTF-8 as printable text (JSON and URLs need it); /api/thumb takes them back
+        results = [{**r, "path": printable(r["path"]), **({"id": printable(r["id"])} if "id" in r else {})}
+                   for r in results]
         if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
             results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
                         if r.get("thumb") else None} for r in results]
@@ -470,6 +517,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 
     @app.get("/api/thumb")
     def thumb(path: str | None = None):
+        gallery = worker.gallery
         if gallery.kind == "captions":
             raise BadRequest("this gallery holds captions, not images", 404)
         if not path:

@@ -1,0 +1,291 @@
+"""The index folder under faults and hostile input: files vseinf did not write are never deleted, one
+writer at a time, names that are not UTF-8, symlink loops, progress saved by time, damaged
+gallery.json, non-finite embeddings, and an embeddings file truncated under a reader."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_index import PHOTOS, SAMPLES, tiny_model
+from vseinf import index as vindex
+from vseinf.index import Gallery, encode_gallery
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def photo_dir(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i, name in enumerate(PHOTOS[:4]):
+        shutil.copy2(SAMPLES / name, (root / "sub" if i % 2 else root) / name)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# An index folder only ever loses files vseinf wrote there
+
+
+def test_reencoding_refuses_a_folder_holding_files_vseinf_did_not_write(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    before = (out / "gallery.json").read_text()
+    (out / "notes.txt").write_text("mine")
+    (out / "holiday").mkdir()
+    shutil.copy2(SAMPLES / PHOTOS[0], out / "holiday" / "beach.png")
+    with pytest.raises(ValueError, match=r"holds files that vseinf did not write \(holiday/, notes.txt\)") as err:
+        encode_gallery(photo_dir, out, model, progress=False)
+    assert "\n" not in str(err.value)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "holiday" / "beach.png").is_file()
+    assert (out / "gallery.json").read_text() == before
+
+
+def test_a_file_put_in_the_index_during_an_encode_is_kept(photo_dir, tmp_path, model, monkeypatch):
+    """The folder is checked again just before the swap: a file that appeared while the images were
+    being embedded stops the swap instead of being deleted with the previous index."""
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+    encode_files = vindex.encode_image_files
+
+    def meanwhile(*args, **kwargs):
+        (out / "todo.txt").write_text("written while encoding")
+        return encode_files(*args, **kwargs)
+
+    monkeypatch.setattr(vindex, "encode_image_files", meanwhile)
+    with pytest.raises(ValueError, match=r"holds files that vseinf did not write \(todo.txt\)"):
+        encode_gallery(photo_dir, out, model, progress=False)
+    assert (out / "todo.txt").read_text() == "written while encoding"
+    assert len(Gallery.load(out)) == 4  # the previous index, untouched
+    # the work is not lost: once the file is moved away, the next run reuses the new image's row
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == [".index.partial"]
+    (out / "todo.txt").unlink()
+    monkeypatch.setattr(vindex, "encode_image_files", encode_files)
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert "1 images were already encoded" in report.summary() and report.total == 5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time; readers see the old index or the new one, never a mix
+
+HOLD_LOCK = """
+import sys
+from vseinf.index import IndexLock
+lock = IndexLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_second_writer_is_told_which_process_holds_the_index(photo_dir, tmp_path, model):
+    import subprocess
+    import sys
+
+    out = tmp_path / "index"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(vindex.IndexLockedError, match=f"index is being written by pid {holder.pid}") as err:
+            encode_gallery(photo_dir, out, model, progress=False)
+        assert "\n" not in str(err.value) and not out.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the holder is gone (as after a kill -9): its lock file, even if left behind, is not stale
+    vindex.lock_path(out).write_text(f"{holder.pid}\n")
+    assert encode_gallery(photo_dir, out, model, progress=False).total == 4
+    assert not vindex.lock_path(out).exists()
+
+
+SWAPPER = """
+import sys
+import numpy as np
+from vseinf.index import IndexLock, _write_index
+from pathlib import Path
+
+out, writer, rounds, locked = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+for r in range(rounds):
+    n = 1 + (writer + r) % 5  # galleries of different sizes, so that a mix would show
+    code = 1000 * writer + r
+    meta = {"format": 1, "kind": "images", "root": "/photos", "model": {"config_hash": "c", "weights_hash": "w"},
+            "items": [{"path": f"{code}-{i}.jpg"} for i in range(n)]}
+    rows = np.full((n, 4), code, np.float32)
+    if locked:
+        with IndexLock(out, wait=True):
+            _write_index(out, meta, rows, None)  # an exact index: nothing to save beside the rows
+    else:
+        _write_index(out, meta, rows, None)
+print("done", flush=True)
+"""
+
+
+def _can_exchange(tmp_path) -> bool:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    return vindex._exchange(tmp_path / "x", tmp_path / "y")
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_concurrent_swaps_never_fail_and_readers_never_see_a_mix(tmp_path, locked):
+    """3 processes × 15 swaps into one folder while this process keeps loading it: every swap
+    succeeds (no fixed ``.old`` name to fight over) and every load is one whole index. Without the
+    lock this relies on the atomic exchange (Linux); with it, on the lock."""
+    import subprocess
+    import sys
+
+    exchange = _can_exchange(tmp_path)
+    if not locked and not exchange:
+        pytest.skip("no atomic directory exchange on this system: concurrent writers need the lock")
+    out = tmp_path / "index"
+    rows = np.zeros((1, 4), np.float32)
+    meta = {"format": 1, "kind": "images", "root": "/photos", "model": {"config_hash": "c", "weights_hash": "w"},
+            "items": [{"path": "0-0.jpg"}]}
+    vindex._write_index(out, meta, rows, vindex.ExactIndex(rows))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    writers = [subprocess.Popen([sys.executable, "-c", SWAPPER, str(out), str(w), "15", str(int(locked))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for w in range(3)]
+    loads = 0
+    while any(w.poll() is None for w in writers) or loads == 0:
+        if exchange:  # without it a reader may find the folder missing between the two renames
+            g = Gallery.load(out)
+            codes = {it["path"].split("-")[0] for it in g.items}
+            assert len(codes) == 1 and np.all(np.asarray(g.embeddings) == float(codes.pop()))
+            loads += 1
+        else:
+            loads = 1
+    for w in writers:
+        stdout, stderr = w.communicate(timeout=120)
+        assert w.returncode == 0 and stdout.strip() == "done", stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+    last = Gallery.load(out)
+    assert np.asarray(last.embeddings)[0, 0] == float(last.items[0]["path"].split("-")[0])
+
+
+def test_an_interrupted_swap_is_put_right_by_the_next_writer(photo_dir, tmp_path, model):
+    """Killed between the two renames of the fallback swap: the index is at ``.index.old-*``, the
+    folder missing. The next encode puts it back (and reuses its rows) and removes half-written folders."""
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    os.rename(out, tmp_path / ".index.old-abcd1234")
+    (tmp_path / ".index.tmp-zzzz9999").mkdir()
+    (tmp_path / ".index.tmp-zzzz9999" / "embeddings.npy").write_bytes(b"half")
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert (report.total, report.reused) == (4, 4)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
+
+
+def test_server_answers_from_the_index_encode_swaps_in_and_keeps_a_copy_it_cannot_replace(photo_dir, tmp_path,
+                                                                                          model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from test_index import other_model
+    from vseinf.serve.app import create_app
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    app = create_app(gallery=Gallery.load(out), model=model)
+    with TestClient(app, base_url="http://localhost") as client:
+        def paths():
+            r = client.get("/api/search", params={"q": "a red motorcycle", "k": 10})
+            assert r.status_code == 200, r.text
+            return sorted(x["path"] for x in r.json()["results"])
+
+        assert len(paths()) == 4
+        shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+        encode_gallery(photo_dir, out, model, progress=False)  # while the server holds the old index
+        assert PHOTOS[4] in paths() and len(paths()) == 5
+        assert client.get("/api/info").json()["size"] == 5
+        # an index of another model cannot answer this model's queries: the copy loaded before does
+        encode_gallery(photo_dir, out, other_model(model), progress=False)
+        assert len(paths()) == 5 and client.get(f"/api/thumb?path={PHOTOS[4]}").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# File names that are not UTF-8 (a Latin-1 é from an old disk)
+
+
+def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path, model, capsys):
+    from test_index import run_cli, save_tiny
+    from vseinf.model import load_model
+
+    latin1 = Path(os.fsdecode(bytes(photo_dir)) + "/" + os.fsdecode(b"caf\xe9.png"))
+    try:
+        shutil.copy2(SAMPLES / PHOTOS[4], latin1)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take file names that are not UTF-8")
+    (photo_dir / os.fsdecode(b"notes-\xe9.txt")).write_text("not a photo")
+    out = tmp_path / "index"
+    report = encode_gallery(photo_dir, out, model, progress=False)
+    assert report.total == 5 and "skipped notes-\\xe9.txt" in report.summary()
+    gallery = Gallery.load(out)
+    rel = os.fsdecode(b"caf\xe9.png")
+    assert rel in [it["path"] for it in gallery.items]
+    assert gallery.file_path(rel) == latin1.resolve() and gallery.file_path("caf\\xe9.png") == latin1.resolve()
+    # an update reuses the row: the name read back is the name on disk
+    assert encode_gallery(photo_dir, out, model, progress=False).encoded == 0
+
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    encode_gallery(photo_dir, tmp_path / "cli-index", load_model(ckpt), progress=False)
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1", "--json"]) == 0
+    printed = capsys.readouterr().out
+    printed.encode("utf-8")  # printable on a UTF-8 terminal
+    assert json.loads(printed)["results"][0]["path"] == str(latin1)  # and the exact name, for programs
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("caf\\xe9.png")
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vseinf.serve.app import create_app
+
+    with TestClient(create_app(gallery=gallery, model=model), base_url="http://localhost") as client:
+        r = client.get("/api/search", params={"q": "a red motorcycle", "k": 10})
+        assert r.status_code == 200 and "caf\\xe9.png" in [x["path"] for x in r.json()["results"]]
+        assert client.get("/api/thumb", params={"path": "caf\\xe9.png"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbolic link loops and folders that cannot be read
+
+
+def test_symlink_loops_and_unreadable_folders_are_named_and_skipped(photo_dir, tmp_path, model, monkeypatch):
+    (photo_dir / "loop.jpg").symlink_to("loop.jpg")
+    (photo_dir / "sub" / "ping.png").symlink_to("pong.png")
+    (photo_dir / "sub" / "pong.png").symlink_to("ping.png")
+    (photo_dir / "sub" / "up").symlink_to("..")  # a folder link back up: not followed, not an error
+    private = photo_dir / "private"
+    private.mkdir()
+    shutil.copy2(SAMPLES / PHOTOS[5], private / PHOTOS[5])
+    private.chmod(0)
+    if os.access(private, os.R_OK):  # root reads it anyway: make the folder fail as it would for a user
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if not isinstance(path, int) and Path(os.fsdecode(path)).name == "private":
+                raise PermissionError(13, "Permission denied", os.fsdecode(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        report = encode_gallery(photo_dir, tmp_path / "index", model, progress=False)
+    finally:
+        private.chmod(0o755)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert report.total == 4
+    assert "symbolic link loop" in reasons["loop.jpg"]
+    assert "symbolic link loop" in reasons["sub/ping.png"] and "symbolic link loop" in reasons["sub/pong.png"]
+    assert reasons["private/"] == "cannot read the folder (Permission denied)"
+    assert "skipped private/: cannot read the folder" in report.summary()
