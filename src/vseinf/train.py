@@ -280,33 +280,85 @@ def _log(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def objective_name(loss_kind: str, warmup: bool) -> str:
+    """What the logged loss is, in words: the hinge loss changes meaning after the warm-up epoch."""
+    if loss_kind == "hinge":
+        return "hinge, all negatives (warm-up)" if warmup else "hinge, hardest negative"
+    return loss_kind
+
+
+def _read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The loss records and the validation records of ``log.jsonl``."""
+    losses, vals = [], []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses.append(rec)
+        if "val" in rec:
+            vals.append(rec)
+    return losses, vals
+
+
 def plot_history(run_dir: Path) -> Path | None:
-    """Loss per step and validation RSUM per epoch from ``log.jsonl`` → ``training.png``."""
+    """``training.png`` from ``log.jsonl``: the loss per pair and the validation RSUM.
+
+    The hinge loss sums over every negative during the warm-up epoch and takes only the hardest
+    one afterwards, so the two differ by about the batch size; one axis would show a spike and a
+    flat line. The warm-up gets a panel of its own, the hardest-negative epochs another (its scale
+    shows them), and every panel marks where the learning rate drops.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
-    steps, losses, epochs, rsums = [], [], [], []
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
-        if "val" in rec:
-            epochs.append(rec["epoch"] + 1)
-            rsums.append(rec["val"]["rsum"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(steps, losses, lw=1)
-    a1.set_xlabel("step")
-    a1.set_ylabel("training loss")
-    a1.set_title("loss")
-    a2.plot(epochs, rsums, marker="o")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("validation RSUM")
-    a2.set_title("validation RSUM")
+    losses, vals = _read_log(run_dir)
+
+    def per_pair(rec):
+        return rec.get("loss_per_pair", rec["loss"])
+
+    groups: dict[str, list[dict]] = {}
+    for rec in losses:
+        groups.setdefault(rec.get("objective", "loss"), []).append(rec)
+    # The step and the epoch where the learning rate first drops (the paper's ÷ 10).
+    decay_step = decay_epoch = None
+    for prev, rec in zip(losses, losses[1:]):
+        if rec.get("lr", 0) < prev.get("lr", 0) * 0.999 and rec.get("epoch") != prev.get("epoch"):
+            decay_step, decay_epoch = prev["step"], prev["epoch"] + 0.5
+            break
+
+    def mark_decay(ax, x):
+        if x is not None:
+            ax.axvline(x, color="tab:red", ls="--", lw=1, label="lr ÷ 10")
+
+    panels = len(groups) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    axes = axes[0]
+    for ax, (objective, recs) in zip(axes, groups.items()):
+        steps = [r["step"] for r in recs]
+        ax.plot(steps, [per_pair(r) for r in recs], lw=1.2, marker="." if len(recs) < 40 else None)
+        epochs = sorted({r["epoch"] for r in recs if "epoch" in r})
+        where = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}" if epochs else ""
+        ax.set_title(f"{objective}: {where}" if where else objective, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss per pair")
+        if decay_step is not None and steps and steps[0] <= decay_step <= steps[-1]:
+            mark_decay(ax, decay_step)
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    ax.plot([r["epoch"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
+    mark_decay(ax, decay_epoch)
+    if decay_epoch is not None:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("validation RSUM")
+    ax.set_title("validation RSUM", fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "training.png"
     fig.savefig(out, dpi=110)
@@ -407,6 +459,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
     if world.main and t.precision == "auto":
         print(f"precision auto: {resolve_precision(t.precision, device)} on {device.type}")
     log_path = run_dir / "log.jsonl"
+    if world.main and t.loss == "hinge" and t.warmup_epochs and state["epoch"] < t.warmup_epochs:
+        first = "epoch 1 is" if t.warmup_epochs == 1 else f"epochs 1–{t.warmup_epochs} are"
+        print(f"loss: hinge, per pair; {first} a warm-up that sums over all negatives, later epochs take only "
+              "the hardest one (a loss about the batch size smaller)")
 
     for epoch in range(state["epoch"], t.epochs):
         backbone_training = set_backbone_trainable(model, cfg, epoch)
@@ -418,6 +474,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
         if t.max_steps_per_epoch:
             steps = min(steps, t.max_steps_per_epoch)
         warmup = epoch < t.warmup_epochs
+        objective = objective_name(t.loss, warmup)
         model.train()
         step_caps = [usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]] for s in range(steps)]
         live = None
@@ -430,8 +487,10 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
-        run_loss, run_n, t0 = 0.0, 0, time.time()
+            bar = tqdm(total=steps, initial=state["step_in_epoch"], unit="step",
+                       desc=f"epoch {epoch + 1}/{t.epochs}{' (warm-up)' if warmup and t.loss == 'hinge' else ''}")
+        run_loss, run_pair, run_n, t0 = 0.0, 0.0, 0, time.time()
+        epoch_pair, epoch_n = 0.0, 0
         for step in range(state["step_in_epoch"], steps):
             caps = step_caps[step]
             imgs = train_split.caption_to_image[caps]
@@ -458,28 +517,37 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
             state["global_step"] += 1
             state["step_in_epoch"] = step + 1
             run_loss += float(loss.detach())
+            # Per anchor pair: the hinge loss is a sum over this rank's rows, InfoNCE a sum / G.
+            n_rows = rows.stop - rows.start
+            pair = float(loss.detach()) / max(n_rows, 1) * (1 if t.loss == "hinge" else len(img_all))
+            run_pair += pair
+            epoch_pair += pair
             run_n += 1
+            epoch_n += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
+                bar.set_postfix_str(f"loss/pair {run_pair / run_n:.4g} ({objective})")
             if world.main and (state["global_step"] % t.log_every == 0):
-                _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
+                _log(log_path, {"step": state["global_step"], "epoch": epoch + 1, "loss": run_loss / run_n,
+                                "loss_per_pair": run_pair / run_n, "objective": objective, "lr": lr,
                                 "sec_per_step": (time.time() - t0) / run_n})
-                run_loss, run_n, t0 = 0.0, 0, time.time()
+                run_loss, run_pair, run_n, t0 = 0.0, 0.0, 0, time.time()
             # Every rank takes part (each hands rank 0 its RNG streams); only rank 0 writes.
             if t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
                 _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch), rngs, world)
         if bar:
             bar.close()
         if world.main and run_n:
-            _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
+            _log(log_path, {"step": state["global_step"], "epoch": epoch + 1, "loss": run_loss / run_n,
+                            "loss_per_pair": run_pair / run_n, "objective": objective, "lr": lr,
                             "sec_per_step": (time.time() - t0) / run_n})
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
             metrics = evaluate_split(model, va_img, va_txt, device, cfg.data.num_workers)
             metrics["epoch"] = epoch + 1
-            _log(log_path, {"epoch": epoch, "val": metrics})
-            print(f"epoch {epoch + 1}: val rsum {metrics['rsum']:.1f} "
+            _log(log_path, {"epoch": epoch + 1, "val": metrics})
+            trained = f"loss/pair {epoch_pair / epoch_n:.4g} ({objective}, lr {lr:.3g}); " if epoch_n else ""
+            print(f"epoch {epoch + 1}: {trained}val rsum {metrics['rsum']:.1f} "
                   f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})", flush=True)
             if metrics["rsum"] > state["best_rsum"]:
                 state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1
