@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +46,8 @@ EXAMPLE_QUERIES = tuple(q for q, _ in EXAMPLES) + (LIMIT_EXAMPLE[0],)
 # against the other 299).
 SCORE_NOTE = ("Scores are cosine similarities (−1 … 1) between the query's embedding and each photo's; "
               "only their order within one query matters.")
-BUNDLED_SCORE_NOTE = ("With the bundled model a caption and its own photo typically score 0.2–0.45 "
-                      "(median 0.32), an unrelated photo around 0.05 and rarely above 0.25.")
+BUNDLED_SCORE_NOTE = ("With the bundled model a caption and its own photo typically score 0.15–0.40 "
+                      "(median 0.29), an unrelated photo about 0 (9 in 10 below 0.14).")
 
 
 def sample_images_dir() -> Path:
@@ -127,9 +128,7 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
     checkpoint = getattr(model, "checkpoint_path", None)
     bundled = checkpoint is not None and Path(checkpoint).resolve() == BUNDLED_DIR.resolve()
     echo("")
-    echo(SCORE_NOTE)
-    if bundled:
-        echo(BUNDLED_SCORE_NOTE)
+    echo(textwrap.fill(SCORE_NOTE + (" " + BUNDLED_SCORE_NOTE if bundled else ""), width=100))
     answers, hits, checked = {}, 0, 0
     # Every photo is ranked, so the expected photo's rank is known even when it is not in the top k.
     for n, ((query, expected), ranked) in enumerate(zip(asked, gallery.search(vectors, len(gallery)))):
@@ -152,7 +151,7 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
             r = ranked[ranks[0] - 1]
             echo(f"  …\n  {ranks[0]}. {r['score']:.3f}  {r['path']}")
         if is_limit:
-            echo(f"  {LIMIT_NOTE}")
+            echo(textwrap.fill(LIMIT_NOTE, width=100, initial_indent="  ", subsequent_indent="  "))
     if checked:
         echo(f"\n{hits} of {checked} example queries rank the photo they describe first.")
     # the index records which checkpoint made it, so serve and search need no --model
