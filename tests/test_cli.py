@@ -59,8 +59,9 @@ def video_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = make_video_dataset(tmp / "clips")
     run = tmp / "run"
-    proc = vseinf("train", "--data", str(data), "--out", str(run), "--no-progress", *TINY_RUN,
-                  env={"VSEINF_CACHE": str(tmp / "cache")})
+    # paths typed relative to the folder the command runs in
+    proc = vseinf("train", "--data", "clips", "--out", "run", "--no-progress", *TINY_RUN,
+                  cwd=tmp, env={"VSEINF_CACHE": str(tmp / "cache")})
     assert proc.returncode == 0, proc.stderr
     return run, data, proc.stdout
 
@@ -151,3 +152,35 @@ def test_extract_help_says_it_is_optional_and_resumes():
     text = " ".join(proc.stdout.split())
     assert "`vseinf train` and `vseinf eval` extract what they need on their own" in text
     assert "continues from its last record" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the data path of a run
+
+
+def test_a_run_stores_its_data_path_resolved_and_evaluates_from_anywhere(video_run, tmp_path):
+    run, data, _ = video_run
+    for config in (run / "config.json", run / "best" / "config.json"):
+        assert json.loads(config.read_text())["data"]["path"] == str(data.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = vseinf("eval", "--checkpoint", str(run), cwd=elsewhere, env={"VSEINF_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "RSUM" in proc.stdout
+
+
+def test_a_missing_data_path_says_which_path_was_used(video_run, tmp_path):
+    import shutil
+
+    run, _, _ = video_run
+    moved = tmp_path / "run"
+    shutil.copytree(run / "best", moved / "best")
+    config = json.loads((moved / "best" / "config.json").read_text())
+    config["data"]["path"] = "../gone/clips"
+    (moved / "best" / "config.json").write_text(json.dumps(config))
+    proc = vseinf("eval", "--checkpoint", str(moved), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"the data.path of {moved / 'best' / 'config.json'} ../gone/clips (= {(tmp_path / '../gone/clips').resolve()}): "
+            "no such file or folder; pass --data DIR") in proc.stderr
+    proc = vseinf("eval", "--checkpoint", str(moved), "--data", "nowhere", cwd=tmp_path)
+    assert f"--data nowhere (= {tmp_path.resolve() / 'nowhere'}): no such file or folder" in proc.stderr

@@ -200,3 +200,28 @@ def test_stopped_text_extraction_resumes_by_chunks(photo_split, tmp_path, monkey
     assert model.text.calls == [5, 5, 1]
     for i, caption in enumerate(photo_split.captions):
         np.testing.assert_array_equal(cache[i], np.full((len(caption.split()), 4), float(len(caption))))
+
+
+def test_a_cache_keyed_by_the_path_as_typed_is_still_used(photo_split, small_model, tmp_path, monkeypatch):
+    """Caches are keyed by the image folder's resolved path, so the same data typed from another
+    folder finds its cache; one made when the key was the path as typed is found too."""
+    import vseinf.features as features
+    from vseinf.data.cache import cache_path
+
+    monkeypatch.setenv("VSEINF_CACHE", str(tmp_path / "cache"))
+    root = Path(photo_split.image_root)
+    monkeypatch.chdir(root.parent)
+    typed = open_split(root.name)  # "photos0/captions.csv", relative
+    cfg = small_model.config
+    name = f"{typed.name}-{cfg.backbone}-{cfg.image_size}"
+    signature = {"kind": "grid", "backbone": cfg.backbone, "weights": f"default:{cfg.backbone}",
+                 "image_size": cfg.image_size, "images": features._split_id(typed, resolved=False),
+                 "n_images": typed.n_images}
+    old = features.extract_grid_features(small_model, typed, cache_path(name, signature), signature, 8,
+                                         progress=False)
+
+    def no_extraction(pixels):
+        raise AssertionError("the cache was not found")
+
+    monkeypatch.setattr(small_model.image, "features", no_extraction)
+    assert features.image_sets(small_model, typed, progress=False).cache.directory == old.directory

@@ -45,6 +45,16 @@ def _device(world: World) -> torch.device:
 # Data
 
 
+def resolve_data_path(path: str, source: str = "data.path") -> str:
+    """``path`` made absolute (a run can then be evaluated or resumed from any folder); a path that
+    does not exist is an error that shows both the path as given and where it was looked for."""
+    full = Path(path).expanduser().resolve()
+    if not full.exists():
+        shown = path if str(full) == path else f"{path} (= {full})"
+        raise FileNotFoundError(f"{source} {shown}: no such file or folder; pass --data DIR")
+    return str(full)
+
+
 def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
     if not cfg.data.path:
         raise ValueError("data.path is not set: pass --data DIR or set data.path in the config")
@@ -405,6 +415,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
     elif (run_dir / "last").exists():
         raise ValueError(f"{run_dir} already holds a run; use --resume (or --resume auto) to continue it or "
                          "choose another --out")
+    if cfg.data.path:  # stored resolved: `vseinf eval --checkpoint RUN` works from any folder
+        cfg.data.path = resolve_data_path(cfg.data.path, "data.path" if not resume else
+                                          f"data.path of {run_dir / 'config.json'}")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
