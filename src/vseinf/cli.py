@@ -80,7 +80,16 @@ def _cmd_eval(args, extra):
 
 
 def _add_extract(sub):
-    p = sub.add_parser("extract", help="run frozen backbones once over a dataset and cache their features")
+    p = sub.add_parser("extract", help="run frozen backbones once over a dataset and cache their features",
+                       description="Run the frozen backbones once over a dataset's splits (the CNN's grid "
+                                   "features, the text transformer's token features) and cache their outputs, "
+                                   "fp16 and memory-mapped, under $VSEINF_CACHE (default ~/.cache/vseinf). "
+                                   "Optional: `vseinf train` and `vseinf eval` extract what they need on their "
+                                   "own when it is not cached; running it first does the slow part separately. "
+                                   "A stopped extraction (Ctrl-C, a crash) continues from its last record "
+                                   "(every 1,024 items) when run again; --rebuild starts over. With --videos DIR "
+                                   "--out DIR: frame features of video files, one <id>.npy per clip (clips "
+                                   "already there are kept, so a stopped run resumes).")
     p.add_argument("--config", help="config file (model and data sections are used)")
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
@@ -91,7 +100,20 @@ def _add_extract(sub):
     return p
 
 
+def _interrupt_on_sigterm() -> None:
+    """Stop on SIGTERM (``kill``, a scheduler's timeout) as on Ctrl-C: the same clean-up runs."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _cmd_extract(args, extra):
+    _interrupt_on_sigterm()
     if args.videos:
         from .video import run_extract_video
 

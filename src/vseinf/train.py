@@ -58,6 +58,16 @@ def _device(world: World) -> torch.device:
 # Data
 
 
+def resolve_data_path(path: str, source: str = "data.path") -> str:
+    """``path`` made absolute (a run can then be evaluated or resumed from any folder); a path that
+    does not exist is an error that shows both the path as given and where it was looked for."""
+    full = Path(path).expanduser().resolve()
+    if not full.exists():
+        shown = path if str(full) == path else f"{path} (= {full})"
+        raise FileNotFoundError(f"{source} {shown}: no such file or folder; pass --data DIR")
+    return str(full)
+
+
 def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
     if not cfg.data.path:
         raise ValueError("data.path is not set: pass --data DIR or set data.path in the config")
@@ -379,33 +389,85 @@ def _log(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def objective_name(loss_kind: str, warmup: bool) -> str:
+    """What the logged loss is, in words: the hinge loss changes meaning after the warm-up epoch."""
+    if loss_kind == "hinge":
+        return "hinge, all negatives (warm-up)" if warmup else "hinge, hardest negative"
+    return loss_kind
+
+
+def _read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The loss records and the validation records of ``log.jsonl``."""
+    losses, vals = [], []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses.append(rec)
+        if "val" in rec:
+            vals.append(rec)
+    return losses, vals
+
+
 def plot_history(run_dir: Path) -> Path | None:
-    """Loss per step and validation RSUM per epoch from ``log.jsonl`` → ``training.png``."""
+    """``training.png`` from ``log.jsonl``: the loss per pair and the validation RSUM.
+
+    The hinge loss sums over every negative during the warm-up epoch and takes only the hardest
+    one afterwards, so the two differ by about the batch size; one axis would show a spike and a
+    flat line. The warm-up gets a panel of its own, the hardest-negative epochs another (its scale
+    shows them), and every panel marks where the learning rate drops.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
-    steps, losses, epochs, rsums = [], [], [], []
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
-        if "val" in rec:
-            epochs.append(rec["epoch"] + 1)
-            rsums.append(rec["val"]["rsum"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(steps, losses, lw=1)
-    a1.set_xlabel("step")
-    a1.set_ylabel("training loss")
-    a1.set_title("loss")
-    a2.plot(epochs, rsums, marker="o")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("validation RSUM")
-    a2.set_title("validation RSUM")
+    losses, vals = _read_log(run_dir)
+
+    def per_pair(rec):
+        return rec.get("loss_per_pair", rec["loss"])
+
+    groups: dict[str, list[dict]] = {}
+    for rec in losses:
+        groups.setdefault(rec.get("objective", "loss"), []).append(rec)
+    # The step and the epoch where the learning rate first drops (the paper's ÷ 10).
+    decay_step = decay_epoch = None
+    for prev, rec in zip(losses, losses[1:]):
+        if rec.get("lr", 0) < prev.get("lr", 0) * 0.999 and rec.get("epoch") != prev.get("epoch"):
+            decay_step, decay_epoch = prev["step"], prev["epoch"] + 0.5
+            break
+
+    def mark_decay(ax, x):
+        if x is not None:
+            ax.axvline(x, color="tab:red", ls="--", lw=1, label="lr ÷ 10")
+
+    panels = len(groups) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    axes = axes[0]
+    for ax, (objective, recs) in zip(axes, groups.items()):
+        steps = [r["step"] for r in recs]
+        ax.plot(steps, [per_pair(r) for r in recs], lw=1.2, marker="." if len(recs) < 40 else None)
+        epochs = sorted({r["epoch"] for r in recs if "epoch" in r})
+        where = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}" if epochs else ""
+        ax.set_title(f"{objective}: {where}" if where else objective, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss per pair")
+        if decay_step is not None and steps and steps[0] <= decay_step <= steps[-1]:
+            mark_decay(ax, decay_step)
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    ax.plot([r["epoch"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
+    mark_decay(ax, decay_epoch)
+    if decay_epoch is not None:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("validation RSUM")
+    ax.set_title("validation RSUM", fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "training.png"
     fig.savefig(out, dpi=110)
@@ -463,6 +525,9 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool | str, world: Worl
     elif (run_dir / "last").exists():
         raise ValueError(f"{run_dir} already holds a run; use --resume (or --resume auto) to continue it or "
                          "choose another --out")
+    if cfg.data.path:  # stored resolved: `vseinf eval --checkpoint RUN` works from any folder
+        cfg.data.path = resolve_data_path(cfg.data.path, "data.path" if not resume else
+                                          f"data.path of {run_dir / 'config.json'}")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -487,6 +552,7 @@ class TrainingRun:
     state: dict  # epoch, step_in_epoch, global_step, best_rsum, best_epoch
     progress: bool
     replicas: nn.Module | None = None  # the DistributedDataParallel wrapper in use
+    epoch_loss: str = ""  # the last epoch's mean loss per pair, in words, for the console
 
 
 def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progress: bool) -> TrainingRun:
@@ -531,6 +597,10 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
             print(f"resuming {run_dir} at epoch {run.state['epoch'] + 1}, step {run.state['step_in_epoch']}")
     if world.main and t.precision == "auto":
         print(f"precision auto: {resolve_precision(t.precision, device)} on {device.type}")
+    if world.main and t.loss == "hinge" and t.warmup_epochs and run.state["epoch"] < t.warmup_epochs:
+        first = "epoch 1 is" if t.warmup_epochs == 1 else f"epochs 1–{t.warmup_epochs} are"
+        print(f"loss: hinge, per pair; {first} a warm-up that sums over all negatives, later epochs take only "
+              "the hardest one (a loss about the batch size smaller)")
     return run
 
 
@@ -556,24 +626,28 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
                            seed_key=(t.seed, world.rank, epoch), first_step=state["step_in_epoch"])
     # The authors ramp the loss from 0 to 1 over the CNN's first training epoch.
     ramp = backbone_training and epoch == t.freeze_backbone_epochs
+    warmup = epoch < t.warmup_epochs
     run.model.train()
     bar = None
     if run.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
-    meter = _LossMeter(run.run_dir / "log.jsonl", world.main, epoch, lr)
+        bar = tqdm(total=steps, initial=state["step_in_epoch"], unit="step",
+                   desc=f"epoch {epoch + 1}/{t.epochs}{' (warm-up)' if warmup and t.loss == 'hinge' else ''}")
+    meter = _LossMeter(run.run_dir / "log.jsonl", world.main, epoch, lr, objective_name(t.loss, warmup))
     for step in range(state["step_in_epoch"], steps):
-        loss = training_step(run, step_caps[step], live, warmup=epoch < t.warmup_epochs,
+        loss = training_step(run, step_caps[step], live, warmup=warmup,
                              scale=min(1.0, (step + 1) / steps) if ramp else None)
         if loss is None:
             continue
         state["global_step"] += 1
         state["step_in_epoch"] = step + 1
-        meter.add(float(loss))
+        loss, pairs = loss
+        # Per anchor pair: the hinge loss is a sum over the global batch's rows, InfoNCE already a mean.
+        meter.add(float(loss), float(loss) / pairs if t.loss == "hinge" else float(loss))
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{meter.mean:.3f}")
+            bar.set_postfix_str(f"loss/pair {meter.mean_pair:.4g} ({meter.objective})")
         if state["global_step"] % t.log_every == 0:
             meter.flush(state["global_step"])
         # Every rank takes part (each hands rank 0 its RNG streams); only rank 0 writes.
@@ -582,11 +656,12 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
     if bar:
         bar.close()
     meter.flush(state["global_step"])
+    run.epoch_loss = meter.epoch_summary()
 
 
 def training_step(run: TrainingRun, caps: np.ndarray, live, warmup: bool, scale: float | None):
-    """One optimiser step on the captions ``caps`` and their images. Returns the loss, or None when
-    the step is skipped: a live batch without a readable image on any rank is skipped by every rank.
+    """One optimiser step on the captions ``caps`` and their images. Returns the loss and the global
+    batch's number of pairs, or None when the step is skipped: a live batch without a readable image on any rank is skipped by every rank.
 
     Args:
         run: the run.
@@ -616,30 +691,42 @@ def training_step(run: TrainingRun, caps: np.ndarray, live, warmup: bool, scale:
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], t.grad_clip)
     run.optimizer.step()
-    return loss.detach()
+    return loss.detach(), len(img_all)
 
 
 class _LossMeter:
-    """The mean training loss (and seconds per step) since the last line of ``log.jsonl``; only
-    rank 0 writes."""
+    """The mean training loss, per step and per anchor pair, (and seconds per step) since the last
+    line of ``log.jsonl``, and over the epoch; only rank 0 writes. ``objective`` says which loss it
+    is (the hinge loss changes meaning after the warm-up)."""
 
-    def __init__(self, path: Path, writes: bool, epoch: int, lr: float):
-        self.path, self.writes, self.epoch, self.lr = path, writes, epoch, lr
-        self.total, self.n, self.t0 = 0.0, 0, time.time()
+    def __init__(self, path: Path, writes: bool, epoch: int, lr: float, objective: str):
+        self.path, self.writes, self.epoch, self.lr, self.objective = path, writes, epoch, lr, objective
+        self.total, self.total_pair, self.n, self.t0 = 0.0, 0.0, 0, time.time()
+        self.epoch_pair, self.epoch_n = 0.0, 0
 
     @property
-    def mean(self) -> float:
-        return self.total / max(self.n, 1)
+    def mean_pair(self) -> float:
+        return self.total_pair / max(self.n, 1)
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, per_pair: float) -> None:
         self.total += loss
+        self.total_pair += per_pair
         self.n += 1
+        self.epoch_pair += per_pair
+        self.epoch_n += 1
 
     def flush(self, global_step: int) -> None:
         if self.writes and self.n:
-            _log(self.path, {"step": global_step, "epoch": self.epoch, "loss": self.mean, "lr": self.lr,
+            _log(self.path, {"step": global_step, "epoch": self.epoch + 1, "loss": self.total / self.n,
+                             "loss_per_pair": self.mean_pair, "objective": self.objective, "lr": self.lr,
                              "sec_per_step": (time.time() - self.t0) / self.n})
-        self.total, self.n, self.t0 = 0.0, 0, time.time()
+        self.total, self.total_pair, self.n, self.t0 = 0.0, 0.0, 0, time.time()
+
+    def epoch_summary(self) -> str:
+        """The epoch's mean loss per pair, for the console line after validation."""
+        if not self.epoch_n:
+            return ""
+        return f"loss/pair {self.epoch_pair / self.epoch_n:.4g} ({self.objective}, lr {self.lr:.3g}); "
 
 
 def _end_epoch(run: TrainingRun, epoch: int) -> None:
@@ -650,8 +737,8 @@ def _end_epoch(run: TrainingRun, epoch: int) -> None:
     if run.world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
         metrics = evaluate_split(run.model, run.sides[2], run.sides[3], run.device, run.cfg.data.num_workers)
         metrics["epoch"] = epoch + 1
-        _log(run.run_dir / "log.jsonl", {"epoch": epoch, "val": metrics})
-        print(f"epoch {epoch + 1}: val rsum {metrics['rsum']:.1f} "
+        _log(run.run_dir / "log.jsonl", {"epoch": epoch + 1, "val": metrics})
+        print(f"epoch {epoch + 1}: {run.epoch_loss}val rsum {metrics['rsum']:.1f} "
               f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})", flush=True)
         if metrics["rsum"] > state["best_rsum"]:
             state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1

@@ -364,9 +364,13 @@ class ExtractReport:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)  # a killed run never leaves a half-written <id>.npy
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)  # a killed run never leaves a half-written <id>.npy
+    except BaseException:  # Ctrl-C or a full disk: no temporary file is left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def extract_video_features(videos: str | os.PathLike | Sequence[str | os.PathLike],

