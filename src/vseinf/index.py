@@ -1928,21 +1928,22 @@ class Gallery:
         self._video_embedder = (model, embedder)
         return embedder
 
-    def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu"):
-        """The model that encoded this gallery (or ``model_path``, checked to be the same model)."""
+    def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu", text_only: bool = False):
+        """The model that encoded this gallery (or ``model_path``, checked to be the same model);
+        ``text_only``: just its text tower (see :func:`vseinf.model.load_model`)."""
         from .model import load_model
 
         info = self.meta["model"]
         if model_path is None:
             if info.get("bundled"):
-                model = load_model(device=device)
+                model = load_model(device=device, text_only=text_only)
             elif info.get("checkpoint") and Path(info["checkpoint"]).is_dir():
-                model = load_model(info["checkpoint"], device=device)
+                model = load_model(info["checkpoint"], device=device, text_only=text_only)
             else:
                 raise ValueError(f"{self.path}: the model that built this index ({info.get('checkpoint')}) is "
                                  "not there any more; pass --model CHECKPOINT")
         else:
-            model = load_model(model_path, device=device)
+            model = load_model(model_path, device=device, text_only=text_only)
         check_model(self, model)
         return model
 
@@ -2117,9 +2118,12 @@ def add_search_parser(sub):
 
     p = sub.add_parser("search", help="search an index by text, image or video",
                        description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg, '
-                                   'or --video clip.mp4')
+                                   'or --video clip.mp4, or --queries FILE (one text query a line → JSON lines)')
     p.add_argument("index", help="index directory made by `vseinf encode`")
     p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--queries", metavar="FILE",
+                   help="text queries, one a line ('-': standard input); prints one JSON line per query, "
+                        '{"line": N, "query": …, "results": […]}, so a script pays the start-up once')
     p.add_argument("--image", help="search with this image instead of text")
     p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
                                    "T×D .npy file of frame features)")
@@ -2133,20 +2137,56 @@ def add_search_parser(sub):
     return p
 
 
+def read_queries_file(path: str) -> list[tuple[int, str]]:
+    """``(line number, query)`` for each non-blank line of ``path`` (``"-"``: standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: queries file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a queries file") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+# Queries embedded and searched per step of --queries: output streams, and memory stays bounded.
+QUERY_CHUNK = 256
+
+
+def _search_many(gallery: Gallery, model, queries: list[tuple[int, str]], k: int) -> None:
+    """Print one JSON line per query, in file order, flushed after each chunk."""
+    for start in range(0, len(queries), QUERY_CHUNK):
+        chunk = queries[start:start + QUERY_CHUNK]
+        vectors = encode_texts_np(model, [q for _, q in chunk])
+        for (line, query), results in zip(chunk, gallery.search(vectors, k, absolute=True)):
+            print(json.dumps({"line": line, "query": query, "results": results}, ensure_ascii=False))
+        sys.stdout.flush()
+
+
 def run_search(args, extra) -> int:
     video_query = getattr(args, "video", None)
-    if sum(x is not None for x in (args.query, args.image, video_query)) != 1:
-        raise ValueError("search: give a text query or --image FILE or --video FILE (one of them)")
+    queries_file = getattr(args, "queries", None)
+    if sum(x is not None for x in (args.query, args.image, video_query, queries_file)) != 1:
+        raise ValueError("search: give a text query or --image FILE or --video FILE or --queries FILE (one of them)")
     if args.k < 1:
         raise ValueError(f"search: -k must be a positive integer, got {args.k}")
     if args.query is not None and not args.query.strip():
         raise ValueError("search: the query is empty")
+    queries = read_queries_file(queries_file) if queries_file is not None else None
+    if queries is not None and not queries:
+        raise ValueError(f"search: {queries_file} holds no queries")
     gallery = Gallery.load(args.index, engine=args.engine, device=args.device)
     tune_engine(gallery.engine, **engine_settings(args))
     image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
     if video_query is not None and not Path(video_query).is_file():
         raise FileNotFoundError(f"{video_query}: query video not found")
-    model = gallery.load_model(args.model, device=args.device)
+    # Text queries need only the text tower: no CNN, no transformers import (start-up is most of a query).
+    text = image is None and video_query is None
+    model = gallery.load_model(args.model, device=args.device, text_only=text)
+    if queries is not None:
+        _search_many(gallery, model, queries, args.k)
+        return 0
     if image is not None:
         query = embed_query_images(gallery, model, [image])
     elif video_query is not None:
@@ -2169,5 +2209,5 @@ __all__ = [
     "exact_search_reference",
     "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
     "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",
-    "add_encode_parser", "run_encode", "add_search_parser", "run_search",
+    "add_encode_parser", "run_encode", "add_search_parser", "run_search", "read_queries_file",
 ]

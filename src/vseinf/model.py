@@ -271,6 +271,64 @@ class VSEModel(nn.Module):
         return tuple(prefixes)
 
 
+class TextOnlyVSEModel(VSEModel):
+    """The text tower of a VSE∞ model and nothing else: what ``load_model(path, text_only=True)``
+    returns, for embedding text queries (``vseinf search INDEX "text"``).
+
+    No image tower is built (no CNN, no image transforms), and a BERT-layout transformer runs on
+    :mod:`vseinf.encoders.bert_lite` rather than ``transformers`` (whose import alone takes about as
+    long as torch's); it embeds text like the full model (tests/test_bert_lite.py). Image methods
+    raise ValueError.
+
+    Args:
+        config: the model section of a run config.
+        vocab: word list for the BiGRU text encoder.
+    """
+
+    def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None):
+        nn.Module.__init__(self)  # not VSEModel's: that builds both towers
+        self.config = config
+        self.image = None
+        self.vocab = None
+        if config.text_encoder == "transformer":
+            self.text = _lite_text_encoder(config)
+        elif config.text_encoder == "bigru":
+            from .encoders.text import BiGRUTextEncoder, Vocabulary
+
+            if vocab is None:
+                raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
+            self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
+            self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
+        else:
+            raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
+
+    @property
+    def image_head(self) -> nn.Module:
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+    def image_transform(self, train: bool = False):
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+
+def _lite_text_encoder(config: ModelConfig):
+    """The transformer text tower on :mod:`vseinf.encoders.bert_lite` where the transformer is a
+    BERT it can read; otherwise (another architecture, weights only as a .bin) on transformers."""
+    from .encoders.bert_lite import lite_transformer_folder, load_lite_transformer
+    from .encoders.text import TransformerTextEncoder, default_transformer_path
+
+    if config.text_model == BERT_BASE_FROM_CHECKPOINT:  # weights come from the checkpoint
+        from .encoders.text import BERT_BASE_CONFIG
+
+        bert, tokenizer = load_lite_transformer(config=BERT_BASE_CONFIG, tokenizer_path=default_transformer_path())
+    else:
+        folder = Path(config.text_model) if config.text_model else default_transformer_path()
+        if not lite_transformer_folder(folder):
+            return TransformerTextEncoder(folder, config.embed_dim, config.text_pooling)
+        bert, tokenizer = load_lite_transformer(folder)
+    return TransformerTextEncoder(embed_dim=config.embed_dim, pooling=config.text_pooling, bert=bert,
+                                  tokenizer=tokenizer)
+
+
 def _transformer_config(text_model: str) -> dict | None:
     """Config of the text transformer for building it without weights (same architecture)."""
     import json
@@ -306,16 +364,27 @@ def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics
     return save_checkpoint(path, state, config, metrics, trainer_state)
 
 
-def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> VSEModel:
-    """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model)."""
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               text_only: bool = False) -> VSEModel:
+    """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model).
+
+    Args:
+        path: the checkpoint directory.
+        device: where the model runs.
+        text_only: load only the text tower (a :class:`TextOnlyVSEModel`), for text queries.
+    """
     path = Path(path) if path is not None else BUNDLED_DIR
     state, config_dict, metrics = load_checkpoint(path)
     vocab = _string_list(config_dict.pop(VOCAB_KEY, None), path, VOCAB_KEY)
     skipped = tuple(_string_list(config_dict.pop("stored_prefixes_skipped", []), path, "stored_prefixes_skipped"))
     run_config = config_from_dict({k: v for k, v in config_dict.items() if k in ("model", "data", "train")},
                                   str(path / "config.json"))
-    model = build_model(run_config, vocab=vocab, pretrained=True)
     state = upgrade_state_dict(state)
+    if text_only:
+        model = TextOnlyVSEModel(run_config.model, vocab=vocab)
+        state = {k: v for k, v in state.items() if k.startswith("text.")}
+    else:
+        model = build_model(run_config, vocab=vocab, pretrained=True)
     check_shapes(model.state_dict(), state, str(path / "model.safetensors"), dataclasses.asdict(run_config.model))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Older InfoNCE checkpoints kept the temperature with the loss; embedding does not need it.
