@@ -309,6 +309,9 @@ class TextOnlyVSEModel(VSEModel):
     def image_transform(self, train: bool = False):
         raise ValueError("this model was loaded with text_only=True: it has no image tower")
 
+    def _embed_images(self, images, lengths):
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
 
 def _lite_text_encoder(config: ModelConfig):
     """The transformer text tower on :mod:`vseinf.encoders.bert_lite` where the transformer is a
