@@ -45,6 +45,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     # The climb: one change at a time on top of the default GPO recipe.
     "gpo-mlp": ("GPO/GPO + the paper's MLP residual in the grid head", ["--model.grid_mlp", "true"]),
     "gpo-8ep": ("GPO/GPO, 8 epochs (lr ÷ 10 from epoch 7)", ["--train.epochs", "8", "--train.lr_decay_epoch", "6"]),
+    "gpo-infonce": ("GPO/GPO, InfoNCE instead of the hinge loss", ["--train.loss", "infonce"]),
     "gpo-infonce-8ep": ("GPO/GPO, InfoNCE, 8 epochs", ["--train.loss", "infonce", "--train.epochs", "8",
                                                        "--train.lr_decay_epoch", "6"]),
     "gpo-lr1e-3": ("GPO/GPO, lr 1e-3", ["--train.lr", "1e-3"]),
