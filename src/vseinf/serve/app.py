@@ -37,9 +37,7 @@ queries is answered in a few batched passes instead of one pass each.
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import html
-import io
 import json
 import queue
 import threading
@@ -52,7 +50,7 @@ import numpy as np
 
 from ..index import (Gallery, add_engine_settings, check_model, embed_query_images, encode_texts_np, engine_settings,
                      load_query_image, tune_engine)
-
+from ..thumbnails import THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name
 from .security import HostPolicy, SecurityMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -61,7 +59,6 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 100
 DEFAULT_K = 12
 MAX_UPLOAD_BYTES = 10 << 20
-THUMB_SIZE = 256
 TEXT_SET_SIZES = (5, 10, 15, 20, 30)
 
 
@@ -289,24 +286,6 @@ def gpo_svg(coefficients: dict, modality: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Thumbnails
-
-
-@functools.lru_cache(maxsize=1024)
-def _thumbnail_bytes(path: str, mtime_ns: int, size: int) -> bytes:
-    """JPEG thumbnail of ``path`` (cached; the mtime in the key drops stale entries' use)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
 # Upload size limit
 
 
@@ -376,7 +355,8 @@ class BodyLimitMiddleware:
 def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None = None, model=None,
                model_path: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, device: str = "cpu",
-               host: str = "127.0.0.1", allow_hosts: Sequence[str] = (), api_docs: bool = False):
+               host: str = "127.0.0.1", allow_hosts: Sequence[str] = (), api_docs: bool = False,
+               max_thumb_decodes: int = 2):
     """The FastAPI app serving one index.
 
     Args:
@@ -393,6 +373,8 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
             header names it or this machine (see :class:`vseinf.serve.security.HostPolicy`).
         allow_hosts: more host names to answer (``"*"``: any).
         api_docs: serve the OpenAPI schema at ``/openapi.json`` and its page at ``/docs``.
+        max_thumb_decodes: photos decoded at once for thumbnails the index does not store (each
+            may take its full size in memory while it decodes, e.g. a PNG).
     """
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -408,6 +390,8 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     else:
         check_model(gallery, model)
     worker = QueryWorker(model, gallery)
+    # Thumbnails the index does not hold: at most max_thumb_decodes photos decoded at a time.
+    thumbs = ThumbnailMaker(THUMB_SIZE, max_decodes=max_thumb_decodes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -511,7 +495,13 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         if full is None:
             raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)
         try:
-            data = _thumbnail_bytes(str(full), full.stat().st_mtime_ns, THUMB_SIZE)
+            # The thumbnail `vseinf encode` stored for the file as it is now (its name hashes the
+            # path, size and mtime); else (an older index, a photo changed since) one made here.
+            st = full.stat()
+            stored = gallery.path / image_thumb_name(path, st.st_size, st.st_mtime_ns)
+            data = stored.read_bytes() if stored.is_file() else thumbs.get(full)
+        except ThumbnailError as exc:
+            raise BadRequest(f"{path}: {exc}", 415) from None
         except OSError as exc:
             raise BadRequest(f"{path}: cannot read the image any more ({exc.strerror})", 410) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
