@@ -66,7 +66,7 @@ def served(tmp_path_factory, model):
     encode_gallery(root, index_dir, model, progress=False)
     gallery = Gallery.load(index_dir)
     app = create_app(gallery=gallery, model=model)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         yield client, gallery, root
 
 
@@ -156,7 +156,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, method,
 def test_upload_size_limit(served, model):
     _, gallery, _ = served
     app = create_app(gallery=gallery, model=model, max_upload_bytes=20_000)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         big = (SAMPLES / "coffee.png").read_bytes()  # ~470 KB
         r = client.post("/api/search/image", files={"file": ("coffee.png", big, "image/png")})
         assert r.status_code == 413 and "too large" in r.json()["detail"]
@@ -211,7 +211,7 @@ def test_captions_gallery_answers_image_uploads_with_captions(tmp_path, model):
     caps.write_text("img1.jpg#0\ta cat on a sofa\nimg2.jpg#0\ta red motorcycle\nimg3.jpg#0\ta cup of coffee\n")
     encode_gallery(caps, tmp_path / "index", model, progress=False)
     app = create_app(tmp_path / "index", model=model)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         r = client.post("/api/search/image", files={"file": ("c.png", png_bytes(SAMPLES / "chelsea.png"))})
         results = r.json()["results"]
         assert r.status_code == 200 and len(results) == 3 and {"caption", "path", "score"} <= set(results[0])
@@ -284,30 +284,35 @@ def test_search_page_in_a_real_browser(served, model, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            # (the waits below are functions, not expressions: Playwright evaluates an expression
+            # with eval(), which the page's CSP rightly refuses)
+            refused = []  # the Content-Security-Policy must let the page do all that follows
+            page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
             page.goto(base + "/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('images')")
+            page.wait_for_function("() => document.getElementById('info').textContent.includes('images')")
             page.fill("#k", "4")
             page.fill("#q", "a red motorcycle")
             page.press("#q", "Enter")
-            page.wait_for_function("document.querySelectorAll('#results .result img').length === 4")
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function("() => document.querySelectorAll('#results .result img').length === 4")
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
             scores = [float(s) for s in page.locator("#results .score").all_text_contents()]
             assert scores == sorted(scores, reverse=True)
             assert "4 results" in page.text_content("#status")
 
             page.set_input_files("#file", str(upload))
-            page.wait_for_function("document.getElementById('status').textContent.includes('query.png')")
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('query.png')")
             first = page.locator("#results .result img").first.get_attribute("alt")
             assert first == "sub/chelsea.png"
 
             page.fill("#q", "")
             page.press("#q", "Enter")
-            page.wait_for_function("document.getElementById('status').classList.contains('error')")
+            page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
             assert "empty" in page.text_content("#status")
 
             page.goto(base + "/gpo")
-            page.wait_for_function("[...document.images].length === 2 && "
+            page.wait_for_function("() => [...document.images].length === 2 && "
                                    "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            assert not refused
         finally:
             browser.close()
 
@@ -335,5 +340,6 @@ def test_serve_command_tunes_the_engine_and_checks_settings_before_loading_the_m
                                                  "--port", "8123"]) == 0
     engine = started["app"].state.gallery.engine
     assert started["port"] == 8123 and (engine.name, engine.ef_search) == ("hnsw", 200)
-    with TestClient(started["app"]) as client:  # the page's info shows the setting in force
+    # the page's info shows the setting in force
+    with TestClient(started["app"], base_url="http://localhost") as client:
         assert client.get("/api/info").json()["engine_settings"]["ef_search"] == 200

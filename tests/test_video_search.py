@@ -233,7 +233,7 @@ def test_served_video_gallery_shows_clips_with_thumbnails(image_model_gallery, b
     root, index, _ = image_model_gallery
     gallery = Gallery.load(index)
     (index.parent / "secret.jpg").write_bytes(gallery.thumb_file("bikes.mp4").read_bytes())
-    with TestClient(create_app(gallery=gallery, model=bundled)) as client:
+    with TestClient(create_app(gallery=gallery, model=bundled), base_url="http://localhost") as client:
         info = client.get("/api/info").json()
         assert info["kind"] == "videos" and info["size"] == 2 and info["skipped"] == 2
         assert info["video_source"] == "files" and info["image_queries"] is True
@@ -402,7 +402,7 @@ def test_served_feature_gallery_has_placeholders_not_thumbnails(tmp_path, featur
     folder, _ = feature_folder
     model = frames_model(feature_dim=16)
     encode_gallery(folder, tmp_path / "index", model, progress=False)
-    with TestClient(create_app(tmp_path / "index", model=model)) as client:
+    with TestClient(create_app(tmp_path / "index", model=model), base_url="http://localhost") as client:
         info = client.get("/api/info").json()
         assert info["kind"] == "videos" and info["video_source"] == "features" and info["image_queries"] is False
         results = client.get("/api/search", params={"q": "a bike", "k": 2}).json()["results"]

@@ -7,7 +7,8 @@ An index is a directory::
     gallery.json     what the rows are (paths, captions or clips), the model that made them, the engine
     faiss.index      only for the approximate engines: an HNSW graph over the same rows, or an
                      IVF-PQ index of their compressed codes
-    thumb-*.jpg      video galleries made from video files: one middle-frame thumbnail per clip
+    thumb-*.jpg      image galleries: one thumbnail per image; video galleries made from video files:
+                     one middle-frame thumbnail per clip
 
 Gallery kinds (``gallery.json`` field ``kind``):
 
@@ -1146,6 +1147,11 @@ def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int
         elif gallery.is_dir():
             report, meta, emb = _encode_image_folder(gallery, out, model, identity, batch_size, progress,
                                                      workers, processes)
+            from .thumbnails import make_image_thumbnails  # stored, so the server need not decode photos
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.thumbs-", dir=out.parent))
+            extra_files = make_image_thumbnails(Path(meta["root"]), meta["items"], out, staging, progress)
         elif gallery.suffix.lower() in IMAGE_EXTENSIONS:
             raise ValueError(f"{gallery}: is one image; give a folder of images or a captions text file")
         else:

@@ -19,6 +19,12 @@ Routes
 Bad input (empty or over-long query, k not a positive integer, a non-image or over-size upload, a
 path that is not in the gallery) gets a 4xx whose JSON ``detail`` says what was wrong.
 
+Privacy (:mod:`vseinf.serve.security`): only requests whose Host header names this server are
+answered (localhost and the ``--host`` address; ``--allow-host`` adds names), so another web site
+cannot read the index through DNS rebinding; every answer carries a strict Content-Security-Policy
+(no framing, no foreign scripts) and ``nosniff``; ``/openapi.json`` and ``/docs`` exist only with
+``--api-docs``; ``/api/info`` names no paths of the serving machine.
+
 All model calls run on one worker thread (:class:`QueryWorker`): the tokenizer and the model are
 not meant to be driven from many threads at once, and text queries that arrive together are
 embedded as one batch, which costs little more than a single query — so a burst of concurrent
@@ -31,9 +37,7 @@ queries is answered in a few batched passes instead of one pass each.
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import html
-import io
 import json
 import queue
 import sys
@@ -41,11 +45,14 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
                      engine_settings, load_query_image, printable, tune_engine)
+from ..thumbnails import THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name
+from .security import HostPolicy, SecurityMiddleware
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -53,7 +60,6 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 100
 DEFAULT_K = 12
 MAX_UPLOAD_BYTES = 10 << 20
-THUMB_SIZE = 256
 TEXT_SET_SIZES = (5, 10, 15, 20, 30)
 
 
@@ -319,24 +325,6 @@ def gpo_svg(coefficients: dict, modality: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Thumbnails
-
-
-@functools.lru_cache(maxsize=1024)
-def _thumbnail_bytes(path: str, mtime_ns: int, size: int) -> bytes:
-    """JPEG thumbnail of ``path`` (cached; the mtime in the key drops stale entries' use)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster for big photos
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
 # Upload size limit
 
 
@@ -405,7 +393,9 @@ class BodyLimitMiddleware:
 
 def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None = None, model=None,
                model_path: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, device: str = "cpu"):
+               max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, device: str = "cpu",
+               host: str = "127.0.0.1", allow_hosts: Sequence[str] = (), api_docs: bool = False,
+               max_thumb_decodes: int = 2):
     """The FastAPI app serving one index.
 
     Args:
@@ -418,11 +408,18 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         max_k: most results per request.
         device: where the model and the exact engine run (``"cpu"``, ``"cuda"``…) when this
             function loads them.
+        host: the address the server listens on; requests are answered only when their Host
+            header names it or this machine (see :class:`vseinf.serve.security.HostPolicy`).
+        allow_hosts: more host names to answer (``"*"``: any).
+        api_docs: serve the OpenAPI schema at ``/openapi.json`` and its page at ``/docs``.
+        max_thumb_decodes: photos decoded at once for thumbnails the index does not store (each
+            may take its full size in memory while it decodes, e.g. a PNG).
     """
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
+    policy = HostPolicy(host, allow_hosts)  # before loading anything: a bad --allow-host fails fast
     if gallery is None:
         if index_dir is None:
             raise ValueError("create_app: pass index_dir or gallery")
@@ -432,19 +429,26 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     else:
         check_model(gallery, model)
     worker = QueryWorker(model, gallery)
+    # Thumbnails the index does not hold: at most max_thumb_decodes photos decoded at a time.
+    thumbs = ThumbnailMaker(THUMB_SIZE, max_decodes=max_thumb_decodes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         worker.close()
 
+    # The API docs are off unless asked for: the schema describes every route to whoever asks, and
+    # the docs page loads its scripts from a CDN.
     app = FastAPI(title="vseinf", description="VSE∞ image/video–text search", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)  # the API docs pages load scripts from a CDN
+                  openapi_url="/openapi.json" if api_docs else None, docs_url="/docs" if api_docs else None,
+                  redoc_url=None)
     app.state.gallery = gallery
     app.state.model = model
     app.state.worker = worker
     too_large = f"the upload is too large (at most {max_upload_bytes:,} bytes)"
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes + (64 << 10), message=too_large)  # + framing
+    # Added last, so outermost: a request for another host is refused before anything reads it.
+    app.add_middleware(SecurityMiddleware, policy=policy, docs_path="/docs" if api_docs else None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(BadRequest)
@@ -473,8 +477,9 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
                 "engine_settings": gallery.engine.describe(),
                 "video_source": gallery.video_source, "image_queries": image_queries(),
-                "model": {"checkpoint": m.get("checkpoint"), "bundled": m.get("bundled", False),
-                          "config_hash": m.get("config_hash")},
+                # the checkpoint's folder name only: the page needs no paths of the serving machine
+                "model": {"checkpoint": Path(m["checkpoint"]).name if m.get("checkpoint") else None,
+                          "bundled": m.get("bundled", False), "config_hash": m.get("config_hash")},
                 "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
                 "max_query_chars": max_query_chars, "max_upload_bytes": max_upload_bytes}
 
@@ -531,16 +536,22 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
                 raise BadRequest(f"{path[:200]!r} is not a clip of this gallery", 404)
             try:
                 data = full.read_bytes()
-            except OSError as exc:
-                raise BadRequest(f"{path}: cannot read the thumbnail any more ({exc})", 410) from None
+            except OSError as exc:  # strerror: the message without the file's full path
+                raise BadRequest(f"{path}: cannot read the thumbnail any more ({exc.strerror})", 410) from None
             return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
         full = gallery.file_path(path)
         if full is None:
             raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)
         try:
-            data = _thumbnail_bytes(str(full), full.stat().st_mtime_ns, THUMB_SIZE)
+            # The thumbnail `vseinf encode` stored for the file as it is now (its name hashes the
+            # path, size and mtime); else (an older index, a photo changed since) one made here.
+            st = full.stat()
+            stored = gallery.path / image_thumb_name(path, st.st_size, st.st_mtime_ns)
+            data = stored.read_bytes() if stored.is_file() else thumbs.get(full)
+        except ThumbnailError as exc:
+            raise BadRequest(f"{path}: {exc}", 415) from None
         except OSError as exc:
-            raise BadRequest(f"{path}: cannot read the image any more ({exc})", 410) from None
+            raise BadRequest(f"{path}: cannot read the image any more ({exc.strerror})", 410) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     coefficients: dict = {}
@@ -607,6 +618,12 @@ def add_serve_parser(sub):
     p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this host name (repeatable; '.example.org' for its "
+                        "subdomains, '*' for any). By default only localhost and the --host address are "
+                        "answered, so other web sites cannot read the index through DNS rebinding")
+    p.add_argument("--api-docs", action="store_true", help="serve the OpenAPI schema (/openapi.json) and "
+                                                           "its page (/docs, which loads scripts from a CDN)")
     add_engine_settings(p)
     return p
 
@@ -619,9 +636,11 @@ def run_serve(args, extra) -> int:
         raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
+    HostPolicy(args.host, args.allow_host)  # a bad --allow-host fails before the index loads
     gallery = Gallery.load(args.index_dir, device=args.device)
     tune_engine(gallery.engine, **engine_settings(args))  # a wrong setting fails before the model loads
-    app = create_app(gallery=gallery, model_path=args.model, device=args.device)
+    app = create_app(gallery=gallery, model_path=args.model, device=args.device, host=args.host,
+                     allow_hosts=args.allow_host, api_docs=args.api_docs)
     print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
           "(Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
