@@ -289,3 +289,53 @@ def test_symlink_loops_and_unreadable_folders_are_named_and_skipped(photo_dir, t
     assert "symbolic link loop" in reasons["sub/ping.png"] and "symbolic link loop" in reasons["sub/pong.png"]
     assert reasons["private/"] == "cannot read the folder (Permission denied)"
     assert "skipped private/: cannot read the folder" in report.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# The encode journal is flushed by time too, so a kill -9 loses seconds of work, not 1,024 images
+
+
+def test_the_journal_flushes_after_flush_seconds_whatever_the_count(tmp_path):
+    now = [0.0]
+    journal = vindex.EncodeJournal(tmp_path / "index", {"config_hash": "c", "weights_hash": "w", "embed_dim": 4},
+                                   "/photos", flush_every=1000, flush_seconds=30, clock=lambda: now[0])
+    stats = {f"{i}.jpg": (10, i) for i in range(6)}
+    parts = lambda: len(list(journal.dir.glob("rows-*.json")))  # noqa: E731
+
+    def add(i, t):
+        now[0] = t
+        journal.add([f"{i}.jpg"], stats, np.full((1, 4), i, np.float32))
+
+    add(0, 0.0)
+    add(1, 29.9)
+    assert parts() == 0
+    add(2, 30.0)  # 30 s since the journal began: the three rows go to disk
+    assert parts() == 1
+    add(3, 31.0)
+    add(4, 59.9)
+    assert parts() == 1
+    add(5, 60.0)
+    assert parts() == 2
+    found = journal.load()
+    assert sorted(found) == [f"{i}.jpg" for i in range(6)] and found["4.jpg"][2][0] == 4
+
+
+def test_rows_are_on_disk_before_a_kill_that_no_handler_sees(photo_dir, tmp_path, model, monkeypatch):
+    """What a kill -9 during the third image would leave: with a flush interval of 0 s, the two
+    images embedded before it are already in the journal (the count-based flush alone: none)."""
+    forward = model.image.forward
+    journal = tmp_path / ".index.partial"
+    on_disk = []
+
+    def forward_that_looks(*args, **kwargs):
+        on_disk.append(len(list(journal.glob("rows-*.json"))))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.image, "forward", forward_that_looks)
+    encode_gallery(photo_dir, tmp_path / "index", model, batch_size=1, progress=False, workers=0)
+    assert on_disk[2] == 0  # default: every 1,024 images or 30 s
+    on_disk.clear()
+    monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", 0)
+    journal = tmp_path / ".index2.partial"
+    encode_gallery(photo_dir, tmp_path / "index2", model, batch_size=1, progress=False, workers=0)
+    assert on_disk[:3] == [0, 1, 2]

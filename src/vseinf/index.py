@@ -1203,8 +1203,11 @@ def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> 
 
 
 # A killed `vseinf encode` of an image folder loses at most this many images' work (about 20 s on
-# 2 CPU cores, under a second on a GPU; each flush writes 4 MB at d = 1024).
+# 2 CPU cores, under a second on a GPU; each flush writes 4 MB at d = 1024)…
 ENCODE_FLUSH_EVERY = 1024
+# …or this many seconds of it, whichever comes first: on a slow machine (or with large images) 1,024
+# images can take many minutes, and a kill -9 runs no handler that could save them.
+ENCODE_FLUSH_SECONDS = 30.0
 
 
 def journal_dir(out: Path) -> Path:
@@ -1222,12 +1225,25 @@ class EncodeJournal:
     model and folder and for files whose size and mtime are unchanged. Removed once the index is
     written. Processes encoding shares of one folder (``torchrun … vseinf encode``) add to one
     journal, and rank 0 assembles the index from it.
+
+    Args:
+        out: the index folder.
+        identity: :func:`model_identity` of the encoding model.
+        root: the gallery folder (resolved).
+        flush_every: rows held before a flush (default :data:`ENCODE_FLUSH_EVERY`).
+        flush_seconds: longest time between flushes while rows come in (default
+            :data:`ENCODE_FLUSH_SECONDS`), as measured by ``clock``.
+        clock: seconds, monotonic (``time.monotonic``; tests pass their own).
     """
 
-    def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None):
+    def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None,
+                 flush_seconds: float | None = None, clock=time.monotonic):
         self.dir = journal_dir(out)
         self.identity, self.root = identity, root
         self.flush_every = int(flush_every or ENCODE_FLUSH_EVERY)
+        self.flush_seconds = float(ENCODE_FLUSH_SECONDS if flush_seconds is None else flush_seconds)
+        self.clock = clock
+        self._last_flush = clock()
         self._rows: list[np.ndarray] = []
         self._items: list[list] = []
 
@@ -1264,7 +1280,7 @@ class EncodeJournal:
         for rel, row in zip(rels, rows):
             self._items.append([rel, *stats[rel]])
             self._rows.append(row)
-        if len(self._rows) >= self.flush_every:
+        if len(self._rows) >= self.flush_every or self.clock() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -1292,6 +1308,7 @@ class EncodeJournal:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
         self._rows, self._items = [], []
+        self._last_flush = self.clock()
 
 
 def _image_rows(old: "Gallery | None") -> dict:
