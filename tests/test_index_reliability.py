@@ -339,3 +339,63 @@ def test_rows_are_on_disk_before_a_kill_that_no_handler_sees(photo_dir, tmp_path
     journal = tmp_path / ".index2.partial"
     encode_gallery(photo_dir, tmp_path / "index2", model, batch_size=1, progress=False, workers=0)
     assert on_disk[:3] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# gallery.json checked against its schema: a damaged file is one line naming the field
+
+
+DAMAGES = [  # (what is done to gallery.json, the field the error must name)
+    (lambda m: m.update(items=[1, 2, 3, 4]), "items.0"),
+    (lambda m: m.update(items="four photos"), "items"),
+    (lambda m: m["items"][1].pop("path"), "items.1.path"),
+    (lambda m: m.update(model=None), "model"),
+    (lambda m: m.update(root=["/photos"]), "root"),
+    (lambda m: m.update(engine={"engine": "annoy"}), "engine.engine"),
+    (lambda m: m.update(engine="hnsw"), "engine"),
+    (lambda m: m.update(kind="photos"), "kind"),
+    (lambda m: m["items"][0].update(size="big"), "items.0.size"),
+]
+
+
+@pytest.fixture(scope="module")
+def built_index(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("schema")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in PHOTOS[:4]:
+        shutil.copy2(SAMPLES / name, photos / name)
+    encode_gallery(photos, root / "index", model, progress=False)
+    return photos, root / "index"
+
+
+@pytest.mark.parametrize("damage,field", DAMAGES, ids=[f for _, f in DAMAGES])
+def test_a_damaged_gallery_json_is_one_line_naming_the_field(built_index, tmp_path, capsys, damage, field):
+    from vseinf.cli import main
+
+    out = tmp_path / "index"
+    shutil.copytree(built_index[1], out)
+    meta = json.loads((out / "gallery.json").read_text())
+    damage(meta)
+    (out / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(vindex.IndexFormatError, match=f"gallery.json: field '{field}': "):
+        Gallery.load(out)
+    for argv in (["search", str(out), "a dog"], ["serve", str(out), "--port", "0"]):
+        if argv[0] == "serve":
+            pytest.importorskip("fastapi")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"field '{field}'" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_encode_rebuilds_over_a_damaged_index(built_index, tmp_path, model):
+    photos, built = built_index
+    for damage, field in (DAMAGES[0], DAMAGES[3]):
+        out = tmp_path / field
+        shutil.copytree(built, out)
+        meta = json.loads((out / "gallery.json").read_text())
+        damage(meta)
+        (out / "gallery.json").write_text(json.dumps(meta))
+        report = encode_gallery(photos, out, model, progress=False)
+        assert report.encoded == 4 and f"field '{field}'" in report.note and "encoding everything" in report.note
+        assert len(Gallery.load(out)) == 4

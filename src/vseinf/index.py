@@ -44,6 +44,7 @@ and ``add_search_parser``/``run_search``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -1651,22 +1652,107 @@ def _read_faiss(fh, where: Path):
         raise IndexFormatError(f"{where}: cannot read the FAISS index ({str(exc).splitlines()[0]})") from None
 
 
+@functools.lru_cache(maxsize=1)
+def meta_schema():
+    """The pydantic model ``gallery.json`` is checked against when an index is opened.
+
+    Built on first use: the other commands need not pay for importing pydantic. Fields a later
+    version of vseinf adds are allowed (an index stays readable); the ones read here must have
+    the right types.
+    """
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+    class Open(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+    positive = Field(None, gt=0)
+
+    class ModelInfo(Open):
+        checkpoint: Optional[StrictStr] = None
+        bundled: StrictBool = False
+        config_hash: StrictStr
+        weights_hash: StrictStr
+        embed_dim: Optional[StrictInt] = positive
+
+    class Item(Open):
+        path: StrictStr
+        size: Optional[StrictInt] = Field(None, ge=0)
+        mtime_ns: Optional[StrictInt] = None
+        caption: Optional[StrictStr] = None
+        line: Optional[StrictInt] = None
+        id: Optional[StrictStr] = None
+        frames: Optional[StrictInt] = None
+        thumb: Optional[StrictStr] = None
+
+    class SkippedFile(Open):
+        path: StrictStr
+        reason: StrictStr
+
+    class Engine(Open):
+        engine: Literal["exact", "hnsw", "ivfpq", "faiss"] = "exact"
+        chunk_rows: Optional[StrictInt] = positive
+        ef_search: Optional[StrictInt] = positive
+        nprobe: Optional[StrictInt] = positive
+        rerank: Optional[StrictInt] = positive
+
+    class Video(Open):
+        source: Literal["files", "features"]
+        embedder: Optional[dict] = None
+        features: Optional[StrictStr] = None
+
+    class GalleryMeta(Open):
+        format: StrictInt = Field(FORMAT_VERSION, ge=1)
+        kind: Literal["images", "captions", "videos"]
+        root: StrictStr
+        model: ModelInfo
+        items: list[Item]
+        engine: Optional[Engine] = None
+        video: Optional[Video] = None
+        skipped: list[SkippedFile] = []
+        source: Optional[StrictStr] = None
+
+        @model_validator(mode="after")
+        def fields_of_the_kind(self):
+            if self.kind == "videos" and self.video is None:
+                raise ValueError("field 'video': a video gallery needs it")
+            if self.kind == "captions":
+                for i, it in enumerate(self.items):
+                    if it.caption is None:
+                        raise ValueError(f"field 'items.{i}.caption': a captions gallery's items need one")
+            return self
+
+    return GalleryMeta
+
+
 def _parse_meta(raw: bytes, meta_file: Path) -> dict:
-    """``gallery.json``'s bytes → the checked metadata dict."""
+    """``gallery.json``'s bytes → its dict, checked against :func:`meta_schema` (IndexFormatError, one
+    line naming the first wrong field, if it does not fit)."""
+    from pydantic import ValidationError
+
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexFormatError(f"{meta_file}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise IndexFormatError(f"{meta_file}: expected a JSON object")
-    for key in ("kind", "root", "items", "model"):
-        if key not in meta:
-            raise IndexFormatError(f"{meta_file}: missing field {key!r}")
-    if meta["kind"] not in KINDS:
-        raise IndexFormatError(f"{meta_file}: field 'kind' must be one of {', '.join(KINDS)}, "
-                               f"got {meta['kind']!r}")
-    if meta["kind"] == "videos" and not isinstance(meta.get("video"), dict):
-        raise IndexFormatError(f"{meta_file}: a video gallery needs the field 'video'")
+        raise IndexFormatError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    try:
+        meta_schema().model_validate(meta)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = re.sub(r"valid dictionary( or instance of \w+)?", "JSON object", first["msg"])
+        message = message.removeprefix("Value error, ")
+        text = f"field '{where}': {message}" if where else message
+        if where and not isinstance(first.get("input"), (dict, list)):  # a short wrong value: show it
+            text += f" (got {json_text(first.get('input'))[:60]})"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise IndexFormatError(f"{meta_file}: {text}{more}; re-run `vseinf encode` to rebuild the index") from None
+    if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise IndexFormatError(f"{meta_file}: made by a newer vseinf (index format {meta['format']}; this version "
+                               f"reads {FORMAT_VERSION}); upgrade vseinf")
     return meta
 
 
