@@ -399,3 +399,73 @@ def test_encode_rebuilds_over_a_damaged_index(built_index, tmp_path, model):
         report = encode_gallery(photos, out, model, progress=False)
         assert report.encoded == 4 and f"field '{field}'" in report.note and "encoding everything" in report.note
         assert len(Gallery.load(out)) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite embeddings: never indexed, never loaded, never a 500
+
+
+def test_a_file_whose_embedding_is_not_finite_is_named_and_skipped(photo_dir, tmp_path, model, monkeypatch):
+    import torch
+
+    forward, calls = model.image.forward, [0]
+
+    def nan_for_the_second(*args, **kwargs):
+        emb, rest = forward(*args, **kwargs)
+        calls[0] += 1
+        return (torch.full_like(emb, float("nan")) if calls[0] == 2 else emb), rest
+
+    monkeypatch.setattr(model.image, "forward", nan_for_the_second)
+    out = tmp_path / "index"
+    report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert (report.total, report.encoded) == (3, 3)
+    assert [(s.path, "not finite" in s.reason) for s in report.skipped] == [("coffee.png", True)]
+    gallery = Gallery.load(out)
+    assert "coffee.png" not in [it["path"] for it in gallery.items]
+    assert np.isfinite(gallery.embeddings).all() and gallery.meta["skipped"][0]["path"] == "coffee.png"
+    # the next run tries it again (and this time the model gives a number)
+    calls[0] = 10
+    report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert (report.total, report.encoded, report.reused, report.skipped) == (4, 1, 3, [])
+
+
+def _poison(out: Path, row: int) -> None:
+    """Write NaN into one row of an index's embeddings, in place (a damaged disk, a buggy tool)."""
+    rows = np.load(out / "embeddings.npy", mmap_mode="r+")
+    rows[row] = np.nan
+    rows.flush()
+    del rows
+
+
+def test_an_index_with_non_finite_rows_is_refused_and_rebuilt(photo_dir, tmp_path, model, capsys):
+    from vseinf.cli import main
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    _poison(out, 2)
+    with pytest.raises(vindex.IndexFormatError, match=r"embeddings.npy: row 2 \(sub/chelsea.png\) is not finite"):
+        Gallery.load(out)
+    assert main(["search", str(out), "a dog"]) == 2
+    err = capsys.readouterr().err
+    assert "is not finite" in err and err.count("\n") == 1
+    report = encode_gallery(photo_dir, out, model, progress=False)  # not kept as "unchanged"
+    assert report.encoded == 4 and "is not finite" in report.note
+    assert np.isfinite(Gallery.load(out).embeddings).all()
+
+
+def test_the_server_never_answers_500_for_non_finite_rows(photo_dir, tmp_path, model, monkeypatch):
+    """Rows that are memory-mapped are not all read when the index opens (it can be larger than
+    memory): a non-finite row that reaches the results is a 503 naming it, not a JSON error."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vseinf.serve.app import create_app
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    _poison(out, 1)
+    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    with TestClient(create_app(gallery=Gallery.load(out), model=model), base_url="http://localhost") as client:
+        r = client.get("/api/search", params={"q": "a red motorcycle", "k": 4})
+        assert r.status_code == 503 and "row 1 (coffee.png) is not finite" in r.json()["detail"]
+        assert client.get("/api/info").status_code == 200

@@ -1153,6 +1153,7 @@ def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int
             if gallery.suffix.lower() in VIDEO_SUFFIXES:
                 raise ValueError(f"{gallery}: is one video; give a folder of videos")
             report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
+        emb = _drop_non_finite(report, meta, emb, extra_files)
         if len(emb) == 0:
             detail = "".join(f"\n  skipped {s.path}: {s.reason}" for s in report.skipped[:20])
             what = "clips" if report.kind == "videos" else report.kind
@@ -1172,6 +1173,27 @@ def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int
             shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _drop_non_finite(report: EncodeReport, meta: dict, emb: np.ndarray, extra_files: dict) -> np.ndarray:
+    """Leave out of the index the items whose embedding is not finite (NaN or inf: the model failed
+    on them), naming them in the skip report; the next run tries them again."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if not bad.any():
+        return emb
+    for i in np.flatnonzero(bad):
+        item = meta["items"][i]
+        report.skipped.append(Skipped(item["path"], "its embedding is not finite (NaN or inf): the model failed "
+                                                    "on it"))
+        extra_files.pop(item.get("thumb"), None)
+    meta["items"] = [it for it, b in zip(meta["items"], bad) if not b]
+    report.skipped.sort(key=lambda s: s.path)
+    meta["skipped"] = [dataclasses.asdict(s) for s in report.skipped]
+    n_bad = int(bad.sum())  # new rows, as a rule: an old index's rows were checked when it was loaded
+    from_new = min(n_bad, report.encoded)
+    report.total, report.encoded, report.reused = (report.total - n_bad, report.encoded - from_new,
+                                                   report.reused - (n_bad - from_new))
+    return emb[~bad]
 
 
 def _base_meta(kind: str, root: Path, identity: dict, skipped: list[Skipped]) -> dict:
@@ -1726,6 +1748,12 @@ def meta_schema():
     return GalleryMeta
 
 
+def _non_finite_row(rows_file: Path, row: int, items: list, count: int = 1) -> IndexFormatError:
+    more = f" (and {count - 1} more rows)" if count > 1 else ""
+    return IndexFormatError(f"{rows_file}: row {row} ({printable(str(items[row].get('path')))}) is not finite "
+                            f"(NaN or inf){more}; re-run `vseinf encode` to rebuild the index")
+
+
 def _parse_meta(raw: bytes, meta_file: Path) -> dict:
     """``gallery.json``'s bytes → its dict, checked against :func:`meta_schema` (IndexFormatError, one
     line naming the first wrong field, if it does not fit)."""
@@ -1847,6 +1875,10 @@ class Gallery:
             if emb.shape[0] != len(meta["items"]):
                 raise IndexFormatError(f"{rows_file}: expected {len(meta['items'])} × d float32 rows, "
                                        f"got {emb.dtype} {emb.shape}")
+            if not isinstance(emb, np.memmap):  # mapped rows (larger than memory) are checked as results
+                bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+                if len(bad):
+                    raise _non_finite_row(rows_file, int(bad[0]), meta["items"], len(bad))
             saved_engine = meta.get("engine") or {}
             saved = saved_engine.get("engine", "exact")
             want = engine or saved
@@ -1979,7 +2011,13 @@ class Gallery:
         directory (its full path when ``absolute``), or None for clips made from feature files.
         ``absolute`` makes image and video-file paths full paths.
         """
+        queries = np.asarray(queries, dtype=np.float32)
+        if not np.isfinite(queries).all():
+            raise ValueError("the query's embedding is not finite (NaN or inf)")
         scores, ids = self.engine.search(queries, k)
+        bad = (ids >= 0) & ~np.isfinite(scores)
+        if bad.any():  # a damaged row of a memory-mapped index (rows in memory are checked on loading)
+            raise _non_finite_row(self.path / EMBEDDINGS_FILE, int(ids[bad][0]), self.items)
         files = self.kind == "images" or self.video_source == "files"
         out = []
         for srow, irow in zip(scores, ids):
