@@ -469,3 +469,94 @@ def test_the_server_never_answers_500_for_non_finite_rows(photo_dir, tmp_path, m
         r = client.get("/api/search", params={"q": "a red motorcycle", "k": 4})
         assert r.status_code == 503 and "row 1 (coffee.png) is not finite" in r.json()["detail"]
         assert client.get("/api/info").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# An embeddings file truncated on disk, before or while it is in use
+
+
+def test_an_embeddings_file_shorter_or_longer_than_its_header_is_refused(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    rows = out / "embeddings.npy"
+    data = rows.read_bytes()
+    rows.write_bytes(data[:-100])
+    with pytest.raises(vindex.IndexFormatError, match=rf"embeddings.npy: truncated \({len(data) - 100:,} bytes; "
+                                                      rf"4 × 32 float32 rows take {len(data):,}\)"):
+        Gallery.load(out)
+    rows.write_bytes(data + b"\0" * 8)
+    with pytest.raises(vindex.IndexFormatError, match="longer than its header says"):
+        Gallery.load(out)
+    rows.write_bytes(data[:40])  # not even a whole header
+    with pytest.raises(vindex.IndexFormatError, match="cannot read embeddings"):
+        Gallery.load(out)
+
+
+def test_a_mapped_file_that_changes_under_a_reader_is_reported_not_read(photo_dir, tmp_path, model, monkeypatch):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    in_memory = Gallery.load(out)
+    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    mapped = Gallery.load(out)
+    assert isinstance(mapped.embeddings, np.memmap) and not isinstance(in_memory.embeddings, np.memmap)
+    mapped.check_files()  # as opened: fine
+    shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+    encode_gallery(photo_dir, out, model, progress=False)  # a new index swapped in: the mapped file is as it was
+    mapped.check_files()
+    assert mapped.replaced() and len(mapped.reload()) == 5 and len(mapped) == 4
+    mapped = Gallery.load(out)
+    os.truncate(out / "embeddings.npy", 200)  # in place, under the reader
+    with pytest.raises(vindex.IndexFormatError, match="embeddings.npy: truncated on disk while it was in use"):
+        mapped.check_files()
+    in_memory.check_files()  # rows read into memory cannot be disturbed
+
+
+SERVE_WHILE_TRUNCATED = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from fastapi.testclient import TestClient
+from test_index import tiny_model
+from vseinf import index as vindex
+from vseinf.index import Gallery, encode_gallery
+from vseinf.serve.app import create_app
+
+vindex.EMBEDDINGS_IN_MEMORY_BYTES = 0  # memory-map the rows, as for a gallery larger than memory
+photos, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = tiny_model()
+encode_gallery(photos, out, model, progress=False)
+seen = []
+with TestClient(create_app(gallery=Gallery.load(out), model=model), base_url="http://localhost") as client:
+    def ask():
+        r = client.get("/api/search", params={"q": "a dog on the beach", "k": 3})
+        seen.append([r.status_code, r.json().get("detail", str(len(r.json().get("results", []))))])
+    ask()
+    # emptied in place, under the server (a shorter file would still back the one page these few rows use)
+    os.truncate(out / "embeddings.npy", 0)
+    ask()
+    ask()
+    seen.append([client.get("/api/info").status_code, ""])
+    encode_gallery(photos, out, model, progress=False)  # rebuilt: the server picks it up
+    ask()
+print(json.dumps(seen))
+"""
+
+
+def test_the_server_survives_its_embeddings_file_truncated_under_it(photo_dir, tmp_path):
+    """Before: SIGBUS, the server gone without a word. Now: 503 naming the file, then the rebuilt
+    index answers. In a child process, so that a regression cannot take the test run down with it."""
+    pytest.importorskip("fastapi")
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", SERVE_WHILE_TRUNCATED, str(photo_dir), str(tmp_path / "index"),
+                           tests], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen[0] == [200, "3"]
+    for status, detail in seen[1:3]:
+        assert status == 503 and "embeddings.npy: truncated on disk while it was in use" in detail
+        assert "reloading the index failed" in detail and "re-run `vseinf encode`" in detail
+    assert seen[3][0] == 200 and seen[4] == [200, "3"]

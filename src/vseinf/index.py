@@ -1644,7 +1644,8 @@ def read_rows(fh, where: str | os.PathLike) -> np.ndarray:
         else:
             raise ValueError(f"unsupported .npy format version {version}")
     except ValueError as exc:
-        raise IndexFormatError(f"{where}: cannot read embeddings (not a .npy file: {exc})") from None
+        raise IndexFormatError(f"{where}: cannot read embeddings (not a .npy file: {exc}); re-run `vseinf encode` "
+                               "to rebuild the index") from None
     if len(shape) != 2 or dtype != np.dtype("<f4") or fortran:
         raise IndexFormatError(f"{where}: expected n × d float32 rows, got {dtype} {shape}")
     offset = fh.tell()
