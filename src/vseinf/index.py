@@ -35,7 +35,9 @@ ids)``, scores are dot products = cosines of unit vectors):
 mtime) are embedded again, removed files drop out, and files that are not readable images are
 named, counted and skipped (so are video files that do not decode, and malformed feature
 files). The directory is replaced atomically, so an interrupted run leaves the
-previous index intact.
+previous index intact; one process at a time writes it (:class:`IndexLock`), and a folder holding
+files vseinf did not write is refused rather than replaced. Loading checks ``gallery.json`` against
+a schema (:func:`meta_schema`) and the embeddings file against its header.
 
 Command-line entry points (registered in :mod:`vseinf.cli`): ``add_encode_parser``/``run_encode``
 and ``add_search_parser``/``run_search``.
