@@ -1788,7 +1788,7 @@ def _parse_meta(raw: bytes, meta_file: Path) -> dict:
 
 
 class Gallery:
-    """An index directory, loaded: items, embeddings (memory-mapped) and a search engine.
+    """An index directory, loaded: items, embeddings (in memory; memory-mapped when large) and a search engine.
 
     Args:
         path: the index directory.
@@ -1889,7 +1889,8 @@ class Gallery:
                 want = "hnsw"
             if want not in ENGINES:
                 raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {want!r}")
-            faiss_fh = open_in_folder(FAISS_FILE) if want == saved and faiss_available() else None
+            prebuilt = want == saved and want in ("hnsw", "ivfpq") and faiss_available()
+            faiss_fh = open_in_folder(FAISS_FILE) if prebuilt else None
             if want == "hnsw" and faiss_fh is not None:
                 with faiss_fh:
                     index: GalleryIndex = HNSWIndex(_read_faiss(faiss_fh, path / FAISS_FILE),
@@ -2307,5 +2308,6 @@ __all__ = [
     "exact_search_reference",
     "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
     "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",
+    "IndexFormatError", "IndexLock", "IndexLockedError", "meta_schema", "read_rows", "printable",
     "add_encode_parser", "run_encode", "add_search_parser", "run_search",
 ]
