@@ -314,6 +314,7 @@ def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir,
     clean = tmp_path / "clean"
     encode_gallery(photo_dir, clean, model, batch_size=1, progress=False, workers=0)
     monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", flush_every)
+    monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", float("inf"))  # by count only, however slow the machine
     calls, kill_at = [0], [3]
     forward = model.image.forward
 

@@ -289,3 +289,274 @@ def test_symlink_loops_and_unreadable_folders_are_named_and_skipped(photo_dir, t
     assert "symbolic link loop" in reasons["sub/ping.png"] and "symbolic link loop" in reasons["sub/pong.png"]
     assert reasons["private/"] == "cannot read the folder (Permission denied)"
     assert "skipped private/: cannot read the folder" in report.summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# The encode journal is flushed by time too, so a kill -9 loses seconds of work, not 1,024 images
+
+
+def test_the_journal_flushes_after_flush_seconds_whatever_the_count(tmp_path):
+    now = [0.0]
+    journal = vindex.EncodeJournal(tmp_path / "index", {"config_hash": "c", "weights_hash": "w", "embed_dim": 4},
+                                   "/photos", flush_every=1000, flush_seconds=30, clock=lambda: now[0])
+    stats = {f"{i}.jpg": (10, i) for i in range(6)}
+    parts = lambda: len(list(journal.dir.glob("rows-*.json")))  # noqa: E731
+
+    def add(i, t):
+        now[0] = t
+        journal.add([f"{i}.jpg"], stats, np.full((1, 4), i, np.float32))
+
+    add(0, 0.0)
+    add(1, 29.9)
+    assert parts() == 0
+    add(2, 30.0)  # 30 s since the journal began: the three rows go to disk
+    assert parts() == 1
+    add(3, 31.0)
+    add(4, 59.9)
+    assert parts() == 1
+    add(5, 60.0)
+    assert parts() == 2
+    found = journal.load()
+    assert sorted(found) == [f"{i}.jpg" for i in range(6)] and found["4.jpg"][2][0] == 4
+
+
+def test_rows_are_on_disk_before_a_kill_that_no_handler_sees(photo_dir, tmp_path, model, monkeypatch):
+    """What a kill -9 during the third image would leave: with a flush interval of 0 s, the two
+    images embedded before it are already in the journal (the count-based flush alone: none)."""
+    forward = model.image.forward
+    journal = tmp_path / ".index.partial"
+    on_disk = []
+
+    def forward_that_looks(*args, **kwargs):
+        on_disk.append(len(list(journal.glob("rows-*.json"))))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.image, "forward", forward_that_looks)
+    encode_gallery(photo_dir, tmp_path / "index", model, batch_size=1, progress=False, workers=0)
+    assert on_disk[2] == 0  # default: every 1,024 images or 30 s
+    on_disk.clear()
+    monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", 0)
+    journal = tmp_path / ".index2.partial"
+    encode_gallery(photo_dir, tmp_path / "index2", model, batch_size=1, progress=False, workers=0)
+    assert on_disk[:3] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# gallery.json checked against its schema: a damaged file is one line naming the field
+
+
+DAMAGES = [  # (what is done to gallery.json, the field the error must name)
+    (lambda m: m.update(items=[1, 2, 3, 4]), "items.0"),
+    (lambda m: m.update(items="four photos"), "items"),
+    (lambda m: m["items"][1].pop("path"), "items.1.path"),
+    (lambda m: m.update(model=None), "model"),
+    (lambda m: m.update(root=["/photos"]), "root"),
+    (lambda m: m.update(engine={"engine": "annoy"}), "engine.engine"),
+    (lambda m: m.update(engine="hnsw"), "engine"),
+    (lambda m: m.update(kind="photos"), "kind"),
+    (lambda m: m["items"][0].update(size="big"), "items.0.size"),
+]
+
+
+@pytest.fixture(scope="module")
+def built_index(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("schema")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in PHOTOS[:4]:
+        shutil.copy2(SAMPLES / name, photos / name)
+    encode_gallery(photos, root / "index", model, progress=False)
+    return photos, root / "index"
+
+
+@pytest.mark.parametrize("damage,field", DAMAGES, ids=[f for _, f in DAMAGES])
+def test_a_damaged_gallery_json_is_one_line_naming_the_field(built_index, tmp_path, capsys, damage, field):
+    from vseinf.cli import main
+
+    out = tmp_path / "index"
+    shutil.copytree(built_index[1], out)
+    meta = json.loads((out / "gallery.json").read_text())
+    damage(meta)
+    (out / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(vindex.IndexFormatError, match=f"gallery.json: field '{field}': "):
+        Gallery.load(out)
+    for argv in (["search", str(out), "a dog"], ["serve", str(out), "--port", "0"]):
+        if argv[0] == "serve":
+            pytest.importorskip("fastapi")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"field '{field}'" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_encode_rebuilds_over_a_damaged_index(built_index, tmp_path, model):
+    photos, built = built_index
+    for damage, field in (DAMAGES[0], DAMAGES[3]):
+        out = tmp_path / field
+        shutil.copytree(built, out)
+        meta = json.loads((out / "gallery.json").read_text())
+        damage(meta)
+        (out / "gallery.json").write_text(json.dumps(meta))
+        report = encode_gallery(photos, out, model, progress=False)
+        assert report.encoded == 4 and f"field '{field}'" in report.note and "encoding everything" in report.note
+        assert len(Gallery.load(out)) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite embeddings: never indexed, never loaded, never a 500
+
+
+def test_a_file_whose_embedding_is_not_finite_is_named_and_skipped(photo_dir, tmp_path, model, monkeypatch):
+    import torch
+
+    forward, calls = model.image.forward, [0]
+
+    def nan_for_the_second(*args, **kwargs):
+        emb, rest = forward(*args, **kwargs)
+        calls[0] += 1
+        return (torch.full_like(emb, float("nan")) if calls[0] == 2 else emb), rest
+
+    monkeypatch.setattr(model.image, "forward", nan_for_the_second)
+    out = tmp_path / "index"
+    report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert (report.total, report.encoded) == (3, 3)
+    assert [(s.path, "not finite" in s.reason) for s in report.skipped] == [("coffee.png", True)]
+    gallery = Gallery.load(out)
+    assert "coffee.png" not in [it["path"] for it in gallery.items]
+    assert np.isfinite(gallery.embeddings).all() and gallery.meta["skipped"][0]["path"] == "coffee.png"
+    # the next run tries it again (and this time the model gives a number)
+    calls[0] = 10
+    report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
+    assert (report.total, report.encoded, report.reused, report.skipped) == (4, 1, 3, [])
+
+
+def _poison(out: Path, row: int) -> None:
+    """Write NaN into one row of an index's embeddings, in place (a damaged disk, a buggy tool)."""
+    rows = np.load(out / "embeddings.npy", mmap_mode="r+")
+    rows[row] = np.nan
+    rows.flush()
+    del rows
+
+
+def test_an_index_with_non_finite_rows_is_refused_and_rebuilt(photo_dir, tmp_path, model, capsys):
+    from vseinf.cli import main
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    _poison(out, 2)
+    with pytest.raises(vindex.IndexFormatError, match=r"embeddings.npy: row 2 \(sub/chelsea.png\) is not finite"):
+        Gallery.load(out)
+    assert main(["search", str(out), "a dog"]) == 2
+    err = capsys.readouterr().err
+    assert "is not finite" in err and err.count("\n") == 1
+    report = encode_gallery(photo_dir, out, model, progress=False)  # not kept as "unchanged"
+    assert report.encoded == 4 and "is not finite" in report.note
+    assert np.isfinite(Gallery.load(out).embeddings).all()
+
+
+def test_the_server_never_answers_500_for_non_finite_rows(photo_dir, tmp_path, model, monkeypatch):
+    """Rows that are memory-mapped are not all read when the index opens (it can be larger than
+    memory): a non-finite row that reaches the results is a 503 naming it, not a JSON error."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vseinf.serve.app import create_app
+
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    _poison(out, 1)
+    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    with TestClient(create_app(gallery=Gallery.load(out), model=model), base_url="http://localhost") as client:
+        r = client.get("/api/search", params={"q": "a red motorcycle", "k": 4})
+        assert r.status_code == 503 and "row 1 (coffee.png) is not finite" in r.json()["detail"]
+        assert client.get("/api/info").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# An embeddings file truncated on disk, before or while it is in use
+
+
+def test_an_embeddings_file_shorter_or_longer_than_its_header_is_refused(photo_dir, tmp_path, model):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    rows = out / "embeddings.npy"
+    data = rows.read_bytes()
+    rows.write_bytes(data[:-100])
+    with pytest.raises(vindex.IndexFormatError, match=rf"embeddings.npy: truncated \({len(data) - 100:,} bytes; "
+                                                      rf"4 × 32 float32 rows take {len(data):,}\)"):
+        Gallery.load(out)
+    rows.write_bytes(data + b"\0" * 8)
+    with pytest.raises(vindex.IndexFormatError, match="longer than its header says"):
+        Gallery.load(out)
+    rows.write_bytes(data[:40])  # not even a whole header
+    with pytest.raises(vindex.IndexFormatError, match="cannot read embeddings"):
+        Gallery.load(out)
+
+
+def test_a_mapped_file_that_changes_under_a_reader_is_reported_not_read(photo_dir, tmp_path, model, monkeypatch):
+    out = tmp_path / "index"
+    encode_gallery(photo_dir, out, model, progress=False)
+    in_memory = Gallery.load(out)
+    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    mapped = Gallery.load(out)
+    assert isinstance(mapped.embeddings, np.memmap) and not isinstance(in_memory.embeddings, np.memmap)
+    mapped.check_files()  # as opened: fine
+    shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
+    encode_gallery(photo_dir, out, model, progress=False)  # a new index swapped in: the mapped file is as it was
+    mapped.check_files()
+    assert mapped.replaced() and len(mapped.reload()) == 5 and len(mapped) == 4
+    mapped = Gallery.load(out)
+    os.truncate(out / "embeddings.npy", 200)  # in place, under the reader
+    with pytest.raises(vindex.IndexFormatError, match="embeddings.npy: truncated on disk while it was in use"):
+        mapped.check_files()
+    in_memory.check_files()  # rows read into memory cannot be disturbed
+
+
+SERVE_WHILE_TRUNCATED = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from fastapi.testclient import TestClient
+from test_index import tiny_model
+from vseinf import index as vindex
+from vseinf.index import Gallery, encode_gallery
+from vseinf.serve.app import create_app
+
+vindex.EMBEDDINGS_IN_MEMORY_BYTES = 0  # memory-map the rows, as for a gallery larger than memory
+photos, out = Path(sys.argv[1]), Path(sys.argv[2])
+model = tiny_model()
+encode_gallery(photos, out, model, progress=False)
+seen = []
+with TestClient(create_app(gallery=Gallery.load(out), model=model), base_url="http://localhost") as client:
+    def ask():
+        r = client.get("/api/search", params={"q": "a dog on the beach", "k": 3})
+        seen.append([r.status_code, r.json().get("detail", str(len(r.json().get("results", []))))])
+    ask()
+    # emptied in place, under the server (a shorter file would still back the one page these few rows use)
+    os.truncate(out / "embeddings.npy", 0)
+    ask()
+    ask()
+    seen.append([client.get("/api/info").status_code, ""])
+    encode_gallery(photos, out, model, progress=False)  # rebuilt: the server picks it up
+    ask()
+print(json.dumps(seen))
+"""
+
+
+def test_the_server_survives_its_embeddings_file_truncated_under_it(photo_dir, tmp_path):
+    """Before: SIGBUS, the server gone without a word. Now: 503 naming the file, then the rebuilt
+    index answers. In a child process, so that a regression cannot take the test run down with it."""
+    pytest.importorskip("fastapi")
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", SERVE_WHILE_TRUNCATED, str(photo_dir), str(tmp_path / "index"),
+                           tests], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen[0] == [200, "3"]
+    for status, detail in seen[1:3]:
+        assert status == 503 and "embeddings.npy: truncated on disk while it was in use" in detail
+        assert "reloading the index failed" in detail and "re-run `vseinf encode`" in detail
+    assert seen[3][0] == 200 and seen[4] == [200, "3"]

@@ -36,7 +36,9 @@ ids)``, scores are dot products = cosines of unit vectors):
 mtime) are embedded again, removed files drop out, and files that are not readable images are
 named, counted and skipped (so are video files that do not decode, and malformed feature
 files). The directory is replaced atomically, so an interrupted run leaves the
-previous index intact.
+previous index intact; one process at a time writes it (:class:`IndexLock`), and a folder holding
+files vseinf did not write is refused rather than replaced. Loading checks ``gallery.json`` against
+a schema (:func:`meta_schema`) and the embeddings file against its header.
 
 Command-line entry points (registered in :mod:`vseinf.cli`): ``add_encode_parser``/``run_encode``
 and ``add_search_parser``/``run_search``.
@@ -45,6 +47,7 @@ and ``add_search_parser``/``run_search``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -1160,6 +1163,7 @@ def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int
             if gallery.suffix.lower() in VIDEO_SUFFIXES:
                 raise ValueError(f"{gallery}: is one video; give a folder of videos")
             report, meta, emb = _encode_captions(gallery, out, model, identity, progress)
+        emb = _drop_non_finite(report, meta, emb, extra_files)
         if len(emb) == 0:
             detail = "".join(f"\n  skipped {s.path}: {s.reason}" for s in report.skipped[:20])
             what = "clips" if report.kind == "videos" else report.kind
@@ -1179,6 +1183,27 @@ def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int
             shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _drop_non_finite(report: EncodeReport, meta: dict, emb: np.ndarray, extra_files: dict) -> np.ndarray:
+    """Leave out of the index the items whose embedding is not finite (NaN or inf: the model failed
+    on them), naming them in the skip report; the next run tries them again."""
+    bad = ~np.isfinite(emb).all(axis=1)
+    if not bad.any():
+        return emb
+    for i in np.flatnonzero(bad):
+        item = meta["items"][i]
+        report.skipped.append(Skipped(item["path"], "its embedding is not finite (NaN or inf): the model failed "
+                                                    "on it"))
+        extra_files.pop(item.get("thumb"), None)
+    meta["items"] = [it for it, b in zip(meta["items"], bad) if not b]
+    report.skipped.sort(key=lambda s: s.path)
+    meta["skipped"] = [dataclasses.asdict(s) for s in report.skipped]
+    n_bad = int(bad.sum())  # new rows, as a rule: an old index's rows were checked when it was loaded
+    from_new = min(n_bad, report.encoded)
+    report.total, report.encoded, report.reused = (report.total - n_bad, report.encoded - from_new,
+                                                   report.reused - (n_bad - from_new))
+    return emb[~bad]
 
 
 def _base_meta(kind: str, root: Path, identity: dict, skipped: list[Skipped]) -> dict:
@@ -1211,8 +1236,11 @@ def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> 
 
 
 # A killed `vseinf encode` of an image folder loses at most this many images' work (about 20 s on
-# 2 CPU cores, under a second on a GPU; each flush writes 4 MB at d = 1024).
+# 2 CPU cores, under a second on a GPU; each flush writes 4 MB at d = 1024)…
 ENCODE_FLUSH_EVERY = 1024
+# …or this many seconds of it, whichever comes first: on a slow machine (or with large images) 1,024
+# images can take many minutes, and a kill -9 runs no handler that could save them.
+ENCODE_FLUSH_SECONDS = 30.0
 
 
 def journal_dir(out: Path) -> Path:
@@ -1230,12 +1258,25 @@ class EncodeJournal:
     model and folder and for files whose size and mtime are unchanged. Removed once the index is
     written. Processes encoding shares of one folder (``torchrun … vseinf encode``) add to one
     journal, and rank 0 assembles the index from it.
+
+    Args:
+        out: the index folder.
+        identity: :func:`model_identity` of the encoding model.
+        root: the gallery folder (resolved).
+        flush_every: rows held before a flush (default :data:`ENCODE_FLUSH_EVERY`).
+        flush_seconds: longest time between flushes while rows come in (default
+            :data:`ENCODE_FLUSH_SECONDS`), as measured by ``clock``.
+        clock: seconds, monotonic (``time.monotonic``; tests pass their own).
     """
 
-    def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None):
+    def __init__(self, out: Path, identity: dict, root: str, flush_every: int | None = None,
+                 flush_seconds: float | None = None, clock=time.monotonic):
         self.dir = journal_dir(out)
         self.identity, self.root = identity, root
         self.flush_every = int(flush_every or ENCODE_FLUSH_EVERY)
+        self.flush_seconds = float(ENCODE_FLUSH_SECONDS if flush_seconds is None else flush_seconds)
+        self.clock = clock
+        self._last_flush = clock()
         self._rows: list[np.ndarray] = []
         self._items: list[list] = []
 
@@ -1272,7 +1313,7 @@ class EncodeJournal:
         for rel, row in zip(rels, rows):
             self._items.append([rel, *stats[rel]])
             self._rows.append(row)
-        if len(self._rows) >= self.flush_every:
+        if len(self._rows) >= self.flush_every or self.clock() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -1300,6 +1341,7 @@ class EncodeJournal:
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise
         self._rows, self._items = [], []
+        self._last_flush = self.clock()
 
 
 def _image_rows(old: "Gallery | None") -> dict:
@@ -1612,7 +1654,8 @@ def read_rows(fh, where: str | os.PathLike) -> np.ndarray:
         else:
             raise ValueError(f"unsupported .npy format version {version}")
     except ValueError as exc:
-        raise IndexFormatError(f"{where}: cannot read embeddings (not a .npy file: {exc})") from None
+        raise IndexFormatError(f"{where}: cannot read embeddings (not a .npy file: {exc}); re-run `vseinf encode` "
+                               "to rebuild the index") from None
     if len(shape) != 2 or dtype != np.dtype("<f4") or fortran:
         raise IndexFormatError(f"{where}: expected n × d float32 rows, got {dtype} {shape}")
     offset = fh.tell()
@@ -1642,27 +1685,118 @@ def _read_faiss(fh, where: Path):
         raise IndexFormatError(f"{where}: cannot read the FAISS index ({str(exc).splitlines()[0]})") from None
 
 
+@functools.lru_cache(maxsize=1)
+def meta_schema():
+    """The pydantic model ``gallery.json`` is checked against when an index is opened.
+
+    Built on first use: the other commands need not pay for importing pydantic. Fields a later
+    version of vseinf adds are allowed (an index stays readable); the ones read here must have
+    the right types.
+    """
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+    class Open(BaseModel):
+        model_config = ConfigDict(extra="allow")
+
+    positive = Field(None, gt=0)
+
+    class ModelInfo(Open):
+        checkpoint: Optional[StrictStr] = None
+        bundled: StrictBool = False
+        config_hash: StrictStr
+        weights_hash: StrictStr
+        embed_dim: Optional[StrictInt] = positive
+
+    class Item(Open):
+        path: StrictStr
+        size: Optional[StrictInt] = Field(None, ge=0)
+        mtime_ns: Optional[StrictInt] = None
+        caption: Optional[StrictStr] = None
+        line: Optional[StrictInt] = None
+        id: Optional[StrictStr] = None
+        frames: Optional[StrictInt] = None
+        thumb: Optional[StrictStr] = None
+
+    class SkippedFile(Open):
+        path: StrictStr
+        reason: StrictStr
+
+    class Engine(Open):
+        engine: Literal["exact", "hnsw", "ivfpq", "faiss"] = "exact"
+        chunk_rows: Optional[StrictInt] = positive
+        ef_search: Optional[StrictInt] = positive
+        nprobe: Optional[StrictInt] = positive
+        rerank: Optional[StrictInt] = positive
+
+    class Video(Open):
+        source: Literal["files", "features"]
+        embedder: Optional[dict] = None
+        features: Optional[StrictStr] = None
+
+    class GalleryMeta(Open):
+        format: StrictInt = Field(FORMAT_VERSION, ge=1)
+        kind: Literal["images", "captions", "videos"]
+        root: StrictStr
+        model: ModelInfo
+        items: list[Item]
+        engine: Optional[Engine] = None
+        video: Optional[Video] = None
+        skipped: list[SkippedFile] = []
+        source: Optional[StrictStr] = None
+
+        @model_validator(mode="after")
+        def fields_of_the_kind(self):
+            if self.kind == "videos" and self.video is None:
+                raise ValueError("field 'video': a video gallery needs it")
+            if self.kind == "captions":
+                for i, it in enumerate(self.items):
+                    if it.caption is None:
+                        raise ValueError(f"field 'items.{i}.caption': a captions gallery's items need one")
+            return self
+
+    return GalleryMeta
+
+
+def _non_finite_row(rows_file: Path, row: int, items: list, count: int = 1) -> IndexFormatError:
+    more = f" (and {count - 1} more rows)" if count > 1 else ""
+    return IndexFormatError(f"{rows_file}: row {row} ({printable(str(items[row].get('path')))}) is not finite "
+                            f"(NaN or inf){more}; re-run `vseinf encode` to rebuild the index")
+
+
 def _parse_meta(raw: bytes, meta_file: Path) -> dict:
-    """``gallery.json``'s bytes → the checked metadata dict."""
+    """``gallery.json``'s bytes → its dict, checked against :func:`meta_schema` (IndexFormatError, one
+    line naming the first wrong field, if it does not fit)."""
+    from pydantic import ValidationError
+
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexFormatError(f"{meta_file}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise IndexFormatError(f"{meta_file}: expected a JSON object")
-    for key in ("kind", "root", "items", "model"):
-        if key not in meta:
-            raise IndexFormatError(f"{meta_file}: missing field {key!r}")
-    if meta["kind"] not in KINDS:
-        raise IndexFormatError(f"{meta_file}: field 'kind' must be one of {', '.join(KINDS)}, "
-                               f"got {meta['kind']!r}")
-    if meta["kind"] == "videos" and not isinstance(meta.get("video"), dict):
-        raise IndexFormatError(f"{meta_file}: a video gallery needs the field 'video'")
+        raise IndexFormatError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    try:
+        meta_schema().model_validate(meta)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = re.sub(r"valid dictionary( or instance of \w+)?", "JSON object", first["msg"])
+        message = message.removeprefix("Value error, ")
+        text = f"field '{where}': {message}" if where else message
+        if where and not isinstance(first.get("input"), (dict, list)):  # a short wrong value: show it
+            text += f" (got {json_text(first.get('input'))[:60]})"
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise IndexFormatError(f"{meta_file}: {text}{more}; re-run `vseinf encode` to rebuild the index") from None
+    if meta.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        raise IndexFormatError(f"{meta_file}: made by a newer vseinf (index format {meta['format']}; this version "
+                               f"reads {FORMAT_VERSION}); upgrade vseinf")
     return meta
 
 
 class Gallery:
-    """An index directory, loaded: items, embeddings (memory-mapped) and a search engine.
+    """An index directory, loaded: items, embeddings (in memory; memory-mapped when large) and a search engine.
 
     Args:
         path: the index directory.
@@ -1752,6 +1886,10 @@ class Gallery:
             if emb.shape[0] != len(meta["items"]):
                 raise IndexFormatError(f"{rows_file}: expected {len(meta['items'])} × d float32 rows, "
                                        f"got {emb.dtype} {emb.shape}")
+            if not isinstance(emb, np.memmap):  # mapped rows (larger than memory) are checked as results
+                bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+                if len(bad):
+                    raise _non_finite_row(rows_file, int(bad[0]), meta["items"], len(bad))
             saved_engine = meta.get("engine") or {}
             saved = saved_engine.get("engine", "exact")
             want = engine or saved
@@ -1759,7 +1897,8 @@ class Gallery:
                 want = "hnsw"
             if want not in ENGINES:
                 raise ValueError(f"engine: expected one of {', '.join(ENGINES)}, got {want!r}")
-            faiss_fh = open_in_folder(FAISS_FILE) if want == saved and faiss_available() else None
+            prebuilt = want == saved and want in ("hnsw", "ivfpq") and faiss_available()
+            faiss_fh = open_in_folder(FAISS_FILE) if prebuilt else None
             if want == "hnsw" and faiss_fh is not None:
                 with faiss_fh:
                     index: GalleryIndex = HNSWIndex(_read_faiss(faiss_fh, path / FAISS_FILE),
@@ -1884,7 +2023,13 @@ class Gallery:
         directory (its full path when ``absolute``), or None for clips made from feature files.
         ``absolute`` makes image and video-file paths full paths.
         """
+        queries = np.asarray(queries, dtype=np.float32)
+        if not np.isfinite(queries).all():
+            raise ValueError("the query's embedding is not finite (NaN or inf)")
         scores, ids = self.engine.search(queries, k)
+        bad = (ids >= 0) & ~np.isfinite(scores)
+        if bad.any():  # a damaged row of a memory-mapped index (rows in memory are checked on loading)
+            raise _non_finite_row(self.path / EMBEDDINGS_FILE, int(ids[bad][0]), self.items)
         files = self.kind == "images" or self.video_source == "files"
         out = []
         for srow, irow in zip(scores, ids):
@@ -2215,5 +2360,6 @@ __all__ = [
     "exact_search_reference",
     "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
     "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",
+    "IndexFormatError", "IndexLock", "IndexLockedError", "meta_schema", "read_rows", "printable",
     "add_encode_parser", "run_encode", "add_search_parser", "run_search", "read_queries_file",
 ]
