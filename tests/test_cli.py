@@ -184,3 +184,60 @@ def test_a_missing_data_path_says_which_path_was_used(video_run, tmp_path):
             "no such file or folder; pass --data DIR") in proc.stderr
     proc = vseinf("eval", "--checkpoint", str(moved), "--data", "nowhere", cwd=tmp_path)
     assert f"--data nowhere (= {tmp_path.resolve() / 'nowhere'}): no such file or folder" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. names and formats
+
+
+def test_a_video_model_is_labelled_as_video(video_run, tmp_path):
+    run, _, out = video_run
+    assert "train: 24 videos, 48 captions; val: 8 videos, 16 captions" in out
+    assert "video->text" in out and "text->video" in out and "image" not in out
+    proc = vseinf("eval", "--checkpoint", str(run), env={"VSEINF_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "video->text" in proc.stdout and "text->video" in proc.stdout
+
+
+def test_metrics_json_is_rounded(video_run, tmp_path):
+    import re
+
+    from vseinf.evaluation import round_metrics
+
+    assert round_metrics({"i2t_r10": 67.30000000000001, "folds": [{"rsum": 0.1 + 0.2}], "n": 5}) == \
+        {"i2t_r10": 67.3, "folds": [{"rsum": 0.3}], "n": 5}
+    run, _, _ = video_run
+    out = tmp_path / "m.json"
+    assert vseinf("eval", "--checkpoint", str(run), "--json", str(out),
+                  env={"VSEINF_CACHE": str(tmp_path / "cache")}).returncode == 0
+    for path in (out, run / "metrics.json", run / "best" / "metrics.json"):
+        assert not re.search(r"\d\.\d{7,}", path.read_text()), path
+    for line in (run / "log.jsonl").read_text().splitlines():  # the validation blocks are rounded too
+        if '"val"' in line:
+            assert not re.search(r"\d\.\d{7,}", line)
+
+
+def test_plot_pooling_on_a_video_model_draws_its_frame_counts(video_run, tmp_path, monkeypatch):
+    import vseinf.plots as plots
+    from vseinf.model import load_model
+
+    run, _, _ = video_run
+    proc = vseinf("plot-pooling", str(run), "--out", str(tmp_path / "gpo.png"))
+    assert proc.returncode == 0, proc.stderr
+    # the 8 validation clips have 3 to 7 frames
+    assert "video panel: N = 3, 5, 7 (frame counts of validate clips: 3–7)" in proc.stdout
+    assert (tmp_path / "gpo.png").stat().st_size > 1000
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_coefficients", lambda panels, out, title=None: drawn.update(panels=panels))
+    plots.plot_model_pooling(load_model(run / "best"), tmp_path / "x.png")
+    (video_name, _, video_sizes), (text_name, _, _) = drawn["panels"]
+    assert video_name == "video (gpo)" and video_sizes == [3, 5, 7] and text_name == "text (gpo)"
+
+
+@pytest.mark.parametrize("command", ["search", "serve"])
+def test_the_index_argument_has_one_name(command):
+    from vseinf.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    assert "index" in [a.dest for a in sub._actions if not a.option_strings]

@@ -45,7 +45,7 @@ def _cmd_train(args, extra):
         from .evaluation import format_table
 
         print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
-        print(format_table(metrics))
+        print(format_table(metrics, "video" if cfg.model.image_encoder == "frames" else "image"))
     return 0
 
 
@@ -62,6 +62,16 @@ def _add_eval(sub):
     return p
 
 
+def _gallery_items(checkpoint: str) -> str:
+    """"video" for a checkpoint of a video model (frame features), else "image"."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "image"
+    model = config.get("model", config) if isinstance(config, dict) else {}
+    return "video" if isinstance(model, dict) and model.get("image_encoder") == "frames" else "image"
+
+
 def _cmd_eval(args, extra):
     from .evaluation import format_table
     from .evaluate import evaluate_checkpoints
@@ -70,7 +80,7 @@ def _cmd_eval(args, extra):
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
     metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
                                    device=args.device, max_images=args.max_images)
-    print(format_table(metrics))
+    print(format_table(metrics, _gallery_items(metrics["checkpoints"][0])))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.json}")

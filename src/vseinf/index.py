@@ -1462,7 +1462,8 @@ class Gallery:
         Images: ``{"path", "score"}``; captions: ``+ "caption"``; videos: ``{"path", "id", "kind":
         "video", "score", "thumb"}`` — ``thumb`` is the thumbnail's file name in the index
         directory (its full path when ``absolute``), or None for clips made from feature files.
-        ``absolute`` makes image and video-file paths full paths.
+        ``path`` is always relative to the gallery folder (as the web API reports it);
+        ``absolute`` adds ``"file"``, the full path of the image or video file.
         """
         scores, ids = self.engine.search(queries, k)
         files = self.kind == "images" or self.video_source == "files"
@@ -1473,7 +1474,7 @@ class Gallery:
                 if i < 0:
                     continue
                 item = self.items[i]
-                path = str(self.root / item["path"]) if absolute and files else item["path"]
+                path = item["path"]
                 if self.kind == "videos":
                     thumb = item.get("thumb")
                     if thumb is not None and absolute:
@@ -1484,6 +1485,8 @@ class Gallery:
                     r = {"path": path, "score": round(float(s), 6)}
                 if self.kind == "captions":
                     r["caption"] = item["caption"]
+                if absolute and files:
+                    r["file"] = str(self.root / path)
                 results.append(r)
             out.append(results)
         return out
@@ -1706,8 +1709,10 @@ def add_search_parser(sub):
     p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
                                    "T×D .npy file of frame features)")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]} '
-                                                       '(video galleries: + "id", "kind", "thumb")')
+    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "file": …, "score": …}, '
+                                                       '…]}: path relative to the gallery folder (as in '
+                                                       '/api/search), file its full path (video galleries: + '
+                                                       '"id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--engine", choices=list(ENGINES), help="override the index's engine")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
@@ -1741,7 +1746,7 @@ def run_search(args, extra) -> int:
         return 0
     for rank, r in enumerate(results, 1):
         text = f"  {r['caption']}" if "caption" in r else ""
-        print(f"{rank:3d}. {r['score']:.4f}  {r['path']}{text}")
+        print(f"{rank:3d}. {r['score']:.4f}  {r.get('file', r['path'])}{text}")
     return 0
 
 

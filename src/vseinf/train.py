@@ -28,7 +28,7 @@ from .checkpoint import load_checkpoint, load_trainer_state, optimizer_from_flat
 from .config import RunConfig
 from .data.splits import CaptionSplit, open_split
 from .distributed import World, in_turns, init_distributed
-from .evaluation import retrieval_metrics
+from .evaluation import retrieval_metrics, round_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
 from .precision import autocast, resolve_precision
@@ -213,7 +213,7 @@ def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu", num_w
     img, txt, usable = encode_split(model, image, text, device=device, num_workers=num_workers)
     img, txt, t2i = drop_unusable(img, txt, image.split.caption_to_image, usable)
     sims = img @ txt.T
-    metrics = retrieval_metrics(sims.cpu(), t2i)
+    metrics = round_metrics(retrieval_metrics(sims.cpu(), t2i))
     metrics["n_images"] = int(len(img))
     metrics["n_captions"] = int(len(txt))
     return metrics
@@ -438,8 +438,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
     if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume:
         model.text.init_from_glove(model.vocab)
     if world.main:
-        print(f"train: {train_split.n_images} images, {train_split.n_captions} captions; "
-              f"val: {val_split.n_images} images, {val_split.n_captions} captions")
+        items = "videos" if cfg.model.image_encoder == "frames" else "images"
+        print(f"train: {train_split.n_images} {items}, {train_split.n_captions} captions; "
+              f"val: {val_split.n_images} {items}, {val_split.n_captions} captions")
 
     def open_sides():
         return (image_side(model, train_split, cfg, progress), text_side(model, train_split, cfg, progress),

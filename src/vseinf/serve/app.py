@@ -1,6 +1,6 @@
 """The search web app: a page, a JSON API and the GPO coefficient plot, over one gallery index.
 
-    vseinf serve INDEX_DIR --port 8000      # then open http://127.0.0.1:8000/
+    vseinf serve INDEX --port 8000          # then open http://127.0.0.1:8000/
 
 Routes
     GET  /                     search page: a text box → grid of thumbnails (or captions, or video
@@ -550,9 +550,9 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
 
 def add_serve_parser(sub):
     p = sub.add_parser("serve", help="web page + JSON API to search an index",
-                       description="Serve INDEX_DIR: a search page at /, the GPO coefficient plot at /gpo, "
+                       description="Serve INDEX: a search page at /, the GPO coefficient plot at /gpo, "
                                    "and GET /api/search?q=TEXT&k=K.")
-    p.add_argument("index_dir", help="index directory made by `vseinf encode` (or `vseinf demo`)")
+    p.add_argument("index", help="index directory made by `vseinf encode` (or `vseinf demo`)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
@@ -569,7 +569,7 @@ def run_serve(args, extra) -> int:
         raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
-    gallery = Gallery.load(args.index_dir, device=args.device)
+    gallery = Gallery.load(args.index, device=args.device)
     tune_engine(gallery.engine, **engine_settings(args))  # a wrong setting fails before the model loads
     app = create_app(gallery=gallery, model_path=args.model, device=args.device)
     print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
