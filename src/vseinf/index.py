@@ -1443,12 +1443,12 @@ class Gallery:
         return full
 
     def file_path(self, rel: str) -> Path | None:
-        """The file of an indexed image, or None if ``rel`` is not an image of this gallery.
+        """The file of an indexed image (or video file), or None if ``rel`` is not one of this gallery.
 
         Only paths listed in the index resolve, and only to files inside the gallery folder (a
         symlink pointing elsewhere does not), so a caller cannot reach anything else on disk.
         """
-        if self.kind != "images" or rel not in self._by_path:
+        if not (self.kind == "images" or self.video_source == "files") or rel not in self._by_path:
             return None
         root = self.root.resolve()
         full = (root / rel).resolve()
