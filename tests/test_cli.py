@@ -49,8 +49,8 @@ def make_video_dataset(root: Path, n_train: int = 24, n_val: int = 8, dim: int =
 
 TINY_RUN = ["--model.image_encoder", "frames", "--model.feature_dim", "8", "--model.text_encoder", "bigru",
             "--model.word_dim", "16", "--model.embed_dim", "16", "--data.val_split", "validate",
-            "--train.epochs", "3", "--train.lr_decay_epoch", "2", "--train.batch_size", "8",
-            "--train.log_every", "1", "--train.lr", "1e-3"]
+            "--train.epochs", "3", "--train.lr_decay_epoch", "2", "--train.batch-size", "8",
+            "--train.log-every", "1", "--train.lr", "1e-3"]  # both spellings of the keys
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def video_run(tmp_path_factory):
     data = make_video_dataset(tmp / "clips")
     run = tmp / "run"
     # paths typed relative to the folder the command runs in
-    proc = vseinf("train", "--data", "clips", "--out", "run", "--no-progress", *TINY_RUN,
+    proc = vseinf("train", "--data", "clips", "--out", "run", "--no_progress", *TINY_RUN,
                   cwd=tmp, env={"VSEINF_CACHE": str(tmp / "cache")})
     assert proc.returncode == 0, proc.stderr
     return run, data, proc.stdout
@@ -241,3 +241,37 @@ def test_the_index_argument_has_one_name(command):
     parser = build_parser(command)
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     assert "index" in [a.dest for a in sub._actions if not a.option_strings]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. both spellings of every flag
+
+
+def test_flags_and_config_keys_take_hyphens_and_underscores(video_run, tmp_path):
+    from vseinf.cli import _option_strings, build_parser, normalize_flags
+    from vseinf.config import load_config, parse_overrides
+
+    run, _, _ = video_run
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert (config["batch_size"], config["log_every"], config["lr_decay_epoch"]) == (8, 1, 2)
+    for command, argv, dest, value in [
+        ("encode", ["encode", "photos", "--out", "i", "--batch_size", "4"], "batch_size", 4),
+        ("encode", ["encode", "photos", "--out", "i", "--batch-size", "4"], "batch_size", 4),
+        ("encode", ["encode", "photos", "--out", "i", "--no_progress"], "no_progress", True),
+        ("search", ["search", "i", "q", "--ef_search=64"], "ef_search", 64),
+        ("eval", ["eval", "--checkpoint", "r", "--max_images", "3"], "max_images", 3),
+        ("study", ["study", "pooling", "--out", "o.json", "--runs_dir", "r", "--no_size_augment_too"],
+         "runs_dir", "r"),
+        ("plot-pooling", ["plot-pooling", "r", "--out", "o.png", "--image_sizes", "1,2"], "image_sizes", "1,2"),
+    ]:
+        parser = build_parser(command)
+        args, extra = parser.parse_known_args(normalize_flags(argv, _option_strings(parser)))
+        assert getattr(args, dest) == value and extra == [], argv
+    # config overrides: either spelling, with or without the section
+    a = load_config(None, parse_overrides(["--train.batch-size", "8", "--model.image_pooling", "avg"]))
+    b = load_config(None, parse_overrides(["--batch_size", "8", "--model.image-pooling", "avg"]))
+    assert a.to_dict() == b.to_dict() and (a.train.batch_size, a.model.image_pooling) == (8, "avg")
+    # after `--` nothing is rewritten
+    assert normalize_flags(["search", "--", "--batch_size"], {"--batch-size"}) == ["search", "--", "--batch_size"]
+    proc = vseinf("eval", "--checkpoint", str(run), "--max_images", "4", env={"VSEINF_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr

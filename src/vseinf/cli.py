@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _add_train(sub):
     p = sub.add_parser("train", help="train a VSE∞ model",
                        description="Train VSE∞. Any config key can be overridden: --lr 2e-4, "
-                                   "--model.image_pooling max, --epochs 10 …")
+                                   "--model.image-pooling max, --epochs 10 …")
     p.add_argument("--config", help="YAML or JSON config file (defaults reproduce the paper)")
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, plot)")
@@ -241,9 +241,43 @@ def check_device(name: str) -> str:
     return name
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of the subcommands under it."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def normalize_flags(argv: list[str], known: set[str]) -> list[str]:
+    """Accept ``--batch_size`` for ``--batch-size`` (and the other way round) everywhere.
+
+    Flags are documented with hyphens. A flag the parser does not know under the spelling given
+    but knows under the other one is rewritten; anything else (config overrides such as
+    ``--model.image-pooling``, which take both spellings too) is left as it is.
+    """
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token.partition("=")
+            if name not in known:
+                for other in (name[:2] + name[2:].replace("_", "-"), name[:2] + name[2:].replace("-", "_")):
+                    if other in known:
+                        token = other + eq + value
+                        break
+        out.append(token)
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    argv = normalize_flags(argv, _option_strings(parser))
     args, extra = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
