@@ -275,3 +275,58 @@ def test_flags_and_config_keys_take_hyphens_and_underscores(video_run, tmp_path)
     assert normalize_flags(["search", "--", "--batch_size"], {"--batch-size"}) == ["search", "--", "--batch_size"]
     proc = vseinf("eval", "--checkpoint", str(run), "--max_images", "4", env={"VSEINF_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. help, version, quiet loading
+
+
+def _parsers(parser, name="vseinf"):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_command_has_a_description_and_every_flag_help():
+    from vseinf.cli import build_parser
+
+    import argparse
+
+    seen = []
+    for name, parser in _parsers(build_parser()):
+        seen.append(name)
+        assert parser.description, f"{name} has no description"
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+    assert {"vseinf eval", "vseinf extract", "vseinf synth", "vseinf study pooling"} <= set(seen)
+
+
+def test_train_help_lists_the_config_keys():
+    import dataclasses
+
+    from vseinf.config import SECTIONS
+
+    proc = vseinf("train", "--help")
+    assert proc.returncode == 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name.replace('_', '-')} (" in proc.stdout
+    assert "--train.warmup-epochs (int, default 1): epochs that sum over all negatives" in proc.stdout
+    assert "SPEC" not in proc.stdout
+
+
+def test_version_and_no_loading_bar(tmp_path):
+    import vseinf as package
+
+    proc = vseinf("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vseinf {package.__version__}"
+    # loading the bundled model (MiniLM through transformers) prints no "Loading weights" bar
+    proc = vseinf("plot-pooling", str(REPO / "src" / "vseinf" / "assets" / "flickr8k_mobilenet_minilm"),
+                  "--out", str(tmp_path / "gpo.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr + proc.stdout and proc.stderr.strip() == ""

@@ -1631,11 +1631,11 @@ def add_encode_parser(sub):
     p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items; IVF-PQ, compressed codes "
                         "re-ranked exactly, once the rows take 8 GiB)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes decoding images ahead of the model (default: up to 4 on a GPU, none on a CPU)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1…)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     g = p.add_argument_group("videos")
     g.add_argument("--kind", default="auto", choices=["auto", "images", "videos", "features"],
                    help="what the gallery folder holds (auto: images if any, else videos, else frame features)")

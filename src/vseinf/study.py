@@ -460,7 +460,7 @@ def add_study_parser(sub):
     q.add_argument("--runs-dir", help="where the cells' run directories go (default: <out>_runs/)")
     q.add_argument("--jobs", type=int, default=1, help="cells trained at once, in worker processes that "
                    "share the CPU threads (default 1)")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     return p
 
 

@@ -583,7 +583,7 @@ def add_serve_parser(sub):
                                    "and GET /api/search?q=TEXT&k=K.")
     p.add_argument("index", help="index directory made by `vseinf encode` (or `vseinf demo`)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
     add_engine_settings(p)
