@@ -123,6 +123,25 @@ def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run,
     assert "lr ÷ 10" in shown["axes"][1][2] and "lr ÷ 10" in shown["axes"][2][2]
 
 
+def test_logs_of_older_runs_are_read_in_the_same_terms(tmp_path):
+    """A run started before the log named its loss (epochs from 0, batch loss only) plots the same way."""
+    from vseinf.train import _read_log, plot_history
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"loss": "hinge", "warmup_epochs": 1,
+                                                                "batch_size": 128}}))
+    old = [{"step": 50, "epoch": 0, "loss": 1280.0, "lr": 5e-4},
+           {"step": 100, "epoch": 1, "loss": 64.0, "lr": 5e-4},
+           {"epoch": 1, "val": {"rsum": 200.0, "epoch": 2}},
+           {"step": 150, "epoch": 2, "loss": 32.0, "lr": 5e-5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    losses, vals = _read_log(tmp_path)
+    assert [(r["epoch"], r["objective"], r["loss_per_pair"]) for r in losses] == [
+        (1, "hinge, all negatives (warm-up)", 10.0), (2, "hinge, hardest negative", 0.5),
+        (3, "hinge, hardest negative", 0.25)]
+    assert [r["epoch"] for r in vals] == [2]
+    assert plot_history(tmp_path, tmp_path / "old.png").stat().st_size > 1000
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. optional weight packages
 

@@ -298,24 +298,38 @@ def objective_name(loss_kind: str, warmup: bool) -> str:
 
 
 def _read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """The loss records and the validation records of ``log.jsonl``."""
+    """The loss records and the validation records of ``log.jsonl``.
+
+    Records written before the log said which loss it reports (epochs counted from 0, the batch
+    loss only) are read in today's terms, from the run's ``config.json``: epochs from 1, the
+    objective of their epoch, the loss per pair.
+    """
+    train_cfg = {}
+    if (run_dir / "config.json").is_file():
+        train_cfg = json.loads((run_dir / "config.json").read_text()).get("train", {})
+    kind, warmup = train_cfg.get("loss", "hinge"), train_cfg.get("warmup_epochs", 1)
     losses, vals = [], []
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
+            if "objective" not in rec:  # an older record
+                rec = dict(rec, epoch=rec["epoch"] + 1, objective=objective_name(kind, rec["epoch"] < warmup))
+                if kind == "hinge":
+                    rec["loss_per_pair"] = rec["loss"] / train_cfg.get("batch_size", 1)
             losses.append(rec)
         if "val" in rec:
-            vals.append(rec)
+            vals.append(dict(rec, epoch=rec["val"].get("epoch", rec["epoch"])))
     return losses, vals
 
 
-def plot_history(run_dir: Path) -> Path | None:
+def plot_history(run_dir: Path, out: Path | None = None) -> Path | None:
     """``training.png`` from ``log.jsonl``: the loss per pair and the validation RSUM.
 
     The hinge loss sums over every negative during the warm-up epoch and takes only the hardest
     one afterwards, so the two differ by about the batch size; one axis would show a spike and a
     flat line. The warm-up gets a panel of its own, the hardest-negative epochs another (its scale
-    shows them), and every panel marks where the learning rate drops.
+    shows them), and every panel marks where the learning rate drops. ``out`` defaults to
+    ``run_dir/training.png``.
     """
     try:
         import matplotlib
@@ -370,7 +384,7 @@ def plot_history(run_dir: Path) -> Path | None:
     ax.set_title("validation RSUM", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = run_dir / "training.png"
+    out = Path(out) if out is not None else run_dir / "training.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
