@@ -49,8 +49,8 @@ def make_video_dataset(root: Path, n_train: int = 24, n_val: int = 8, dim: int =
 
 TINY_RUN = ["--model.image_encoder", "frames", "--model.feature_dim", "8", "--model.text_encoder", "bigru",
             "--model.word_dim", "16", "--model.embed_dim", "16", "--data.val_split", "validate",
-            "--train.epochs", "3", "--train.lr_decay_epoch", "2", "--train.batch_size", "8",
-            "--train.log_every", "1", "--train.lr", "1e-3"]
+            "--train.epochs", "3", "--train.lr_decay_epoch", "2", "--train.batch-size", "8",
+            "--train.log-every", "1", "--train.lr", "1e-3"]  # both spellings of the keys
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def video_run(tmp_path_factory):
     data = make_video_dataset(tmp / "clips")
     run = tmp / "run"
     # paths typed relative to the folder the command runs in
-    proc = vseinf("train", "--data", "clips", "--out", "run", "--no-progress", *TINY_RUN,
+    proc = vseinf("train", "--data", "clips", "--out", "run", "--no_progress", *TINY_RUN,
                   cwd=tmp, env={"VSEINF_CACHE": str(tmp / "cache")})
     assert proc.returncode == 0, proc.stderr
     return run, data, proc.stdout
@@ -121,6 +121,25 @@ def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run,
     assert shown["axes"][0][1] == shown["axes"][1][1] == "training loss per pair"
     assert "lr ÷ 10" not in shown["axes"][0][2]  # the decay (epoch 3) is not in the warm-up panel
     assert "lr ÷ 10" in shown["axes"][1][2] and "lr ÷ 10" in shown["axes"][2][2]
+
+
+def test_logs_of_older_runs_are_read_in_the_same_terms(tmp_path):
+    """A run started before the log named its loss (epochs from 0, batch loss only) plots the same way."""
+    from vseinf.train import _read_log, plot_history
+
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"loss": "hinge", "warmup_epochs": 1,
+                                                                "batch_size": 128}}))
+    old = [{"step": 50, "epoch": 0, "loss": 1280.0, "lr": 5e-4},
+           {"step": 100, "epoch": 1, "loss": 64.0, "lr": 5e-4},
+           {"epoch": 1, "val": {"rsum": 200.0, "epoch": 2}},
+           {"step": 150, "epoch": 2, "loss": 32.0, "lr": 5e-5}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    losses, vals = _read_log(tmp_path)
+    assert [(r["epoch"], r["objective"], r["loss_per_pair"]) for r in losses] == [
+        (1, "hinge, all negatives (warm-up)", 10.0), (2, "hinge, hardest negative", 0.5),
+        (3, "hinge, hardest negative", 0.25)]
+    assert [r["epoch"] for r in vals] == [2]
+    assert plot_history(tmp_path, tmp_path / "old.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,3 +203,149 @@ def test_a_missing_data_path_says_which_path_was_used(video_run, tmp_path):
             "no such file or folder; pass --data DIR") in proc.stderr
     proc = vseinf("eval", "--checkpoint", str(moved), "--data", "nowhere", cwd=tmp_path)
     assert f"--data nowhere (= {tmp_path.resolve() / 'nowhere'}): no such file or folder" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. names and formats
+
+
+def test_a_video_model_is_labelled_as_video(video_run, tmp_path):
+    run, _, out = video_run
+    assert "train: 24 videos, 48 captions; val: 8 videos, 16 captions" in out
+    assert "video->text" in out and "text->video" in out and "image" not in out
+    proc = vseinf("eval", "--checkpoint", str(run), env={"VSEINF_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "video->text" in proc.stdout and "text->video" in proc.stdout
+
+
+def test_metrics_json_is_rounded(video_run, tmp_path):
+    import re
+
+    from vseinf.evaluation import round_metrics
+
+    assert round_metrics({"i2t_r10": 67.30000000000001, "folds": [{"rsum": 0.1 + 0.2}], "n": 5}) == \
+        {"i2t_r10": 67.3, "folds": [{"rsum": 0.3}], "n": 5}
+    run, _, _ = video_run
+    out = tmp_path / "m.json"
+    assert vseinf("eval", "--checkpoint", str(run), "--json", str(out),
+                  env={"VSEINF_CACHE": str(tmp_path / "cache")}).returncode == 0
+    for path in (out, run / "metrics.json", run / "best" / "metrics.json"):
+        assert not re.search(r"\d\.\d{7,}", path.read_text()), path
+    for line in (run / "log.jsonl").read_text().splitlines():  # the validation blocks are rounded too
+        if '"val"' in line:
+            assert not re.search(r"\d\.\d{7,}", line)
+
+
+def test_plot_pooling_on_a_video_model_draws_its_frame_counts(video_run, tmp_path, monkeypatch):
+    import vseinf.plots as plots
+    from vseinf.model import load_model
+
+    run, _, _ = video_run
+    proc = vseinf("plot-pooling", str(run), "--out", str(tmp_path / "gpo.png"))
+    assert proc.returncode == 0, proc.stderr
+    # the 8 validation clips have 3 to 7 frames
+    assert "video panel: N = 3, 5, 7 (frame counts of validate clips: 3–7)" in proc.stdout
+    assert (tmp_path / "gpo.png").stat().st_size > 1000
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_coefficients", lambda panels, out, title=None: drawn.update(panels=panels))
+    plots.plot_model_pooling(load_model(run / "best"), tmp_path / "x.png")
+    (video_name, _, video_sizes), (text_name, _, _) = drawn["panels"]
+    assert video_name == "video (gpo)" and video_sizes == [3, 5, 7] and text_name == "text (gpo)"
+
+
+@pytest.mark.parametrize("command", ["search", "serve"])
+def test_the_index_argument_has_one_name(command):
+    from vseinf.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    assert "index" in [a.dest for a in sub._actions if not a.option_strings]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. both spellings of every flag
+
+
+def test_flags_and_config_keys_take_hyphens_and_underscores(video_run, tmp_path):
+    from vseinf.cli import _option_strings, build_parser, normalize_flags
+    from vseinf.config import load_config, parse_overrides
+
+    run, _, _ = video_run
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert (config["batch_size"], config["log_every"], config["lr_decay_epoch"]) == (8, 1, 2)
+    for command, argv, dest, value in [
+        ("encode", ["encode", "photos", "--out", "i", "--batch_size", "4"], "batch_size", 4),
+        ("encode", ["encode", "photos", "--out", "i", "--batch-size", "4"], "batch_size", 4),
+        ("encode", ["encode", "photos", "--out", "i", "--no_progress"], "no_progress", True),
+        ("search", ["search", "i", "q", "--ef_search=64"], "ef_search", 64),
+        ("eval", ["eval", "--checkpoint", "r", "--max_images", "3"], "max_images", 3),
+        ("study", ["study", "pooling", "--out", "o.json", "--runs_dir", "r", "--no_size_augment_too"],
+         "runs_dir", "r"),
+        ("plot-pooling", ["plot-pooling", "r", "--out", "o.png", "--image_sizes", "1,2"], "image_sizes", "1,2"),
+    ]:
+        parser = build_parser(command)
+        args, extra = parser.parse_known_args(normalize_flags(argv, _option_strings(parser)))
+        assert getattr(args, dest) == value and extra == [], argv
+    # config overrides: either spelling, with or without the section
+    a = load_config(None, parse_overrides(["--train.batch-size", "8", "--model.image_pooling", "avg"]))
+    b = load_config(None, parse_overrides(["--batch_size", "8", "--model.image-pooling", "avg"]))
+    assert a.to_dict() == b.to_dict() and (a.train.batch_size, a.model.image_pooling) == (8, "avg")
+    # after `--` nothing is rewritten
+    assert normalize_flags(["search", "--", "--batch_size"], {"--batch-size"}) == ["search", "--", "--batch_size"]
+    proc = vseinf("eval", "--checkpoint", str(run), "--max_images", "4", env={"VSEINF_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. help, version, quiet loading
+
+
+def _parsers(parser, name="vseinf"):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_command_has_a_description_and_every_flag_help():
+    from vseinf.cli import build_parser
+
+    import argparse
+
+    seen = []
+    for name, parser in _parsers(build_parser()):
+        seen.append(name)
+        assert parser.description, f"{name} has no description"
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+    assert {"vseinf eval", "vseinf extract", "vseinf synth", "vseinf study pooling"} <= set(seen)
+
+
+def test_train_help_lists_the_config_keys():
+    import dataclasses
+
+    from vseinf.config import SECTIONS
+
+    proc = vseinf("train", "--help")
+    assert proc.returncode == 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name.replace('_', '-')} (" in proc.stdout
+    assert "--train.warmup-epochs (int, default 1): epochs that sum over all negatives" in proc.stdout
+    assert "SPEC" not in proc.stdout
+
+
+def test_version_and_no_loading_bar(tmp_path):
+    import vseinf as package
+
+    proc = vseinf("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vseinf {package.__version__}"
+    # loading the bundled model (MiniLM through transformers) prints no "Loading weights" bar
+    proc = vseinf("plot-pooling", str(REPO / "src" / "vseinf" / "assets" / "flickr8k_mobilenet_minilm"),
+                  "--out", str(tmp_path / "gpo.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr + proc.stdout and proc.stderr.strip() == ""

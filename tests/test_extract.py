@@ -215,7 +215,7 @@ def test_a_cache_keyed_by_the_path_as_typed_is_still_used(photo_split, small_mod
     cfg = small_model.config
     name = f"{typed.name}-{cfg.backbone}-{cfg.image_size}"
     signature = {"kind": "grid", "backbone": cfg.backbone, "weights": f"default:{cfg.backbone}",
-                 "image_size": cfg.image_size, "images": features._split_id(typed, resolved=False),
+                 "image_size": cfg.image_size, "images": features._split_id(typed, root=str(typed.image_root)),
                  "n_images": typed.n_images}
     old = features.extract_grid_features(small_model, typed, cache_path(name, signature), signature, 8,
                                          progress=False)
@@ -225,3 +225,6 @@ def test_a_cache_keyed_by_the_path_as_typed_is_still_used(photo_split, small_mod
 
     monkeypatch.setattr(small_model.image, "features", no_extraction)
     assert features.image_sets(small_model, typed, progress=False).cache.directory == old.directory
+    # the same data given by its absolute path (as a run stores it) from the folder it was typed in
+    absolute = open_split(root.resolve())
+    assert features.image_sets(small_model, absolute, progress=False).cache.directory == old.directory

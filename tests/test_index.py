@@ -511,7 +511,9 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     assert run_cli(vindex.add_search_parser, vindex.run_search,
                    ["search", str(out), "a red motorcycle", "-k", "3", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
-    assert len(results) == 3 and all(Path(r["path"]).is_file() for r in results)
+    assert len(results) == 3 and all(Path(r["file"]).is_file() for r in results)
+    # path relative to the gallery folder (as /api/search reports it), file the full path
+    assert all(Path(r["file"]).resolve() == (photo_dir / r["path"]).resolve() for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
     assert run_cli(vindex.add_search_parser, vindex.run_search,

@@ -103,7 +103,7 @@ def test_text_search_matches_the_index(served, model):
     expected = gallery.search(encode_texts_np(model, ["a red motorcycle"]), 4)[0]
     assert [x["path"] for x in results] == [x["path"] for x in expected]
     np.testing.assert_allclose([x["score"] for x in results], [x["score"] for x in expected], atol=1e-5)
-    assert len(results) == 4 and set(results[0]) == {"path", "score"}
+    assert len(results) == 4 and set(results[0]) == {"path", "file", "score"}
     # k above the gallery size: every image once
     r = client.get("/api/search", params={"q": "a cat", "k": 100})
     assert sorted(x["path"] for x in r.json()["results"]) == sorted(it["path"] for it in gallery.items)
@@ -274,47 +274,127 @@ def browser_or_skip():
     return sync_api
 
 
+LONG_NAME = "a_very_long_file_name_of_a_photo_from_the_holidays_2023-07-14_beach_sunset.png"
+
+
 def test_search_page_in_a_real_browser(served, model, tmp_path):
     sync_api = browser_or_skip()
-    _, gallery, _ = served
+    _, _, root = served
+    # the test gallery, plus a photo whose long name must not wrap on the page
+    photos = tmp_path / "photos"
+    shutil.copytree(root, photos)
+    shutil.copy2(SAMPLES / "coffee.png", photos / LONG_NAME)
+    encode_gallery(photos, tmp_path / "index", model, progress=False)
+    gallery = Gallery.load(tmp_path / "index")
     upload = tmp_path / "query.png"
     Image.open(SAMPLES / "chelsea.png").save(upload)
     app = create_app(gallery=gallery, model=model)
+    results_with = "() => document.querySelectorAll('#results .result img').length === {}"
     with background_server(app) as base, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 900, "height": 800})
             # (the waits below are functions, not expressions: Playwright evaluates an expression
             # with eval(), which the page's CSP rightly refuses)
             refused = []  # the Content-Security-Policy must let the page do all that follows
             page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
-            page.goto(base + "/")
+            # a bookmarked search: the query comes from the URL
+            page.goto(base + "/?" + urllib.parse.urlencode({"q": "a red motorcycle", "k": 4}))
             page.wait_for_function("() => document.getElementById('info').textContent.includes('images')")
-            page.fill("#k", "4")
-            page.fill("#q", "a red motorcycle")
-            page.press("#q", "Enter")
-            page.wait_for_function("() => document.querySelectorAll('#results .result img').length === 4")
+            page.wait_for_function(results_with.format(4))
             page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.input_value("#q") == "a red motorcycle" and page.input_value("#k") == "4"
             scores = [float(s) for s in page.locator("#results .score").all_text_contents()]
             assert scores == sorted(scores, reverse=True)
             assert "4 results" in page.text_content("#status")
+            first = page.text_content("#results .name")
 
+            # each thumbnail links to its original photo, which the server hands out unchanged
+            link = page.locator("#results .result a").first
+            name = page.locator("#results .result img").first.get_attribute("alt")
+            assert link.get_attribute("href") == "/api/file?path=" + urllib.parse.quote(name, safe="")
+            assert link.get_attribute("target") == "_blank"
+            size = page.evaluate("async (u) => (await (await fetch(u)).arrayBuffer()).byteLength",
+                                 link.get_attribute("href"))
+            assert size == (photos / name).stat().st_size
+
+            # a typed search goes into the URL; Back returns to the previous one
+            page.fill("#k", "12")
+            page.fill("#q", "a cup of coffee")
+            page.press("#q", "Enter")
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('coffee')")
+            assert urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query) == {"q": ["a cup of coffee"],
+                                                                                    "k": ["12"]}
+            # file names stay on one line (cut with an ellipsis), the long one included
+            page.wait_for_function(results_with.format(len(gallery)))
+            names = page.evaluate("""() => [...document.querySelectorAll('#results .name')].map(e => ({
+                text: e.textContent, lines: e.getClientRects().length, height: e.getBoundingClientRect().height,
+                font: parseFloat(getComputedStyle(e).fontSize), cut: e.scrollWidth > e.clientWidth}))""")
+            assert LONG_NAME in [n["text"] for n in names]
+            assert all(n["lines"] == 1 and n["height"] < 2 * n["font"] for n in names), names
+            assert [n["cut"] for n in names if n["text"] == LONG_NAME] == [True]
+            page.go_back()
+            page.wait_for_function("() => document.getElementById('q').value === 'a red motorcycle'")
+            page.wait_for_function(results_with.format(4))
+            assert page.text_content("#results .name") == first
+
+            # an uploaded photo is the query: the words leave the box and the URL
             page.set_input_files("#file", str(upload))
             page.wait_for_function("() => document.getElementById('status').textContent.includes('query.png')")
             first = page.locator("#results .result img").first.get_attribute("alt")
             assert first == "sub/chelsea.png"
+            assert page.input_value("#q") == "" and "q=" not in page.url
 
-            page.fill("#q", "")
+            # an empty query gets a hint, not the API's error
+            page.fill("#q", "  ")
             page.press("#q", "Enter")
-            page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
-            assert "empty" in page.text_content("#status")
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('Type a few words')")
+            status = page.text_content("#status")
+            assert "Error" not in status and "?q=" not in status
+            assert page.evaluate("() => document.getElementById('status').className") != "error"
 
+            # a favicon, on both pages
+            assert page.evaluate("() => document.querySelector('link[rel=icon]').getAttribute('href')") == \
+                "/static/favicon.svg"
+            assert page.evaluate("() => fetch('/favicon.ico').then(r => r.status)") == 200
+
+            # the GPO page keeps the gallery line and draws both plots
             page.goto(base + "/gpo")
+            page.wait_for_function("() => document.getElementById('info').textContent.includes('images')")
+            assert page.text_content("#info").startswith(f"{len(gallery)} images")
             page.wait_for_function("() => [...document.images].length === 2 && "
                                    "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            assert page.evaluate("() => document.querySelector('link[rel=icon]') !== null")
             assert not refused
         finally:
             browser.close()
+
+
+def test_original_files_are_served_only_for_the_gallery(served):
+    client, gallery, root = served
+    results = client.get("/api/search", params={"q": "a red motorcycle", "k": 100}).json()["results"]
+    assert len(results) == len(gallery)
+    for r in results:  # the path as the index has it (as `vseinf search --json`), the original's URL
+        assert not Path(r["path"]).is_absolute()
+        assert r["file"] == "/api/file?path=" + urllib.parse.quote(r["path"], safe="")
+        answer = client.get(r["file"])
+        assert answer.status_code == 200 and answer.content == (root / r["path"]).read_bytes()
+        assert answer.headers["content-type"].startswith("image/")
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    for path in ["broken.jpg", "../secret.txt", str(root.parent / "secret.txt"), "sub/../../secret.txt",
+                 "nothing.png", ""]:
+        r = client.get("/api/file", params={"path": path})
+        assert r.status_code in (400, 404) and "secret" not in r.text.replace(path, ""), path
+
+
+def test_favicon_and_the_gpo_axis_label(served):
+    client, _, _ = served
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    svg = client.get("/api/gpo.svg", params={"modality": "image"}).text
+    assert "θ_k" not in svg and 'θ<tspan baseline-shift="sub" font-size="75%">k</tspan>' in svg
+    page = client.get("/gpo").text
+    assert 'id="info"' in page and "/static/common.js" in page
 
 
 def test_serve_command_tunes_the_engine_and_checks_settings_before_loading_the_model(served, tmp_path,

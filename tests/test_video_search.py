@@ -168,7 +168,7 @@ def test_search_command_prints_clips(image_model_gallery, capsys):
     assert main(["search", str(index), BIKE_QUERY, "--json", "-k", "5"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert [r["id"] for r in results] == ["bikes", "bigbuckbunny"]
-    assert results[0]["path"] == str(root.resolve() / "bikes.mp4") and Path(results[0]["path"]).is_file()
+    assert results[0]["path"] == "bikes.mp4" and results[0]["file"] == str(root.resolve() / "bikes.mp4")
     assert jpeg(Path(results[0]["thumb"]).read_bytes()) and results[0]["kind"] == "video"
     # video → video: the clip itself comes first, at cosine ≈ 1
     assert main(["search", str(index), "--video", str(root / "bigbuckbunny.mp4"), "-k", "1"]) == 0
@@ -248,6 +248,8 @@ def test_served_video_gallery_shows_clips_with_thumbnails(image_model_gallery, b
             t = client.get(x["thumb"])
             assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
             assert t.content == gallery.thumb_file(x["path"]).read_bytes() and max(jpeg(t.content).size) == 256
+            original = client.get(x["file"])  # the clip itself, to open from the page
+            assert original.status_code == 200 and original.content == (root / x["path"]).read_bytes()
 
         # A photo of the bunny (its middle frame) finds the bunny clip.
         buf = io.BytesIO()
@@ -407,6 +409,7 @@ def test_served_feature_gallery_has_placeholders_not_thumbnails(tmp_path, featur
         assert info["kind"] == "videos" and info["video_source"] == "features" and info["image_queries"] is False
         results = client.get("/api/search", params={"q": "a bike", "k": 2}).json()["results"]
         assert len(results) == 2 and all(r["thumb"] is None and r["id"] == r["path"] for r in results)
+        assert all("file" not in r for r in results)  # feature files are not something to open
         t = client.get("/api/thumb", params={"path": "clip0"})
         assert t.status_code == 404 and "frame-feature files" in t.json()["detail"]
         buf = io.BytesIO()

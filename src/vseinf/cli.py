@@ -16,10 +16,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def config_keys_help(width: int = 100) -> str:
+    """Every config key that ``--KEY VALUE`` can override, with its type, default and meaning (from
+    the dataclasses' docstrings in :mod:`vseinf.config`), one section after another."""
+    import dataclasses
+    import re
+    import textwrap
+
+    from .config import SECTIONS
+
+    lines = ["config keys: override any with --SECTION.KEY VALUE (or --KEY VALUE when only one section has",
+             "the key); a config file sets them as YAML/JSON sections. Defaults reproduce the paper."]
+    for section, cls in SECTIONS.items():
+        meaning = {}
+        doc = (cls.__doc__ or "").split("Args:", 1)[-1]
+        for names, text in re.findall(r"\n {8}([\w /]+?): (.*?)(?=\n {8}[\w /]+?: |\n\s*$|$)", doc, re.S):
+            text = re.sub(r"\s*\(SPEC §[^)]*\)", "", " ".join(text.split()))  # internal references
+            for name in names.split("/"):
+                meaning[name.strip()] = text
+        lines.append(f"  {section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            head = f"    --{section}.{f.name.replace('_', '-')} ({f.type}, default {default!r})"
+            text = meaning.get(f.name, "")
+            lines.append(textwrap.fill(f"{head}: {text}" if text else head, width, subsequent_indent=" " * 8))
+    return "\n".join(lines)
+
+
 def _add_train(sub):
-    p = sub.add_parser("train", help="train a VSE∞ model",
-                       description="Train VSE∞. Any config key can be overridden: --lr 2e-4, "
-                                   "--model.image_pooling max, --epochs 10 …")
+    import textwrap
+
+    description = ("Train VSE∞ on a dataset: validation RSUM every epoch, the best checkpoint in OUT/best, "
+                   "a resumable one in OUT/last, log.jsonl and training.png. Any config key (listed below) "
+                   "can be overridden on the command line: --lr 2e-4, --model.image-pooling max, --epochs 10 …")
+    p = sub.add_parser("train", help="train a VSE∞ model", description=textwrap.fill(description, 100),
+                       epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON config file (defaults reproduce the paper)")
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, plot)")
@@ -27,7 +58,7 @@ def _add_train(sub):
                    help="continue the run in --out where it stopped; '--resume auto' continues it if it "
                         "has a checkpoint and starts it otherwise (for jobs that are restarted, e.g. "
                         "torchrun --max_restarts or a preemptible queue)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     return p
 
 
@@ -45,14 +76,20 @@ def _cmd_train(args, extra):
         from .evaluation import format_table
 
         print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
-        print(format_table(metrics))
+        print(format_table(metrics, "video" if cfg.model.image_encoder == "frames" else "image"))
     return 0
 
 
 def _add_eval(sub):
     from .argtypes import nonnegative_int
 
-    p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)")
+    p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)",
+                       description="Evaluate a checkpoint (or a run directory: its best/) on a split with the "
+                                   "community's protocol: Recall@1/5/10, median and mean rank in both "
+                                   "directions, and RSUM. Several --checkpoint are evaluated as an ensemble "
+                                   "(their similarity matrices averaged). The data is the run's own data.path "
+                                   "unless --data is given; features come from the cache when the backbone is "
+                                   "frozen (extracted first when missing).")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
     p.add_argument("--data", help="dataset folder or file (default: the checkpoint's data.path)")
@@ -60,8 +97,18 @@ def _add_eval(sub):
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--max-images", type=nonnegative_int, default=0, help="evaluate only the first N images (quick check)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1…)")
     return p
+
+
+def _gallery_items(checkpoint: str) -> str:
+    """"video" for a checkpoint of a video model (frame features), else "image"."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "image"
+    model = config.get("model", config) if isinstance(config, dict) else {}
+    return "video" if isinstance(model, dict) and model.get("image_encoder") == "frames" else "image"
 
 
 def _cmd_eval(args, extra):
@@ -72,7 +119,7 @@ def _cmd_eval(args, extra):
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
     metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
                                    device=args.device, max_images=args.max_images)
-    print(format_table(metrics))
+    print(format_table(metrics, _gallery_items(metrics["checkpoints"][0])))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -144,7 +191,13 @@ def _cmd_extract(args, extra):
 
 
 def _add_synth(sub):
-    p = sub.add_parser("synth", help="the paper's synthetic check of the coefficient generators (supp. Table 6)")
+    p = sub.add_parser("synth", help="the paper's synthetic check of the coefficient generators (supp. Table 6)",
+                       description="Train four coefficient generators (GPO's sin/cos + BiGRU and three "
+                                   "alternatives) to reproduce five fixed pooling patterns (average, max, top-10, "
+                                   "top half, linear decay) from pooled outputs of random sets of 20–100 "
+                                   "elements, then print the RMSE between learned and true coefficients on seen "
+                                   "and unseen set sizes (supplementary Table 6). About 5 minutes on 2 cores; "
+                                   "--quick in under one.")
     try:
         from .synth import add_arguments
     except ImportError:  # pragma: no cover
@@ -206,7 +259,10 @@ TAKES_OVERRIDES = {"train", "extract", "study"}
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that command's (so a command imports only its module)."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
+    parser.add_argument("--version", action="version", version=f"vseinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _) in COMMANDS.items():
         if only is None or name == only:
@@ -233,9 +289,43 @@ def check_device(name: str) -> str:
     return name
 
 
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and of the subcommands under it."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def normalize_flags(argv: list[str], known: set[str]) -> list[str]:
+    """Accept ``--batch_size`` for ``--batch-size`` (and the other way round) everywhere.
+
+    Flags are documented with hyphens. A flag the parser does not know under the spelling given
+    but knows under the other one is rewritten; anything else (config overrides such as
+    ``--model.image-pooling``, which take both spellings too) is left as it is.
+    """
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":
+            return out + argv[i:]
+        if token.startswith("--") and len(token) > 2:
+            name, eq, value = token.partition("=")
+            if name not in known:
+                for other in (name[:2] + name[2:].replace("_", "-"), name[:2] + name[2:].replace("-", "_")):
+                    if other in known:
+                        token = other + eq + value
+                        break
+        out.append(token)
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    argv = normalize_flags(argv, _option_strings(parser))
     args, extra = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()

@@ -180,7 +180,7 @@ def add_demo_parser(sub):
     p.add_argument("--out", help="demo working folder (default: $VSEINF_CACHE/demo or ~/.cache/vseinf/demo)")
     p.add_argument("--query", action="append", help="a query to run (repeatable; default: a few examples)")
     p.add_argument("-k", type=positive_int, default=3, help="results per query")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     return p
 
 

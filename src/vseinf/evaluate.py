@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluation import ensemble_sims, evaluate_protocol
+from .evaluation import ensemble_sims, evaluate_protocol, round_metrics
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -68,7 +68,7 @@ def evaluate_checkpoints(checkpoints, data: str | None = None, split: str | None
         t2i_ref = t2i
         sims_list.append(sims)
     sims = sims_list[0] if len(sims_list) == 1 else ensemble_sims(sims_list)
-    metrics = evaluate_protocol(sims, t2i_ref, protocol)
+    metrics = round_metrics(evaluate_protocol(sims, t2i_ref, protocol))
     metrics["split"] = split_obj.name
     metrics["checkpoints"] = [str(resolve_checkpoint(c)) for c in checkpoints]
     return metrics

@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_protocol",
     "evaluate_protocol_from_embeddings",
     "ensemble_sims",
+    "round_metrics",
     "format_table",
 ]
 
@@ -768,19 +769,32 @@ def ensemble_sims(list_of_sims: Sequence[Any]) -> Any:
     return total / len(tensors)
 
 
-def format_table(metrics: dict[str, float]) -> str:
+def format_table(metrics: dict[str, float], items: str = "image") -> str:
     """The usual two-row table: image→text and text→image, R@1 R@5 R@10 medr meanr, then RSUM.
 
     Args:
         metrics: a dict with the keys of :data:`METRIC_KEYS`.
+        items: what the gallery side is called in the row labels ("video" for a video model).
     """
     missing = [k for k in METRIC_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"metrics: missing key {missing[0]!r} (needs {', '.join(METRIC_KEYS)})")
     lines = [f"{'':<12}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'medr':>8}{'meanr':>8}"]
-    for label, p in (("image->text", "i2t"), ("text->image", "t2i")):
+    for label, p in ((f"{items}->text", "i2t"), (f"text->{items}", "t2i")):
         cells = [metrics[f"{p}_r1"], metrics[f"{p}_r5"], metrics[f"{p}_r10"],
                  metrics[f"{p}_medr"], metrics[f"{p}_meanr"]]  # fmt: skip
         lines.append(f"{label:<12}" + "".join(f"{float(v):>8.1f}" for v in cells))
     lines.append(f"{'RSUM':<12}{float(metrics['rsum']):>8.1f}")
     return "\n".join(lines)
+
+
+def round_metrics(metrics, digits: int = 6):
+    """``metrics`` with every float rounded to ``digits`` decimals (nested dicts and lists too), so
+    that JSON holds 67.3, not the 67.30000000000001 that 100 × a fraction can give."""
+    if isinstance(metrics, float):
+        return round(metrics, digits)
+    if isinstance(metrics, dict):
+        return {k: round_metrics(v, digits) for k, v in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return type(metrics)(round_metrics(v, digits) for v in metrics)
+    return metrics

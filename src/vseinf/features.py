@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -86,11 +87,11 @@ def _file_id(path: str | Path | None) -> str:
     return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def _split_id(split: CaptionSplit, resolved: bool = True) -> str:
+def _split_id(split: CaptionSplit, root: str | None = None) -> str:
     """The split's images: their folder (resolved, so the same data typed from another folder is
-    the same cache) and their keys."""
+    the same cache; ``root`` overrides it) and their keys."""
     h = hashlib.sha256()
-    h.update(str(Path(split.image_root).resolve() if resolved else split.image_root).encode())
+    h.update((str(Path(split.image_root).resolve()) if root is None else root).encode())
     for key in split.image_keys:
         h.update(key.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -125,10 +126,12 @@ def image_sets(model, split: CaptionSplit, batch_size: int = 32, num_workers: in
     name = f"{_slug(split.name)}-{cfg.backbone}-{cfg.image_size}"
     path = cache_path(name, signature)
     cache = None if rebuild else open_cache(path, signature)
-    legacy = dict(signature, images=_split_id(split, resolved=False))
-    if cache is None and not rebuild and legacy != signature:
-        # A cache made before the folder was keyed by its resolved path (keyed by the path as typed).
-        cache = open_cache(cache_path(name, legacy), legacy)
+    # Caches made before the folder was keyed by its resolved path are keyed by the path as it was
+    # typed: as given now, or relative to this folder (a run that stores its path resolved).
+    for typed in dict.fromkeys([str(split.image_root), os.path.relpath(Path(split.image_root).resolve())]):
+        legacy = dict(signature, images=_split_id(split, root=typed))
+        if cache is None and not rebuild and legacy != signature:
+            cache = open_cache(cache_path(name, legacy), legacy)
     if cache is None:
         cache = extract_grid_features(model, split, path, signature, batch_size, num_workers, progress,
                                       restart=rebuild)

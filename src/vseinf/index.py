@@ -2002,12 +2002,12 @@ class Gallery:
         return full
 
     def file_path(self, rel: str) -> Path | None:
-        """The file of an indexed image, or None if ``rel`` is not an image of this gallery.
+        """The file of an indexed image (or video file), or None if ``rel`` is not one of this gallery.
 
         Only paths listed in the index resolve, and only to files inside the gallery folder (a
         symlink pointing elsewhere does not), so a caller cannot reach anything else on disk.
         """
-        if self.kind != "images" or rel not in self._by_path:
+        if not (self.kind == "images" or self.video_source == "files") or rel not in self._by_path:
             return None
         root = self.root.resolve()
         full = (root / self.items[self._by_path[rel]]["path"]).resolve()
@@ -2021,7 +2021,8 @@ class Gallery:
         Images: ``{"path", "score"}``; captions: ``+ "caption"``; videos: ``{"path", "id", "kind":
         "video", "score", "thumb"}`` — ``thumb`` is the thumbnail's file name in the index
         directory (its full path when ``absolute``), or None for clips made from feature files.
-        ``absolute`` makes image and video-file paths full paths.
+        ``path`` is always relative to the gallery folder (as the web API reports it);
+        ``absolute`` adds ``"file"``, the full path of the image or video file.
         """
         queries = np.asarray(queries, dtype=np.float32)
         if not np.isfinite(queries).all():
@@ -2038,7 +2039,7 @@ class Gallery:
                 if i < 0:
                     continue
                 item = self.items[i]
-                path = str(self.root / item["path"]) if absolute and files else item["path"]
+                path = item["path"]
                 if self.kind == "videos":
                     thumb = item.get("thumb")
                     if thumb is not None and absolute:
@@ -2049,6 +2050,8 @@ class Gallery:
                     r = {"path": path, "score": round(float(s), 6)}
                 if self.kind == "captions":
                     r["caption"] = item["caption"]
+                if absolute and files:
+                    r["file"] = str(self.root / path)
                 results.append(r)
             out.append(results)
         return out
@@ -2196,11 +2199,11 @@ def add_encode_parser(sub):
     p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items; IVF-PQ, compressed codes "
                         "re-ranked exactly, once the rows take 8 GiB)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
     p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="processes decoding images ahead of the model (default: up to 4 on a GPU, none on a CPU)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, cuda:1…)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     g = p.add_argument_group("videos")
     g.add_argument("--kind", default="auto", choices=["auto", "images", "videos", "features"],
                    help="what the gallery folder holds (auto: images if any, else videos, else frame features)")
@@ -2279,8 +2282,10 @@ def add_search_parser(sub):
     p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
                                    "T×D .npy file of frame features)")
     p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
-    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]} '
-                                                       '(video galleries: + "id", "kind", "thumb")')
+    p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "file": …, "score": …}, '
+                                                       '…]}: path relative to the gallery folder (as in '
+                                                       '/api/search), file its full path (video galleries: + '
+                                                       '"id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--engine", choices=list(ENGINES), help="override the index's engine")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
@@ -2350,7 +2355,7 @@ def run_search(args, extra) -> int:
         return 0
     for rank, r in enumerate(results, 1):
         text = f"  {r['caption']}" if "caption" in r else ""
-        print(f"{rank:3d}. {r['score']:.4f}  {printable(r['path'])}{text}")
+        print(f"{rank:3d}. {r['score']:.4f}  {printable(r.get('file', r['path']))}{text}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -20,6 +21,32 @@ def default_image_size(model) -> int:
     if cfg.image_encoder == "grid":
         return max(1, cfg.image_size // 32) ** 2
     return 36
+
+
+VIDEO_FRAMES = 32  # frames per clip that `vseinf extract --videos` samples by default
+
+
+def default_video_sizes(model) -> tuple[list[int], str]:
+    """Set sizes for a video model's frame panel, and where they come from: the frame counts of
+    the run's validation clips (smallest, median, largest; or, when every clip has the same count,
+    that count and smaller sizes that frame dropping makes), else ``vseinf extract``'s default."""
+    from .data.splits import open_split
+
+    cfg = getattr(model, "run_config", None)
+    lengths = np.zeros(0, dtype=np.int64)
+    if cfg is not None and cfg.data.path:
+        try:
+            source = getattr(open_split(cfg.data.path, cfg.data.val_split), "feature_source", None)
+            lengths = np.asarray(getattr(source, "lengths", lengths))
+        except (OSError, ValueError):
+            pass
+    lengths = lengths[lengths > 0]
+    if not len(lengths):
+        return default_sizes(VIDEO_FRAMES), f"{VIDEO_FRAMES} frames, vseinf extract's default"
+    counts = sorted({int(np.percentile(lengths, q, method="nearest")) for q in (0, 50, 100)})
+    where = f"frame counts of {cfg.data.val_split} clips: {counts[0]}–{counts[-1]}" if len(counts) > 1 else \
+        f"{counts[0]} frames a clip in {cfg.data.val_split}"
+    return (counts if len(counts) > 1 else default_sizes(counts[0])), where
 
 
 def default_sizes(n: int, count: int = 4) -> list[int]:
@@ -93,14 +120,19 @@ def plot_model_pooling(model, out: str | Path, image_sizes: list[int] | None = N
     Args:
         model: a :class:`vseinf.model.VSEModel`.
         out: PNG path.
-        image_sizes: set sizes for the image panel (default: spread up to the grid size / 36 regions).
+        image_sizes: set sizes for the image panel (default: spread up to the grid size / 36 regions;
+            a video model's frame counts, see :func:`default_video_sizes`).
         text_sizes: set sizes for the text panel (default: 6, 10, 15, 20, 30 tokens).
     """
-    image_sizes = sorted(set(image_sizes or default_sizes(default_image_size(model))))
-    text_sizes = sorted(set(text_sizes or [6, 10, 15, 20, 30]))
     cfg = model.config
+    video = cfg.image_encoder == "frames"
+    if not image_sizes:
+        image_sizes = default_video_sizes(model)[0] if video else default_sizes(default_image_size(model))
+    image_sizes = sorted(set(image_sizes))
+    text_sizes = sorted(set(text_sizes or [6, 10, 15, 20, 30]))
     panels = []
-    for side, pool, sizes, name in (("image", model.image_head.gpool, image_sizes, cfg.image_pooling),
+    for side, pool, sizes, name in (("video" if video else "image", model.image_head.gpool, image_sizes,
+                                     cfg.image_pooling),
                                     ("text", model.text.gpool, text_sizes, cfg.text_pooling)):
         try:
             theta = pooling_coefficients(pool, sizes)
@@ -133,7 +165,9 @@ def add_plot_pooling_parser(sub):
                                    "modality, from a checkpoint or run directory.")
     p.add_argument("checkpoint", help="checkpoint directory or run directory (uses its best/)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--image-sizes", help="set sizes for the image panel, e.g. 12,24,36,49")
+    p.add_argument("--image-sizes", help="set sizes for the image (or video) panel, e.g. 12,24,36,49 (default: "
+                                         "the grid size or 36 regions and smaller; a video model: the frame "
+                                         "counts of its validation clips)")
     p.add_argument("--text-sizes", help="set sizes for the text panel, e.g. 6,10,15,20,30")
     return p
 
@@ -145,7 +179,10 @@ def run_plot_pooling(args, extra) -> int:
     if extra:
         raise ValueError(f"plot-pooling: unknown arguments {' '.join(extra)}")
     model = load_model(resolve_checkpoint(args.checkpoint))
-    out = plot_model_pooling(model, args.out, _sizes(args.image_sizes, "--image-sizes"),
-                             _sizes(args.text_sizes, "--text-sizes"))
+    image_sizes = _sizes(args.image_sizes, "--image-sizes")
+    if image_sizes is None and model.config.image_encoder == "frames":
+        image_sizes, where = default_video_sizes(model)
+        print(f"video panel: N = {', '.join(map(str, image_sizes))} ({where})")
+    out = plot_model_pooling(model, args.out, image_sizes, _sizes(args.text_sizes, "--text-sizes"))
     print(f"wrote {out}")
     return 0

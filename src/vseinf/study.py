@@ -443,7 +443,7 @@ def add_study_parser(sub):
         "pooling", help="K-max grid and aggregator comparison (Figures 4 and 6 of the paper)",
         description="Train the config's recipe once per pooling choice and collect validation RSUM. "
                     "Unknown --key value arguments override the config for every cell "
-                    "(e.g. --lr_decay_epoch 3). Re-running skips finished cells.")
+                    "(e.g. --lr-decay-epoch 3). Re-running skips finished cells.")
     q.add_argument("--config", help="YAML or JSON config file (the recipe every cell trains)")
     q.add_argument("--data", help="dataset folder or file (overrides data.path)")
     q.add_argument("--grid", help="K values for the K-max grid on both sides, e.g. 1,2,5,10,20,N "
@@ -455,14 +455,14 @@ def add_study_parser(sub):
     q.add_argument("--no-size-augment-too", action="store_true",
                    help="also run every aggregator cell without size augmentation")
     q.add_argument("--epochs", type=positive_int, help="epochs per cell; the lr decay epoch scales with it "
-                                              "unless --lr_decay_epoch is given")
+                                              "unless --lr-decay-epoch is given")
     q.add_argument("--out", required=True, help="results JSON")
     q.add_argument("--plots", help="path prefix of the PNG plots: PREFIX_grid.png, PREFIX_aggregators.png "
                                    "(default: --out without .json)")
     q.add_argument("--runs-dir", help="where the cells' run directories go (default: <out>_runs/)")
     q.add_argument("--jobs", type=positive_int, default=1, help="cells trained at once, in worker processes that "
                    "share the CPU threads (default 1)")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
     return p
 
 

@@ -42,7 +42,7 @@ from .checkpoint import (load_checkpoint, load_trainer_state, optimizer_from_fla
 from .config import RunConfig, config_from_dict
 from .data.splits import CaptionSplit, open_split
 from .distributed import World, in_turns, init_distributed
-from .evaluation import retrieval_metrics
+from .evaluation import retrieval_metrics, round_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
 from .precision import autocast, resolve_precision
@@ -245,7 +245,7 @@ def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu", num_w
     img, txt, usable = encode_split(model, image, text, device=device, num_workers=num_workers)
     img, txt, t2i = drop_unusable(img, txt, image.split.caption_to_image, usable)
     sims = img @ txt.T
-    metrics = retrieval_metrics(sims.cpu(), t2i)
+    metrics = round_metrics(retrieval_metrics(sims.cpu(), t2i))
     metrics["n_images"] = int(len(img))
     metrics["n_captions"] = int(len(txt))
     return metrics
@@ -397,24 +397,38 @@ def objective_name(loss_kind: str, warmup: bool) -> str:
 
 
 def _read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """The loss records and the validation records of ``log.jsonl``."""
+    """The loss records and the validation records of ``log.jsonl``.
+
+    Records written before the log said which loss it reports (epochs counted from 0, the batch
+    loss only) are read in today's terms, from the run's ``config.json``: epochs from 1, the
+    objective of their epoch, the loss per pair.
+    """
+    train_cfg = {}
+    if (run_dir / "config.json").is_file():
+        train_cfg = json.loads((run_dir / "config.json").read_text()).get("train", {})
+    kind, warmup = train_cfg.get("loss", "hinge"), train_cfg.get("warmup_epochs", 1)
     losses, vals = [], []
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
+            if "objective" not in rec:  # an older record
+                rec = dict(rec, epoch=rec["epoch"] + 1, objective=objective_name(kind, rec["epoch"] < warmup))
+                if kind == "hinge":
+                    rec["loss_per_pair"] = rec["loss"] / train_cfg.get("batch_size", 1)
             losses.append(rec)
         if "val" in rec:
-            vals.append(rec)
+            vals.append(dict(rec, epoch=rec["val"].get("epoch", rec["epoch"])))
     return losses, vals
 
 
-def plot_history(run_dir: Path) -> Path | None:
+def plot_history(run_dir: Path, out: Path | None = None) -> Path | None:
     """``training.png`` from ``log.jsonl``: the loss per pair and the validation RSUM.
 
     The hinge loss sums over every negative during the warm-up epoch and takes only the hardest
     one afterwards, so the two differ by about the batch size; one axis would show a spike and a
     flat line. The warm-up gets a panel of its own, the hardest-negative epochs another (its scale
-    shows them), and every panel marks where the learning rate drops.
+    shows them), and every panel marks where the learning rate drops. ``out`` defaults to
+    ``run_dir/training.png``.
     """
     try:
         import matplotlib
@@ -469,7 +483,7 @@ def plot_history(run_dir: Path) -> Path | None:
     ax.set_title("validation RSUM", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = run_dir / "training.png"
+    out = Path(out) if out is not None else run_dir / "training.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -575,8 +589,9 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
     if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume:
         model.text.init_from_glove(model.vocab)
     if world.main:
-        print(f"train: {train_split.n_images} images, {train_split.n_captions} captions; "
-              f"val: {val_split.n_images} images, {val_split.n_captions} captions")
+        items = "videos" if cfg.model.image_encoder == "frames" else "images"
+        print(f"train: {train_split.n_images} {items}, {train_split.n_captions} captions; "
+              f"val: {val_split.n_images} {items}, {val_split.n_captions} captions")
 
     def open_sides():
         return tuple(side(model, split, cfg, progress) for split in (train_split, val_split)

@@ -710,7 +710,7 @@ def add_extract_video_arguments(parser) -> None:
     if not any("--rebuild" in a.option_strings for a in parser._actions):
         parser.add_argument("--rebuild", action="store_true", help="recompute existing features")
     if not any("--no-progress" in a.option_strings for a in parser._actions):
-        parser.add_argument("--no-progress", action="store_true")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
 
 
 def run_extract_video(args, extra=()) -> int:

@@ -606,6 +606,8 @@ def _transformers():
         from vseinf.packages import MissingPackageError
 
         raise MissingPackageError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
+    # Its "Loading weights 100%" bar would print on every command that loads a model from local files.
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

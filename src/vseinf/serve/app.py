@@ -1,6 +1,6 @@
 """The search web app: a page, a JSON API and the GPO coefficient plot, over one gallery index.
 
-    vseinf serve INDEX_DIR --port 8000      # then open http://127.0.0.1:8000/
+    vseinf serve INDEX --port 8000          # then open http://127.0.0.1:8000/
 
 Routes
     GET  /                     search page: a text box → grid of thumbnails (or captions, or video
@@ -9,11 +9,15 @@ Routes
     GET  /gpo                  the model's learned GPO coefficients θ over sorted positions, for
                                several set sizes, per modality (the paper's Figure 5)
     GET  /api/info             what is being served
-    GET  /api/search?q=&k=     {"results": [{"path": …, "score": …}, …]}  (+ "caption" for text galleries;
-                               video galleries: {"path", "id", "kind": "video", "score", "thumb": URL or null})
+    GET  /api/search?q=&k=     {"results": [{"path": …, "file": URL, "score": …}, …]}: path relative to the
+                               gallery folder (as `vseinf search --json` reports it), file the original's URL
+                               (+ "caption" for text galleries; video galleries: + "id", "kind": "video",
+                               "thumb": URL or null; clips made from feature files have no file)
     POST /api/search/image     multipart field "file" (+ optional k) → the same shape
     GET  /api/thumb?path=      a JPEG thumbnail of an indexed image, or the stored thumbnail of an indexed
                                clip (nothing else on disk is reachable)
+    GET  /api/file?path=       the original image (or video file) of a result; only files listed in the
+                               index and inside the gallery folder are served
     GET  /api/gpo              θ as JSON;  GET /api/gpo.svg?modality=image|text  the plot
 
 Bad input (empty or over-long query, k not a positive integer, a non-image or over-size upload, a
@@ -270,9 +274,18 @@ def _nice_step(span: float, ticks: int) -> float:
     return float(10 * magnitude)
 
 
+def svg_text(label: str) -> str:
+    """``label`` as SVG text content: escaped, and ``x_k`` written with k as a subscript."""
+    head, sep, sub = label.partition("_")
+    if not sep or not sub or " " in sub:
+        return html.escape(label)
+    return f'{html.escape(head)}<tspan baseline-shift="sub" font-size="75%">{html.escape(sub)}</tspan>'
+
+
 def line_plot_svg(title: str, curves: list[tuple[str, list[float]]], xlabel: str = "position k (sorted, largest first)",
                   ylabel: str = "θ_k", width: int = 640, height: int = 360) -> str:
-    """A small self-contained SVG line chart; curve i is drawn over x = 1..len(values)."""
+    """A small self-contained SVG line chart; curve i is drawn over x = 1..len(values). In the axis
+    labels ``_x`` is a subscript (``θ_k`` → θ with a subscript k)."""
     left, right, top, bottom = 60, 140, 36, 48
     pw, ph = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -299,12 +312,12 @@ def line_plot_svg(title: str, curves: list[tuple[str, list[float]]], xlabel: str
         y = i * y_step
         parts.append(f'<line x1="{left - 4}" x2="{left + pw}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
                      f'<text x="{left - 8}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    for x in [1, *range(x_step, x_max + 1, x_step)]:
+    for x in sorted({1, *range(x_step, x_max + 1, x_step)}):  # 1 once, also when the step is 1
         parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#444"/>'
                      f'<text x="{sx(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{x}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{svg_text(xlabel)}</text>'
                  f'<text x="16" y="{top + ph / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {top + ph / 2})">{html.escape(ylabel)}</text>')
+                 f'transform="rotate(-90 16 {top + ph / 2})">{svg_text(ylabel)}</text>')
     for i, (label, values) in enumerate(curves):
         colour = _PALETTE[i % len(_PALETTE)]
         points = " ".join(f"{sx(x + 1):.1f},{sy(v):.1f}" for x, v in enumerate(values))
@@ -497,6 +510,8 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
             results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
                         if r.get("thumb") else None} for r in results]
+        if gallery.kind == "images" or gallery.video_source == "files":  # where to open the original
+            results = [{**r, "file": "/api/file?path=" + urllib.parse.quote(r["path"], safe="")} for r in results]
         return {"results": results}
 
     @app.get("/api/search")
@@ -553,6 +568,20 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         except OSError as exc:
             raise BadRequest(f"{path}: cannot read the image any more ({exc.strerror})", 410) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/file")
+    def original(path: str | None = None):
+        if not path:
+            raise BadRequest("give the file as ?path=… (a path from the search results)")
+        full = gallery.file_path(path)
+        if full is None:
+            raise BadRequest(f"{path[:200]!r} is not a file of this gallery", 404)
+        # Only indexed images and video files get here; nosniff keeps browsers to the declared type.
+        return FileResponse(full, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
     coefficients: dict = {}
 
@@ -611,11 +640,11 @@ def add_serve_parser(sub):
     from ..argtypes import port_number
 
     p = sub.add_parser("serve", help="web page + JSON API to search an index",
-                       description="Serve INDEX_DIR: a search page at /, the GPO coefficient plot at /gpo, "
+                       description="Serve INDEX: a search page at /, the GPO coefficient plot at /gpo, "
                                    "and GET /api/search?q=TEXT&k=K.")
-    p.add_argument("index_dir", help="index directory made by `vseinf encode` (or `vseinf demo`)")
+    p.add_argument("index", help="index directory made by `vseinf encode` (or `vseinf demo`)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -637,7 +666,7 @@ def run_serve(args, extra) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     HostPolicy(args.host, args.allow_host)  # a bad --allow-host fails before the index loads
-    gallery = Gallery.load(args.index_dir, device=args.device)
+    gallery = Gallery.load(args.index, device=args.device)
     tune_engine(gallery.engine, **engine_settings(args))  # a wrong setting fails before the model loads
     app = create_app(gallery=gallery, model_path=args.model, device=args.device, host=args.host,
                      allow_hosts=args.allow_host, api_docs=args.api_docs)

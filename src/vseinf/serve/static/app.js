@@ -14,6 +14,26 @@ function thumbUrl(path) {
   return "/api/thumb?path=" + encodeURIComponent(path);
 }
 
+// A picture that opens the original file (served by /api/file) in a new tab, when there is one.
+function linked(picture, r) {
+  if (!r.file) return picture;
+  const a = document.createElement("a");
+  a.href = r.file;
+  a.target = "_blank";
+  a.rel = "noopener";
+  a.appendChild(picture);
+  return a;
+}
+
+// The file name on one line: cut with an ellipsis when too long, never broken mid-name.
+function nameLabel(text) {
+  const span = document.createElement("span");
+  span.className = "name";
+  span.textContent = text;
+  span.title = text;
+  return span;
+}
+
 // A video clip: its stored middle-frame thumbnail, or (clips indexed from frame-feature files have
 // none) a placeholder box with the clip id.
 function clipPicture(r) {
@@ -45,15 +65,15 @@ function render(results) {
     const cap = document.createElement("figcaption");
     if (galleryKind === "videos") {
       fig.classList.add("clip");
-      fig.appendChild(clipPicture(r));
-      cap.append(score, document.createTextNode(r.path));
+      fig.appendChild(linked(clipPicture(r), r));
+      cap.append(score, nameLabel(r.path));
     } else if (galleryKind === "images") {
       const img = document.createElement("img");
       img.src = thumbUrl(r.path);
       img.alt = r.path;
-      img.title = r.path;
-      fig.appendChild(img);
-      cap.append(score, document.createTextNode(r.path));
+      img.title = r.path + " (click to open the photo)";
+      fig.appendChild(linked(img, r));
+      cap.append(score, nameLabel(r.path));
     } else {
       cap.append(score, document.createTextNode(r.caption + "  (" + r.path + ")"));
     }
@@ -76,12 +96,28 @@ async function show(response, label) {
   render(data.results);
 }
 
-async function searchText(event) {
+// The query lives in the page's URL (?q=…&k=…): a search can be bookmarked, and Back goes to the
+// previous one.
+function urlFor(q, k) {
+  return q ? "?" + new URLSearchParams({ q: q, k: k }).toString() : location.pathname;
+}
+
+function searchText(event) {
   event.preventDefault();
-  const q = $("q").value;
+  const q = $("q").value.trim();
   const k = $("k").value;
-  setStatus("searching…");
+  if (q && location.search !== urlFor(q, k)) history.pushState({ q: q, k: k }, "", urlFor(q, k));
+  runText(q, k);
+}
+
+async function runText(q, k) {
   $("query-preview").replaceChildren();
+  if (!q) {
+    setStatus("Type a few words to search for, e.g. “a dog runs on the beach”, or choose a photo.");
+    $("results").replaceChildren();
+    return;
+  }
+  setStatus("searching…");
   try {
     const response = await fetch("/api/search?q=" + encodeURIComponent(q) + "&k=" + encodeURIComponent(k));
     await show(response, "“" + q + "”");
@@ -96,6 +132,9 @@ async function searchImage() {
   const form = new FormData();
   form.append("file", file);
   form.append("k", $("k").value);
+  // The photo is the query now: the old words leave the box and the URL.
+  $("q").value = "";
+  if (location.search) history.pushState({ image: file.name }, "", location.pathname);
   setStatus("searching…");
   const preview = document.createElement("img");
   preview.src = URL.createObjectURL(file);
@@ -109,12 +148,25 @@ async function searchImage() {
   }
 }
 
+// The search the URL asks for (on opening a bookmark, and on Back/Forward).
+function searchFromUrl() {
+  const params = new URLSearchParams(location.search);
+  const q = params.get("q") || "";
+  if (params.get("k")) $("k").value = params.get("k");
+  $("q").value = q;
+  if (q) {
+    runText(q.trim(), $("k").value);
+  } else {
+    setStatus("");
+    $("results").replaceChildren();
+    $("query-preview").replaceChildren();
+  }
+}
+
 async function loadInfo() {
   try {
-    const info = await (await fetch("/api/info")).json();
+    const info = await loadGalleryInfo();
     galleryKind = info.kind;
-    const what = info.kind === "videos" ? "video clips" : info.kind;
-    $("info").textContent = info.size + " " + what + " · " + info.engine + " search";
     if (info.kind === "captions") $("q").placeholder = "find captions like…";
     if (info.kind === "videos") $("q").placeholder = "a person rides a bike";
     if (info.image_queries === false) $("image-form").hidden = true;  // the model cannot embed images here
@@ -125,4 +177,5 @@ async function loadInfo() {
 
 $("text-form").addEventListener("submit", searchText);
 $("file").addEventListener("change", searchImage);
-loadInfo();
+window.addEventListener("popstate", searchFromUrl);
+loadInfo().then(searchFromUrl);
