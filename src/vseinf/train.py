@@ -149,10 +149,8 @@ def caption_inputs(model: VSEModel, side: Side, caption_indices, device, augment
             feats, lengths = drop_token_features(feats, lengths, generator=generator)
         return feats, lengths
     texts = [side.split.captions[int(j)] for j in caption_indices]
-    if augment and model.config.text_augment:
-        ids, lengths = _augmented_tokens(model, texts, rng or random.Random())
-    else:
-        ids, lengths = model.tokenize(texts)
+    augment_rng = (rng or random.Random()) if augment and model.config.text_augment else None
+    ids, lengths = model.tokenize(texts, augment=augment_rng)
     return ids.to(device), lengths.to(device)
 
 
@@ -166,21 +164,6 @@ def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment
                    rng: random.Random | None = None, generator: torch.Generator | None = None):
     return model.embed_texts(*caption_inputs(model, side, caption_indices, device, augment, rng, generator))
 
-
-
-def _augmented_tokens(model: VSEModel, texts, rng: random.Random):
-    from .encoders.text import augment_tokens, pad_token_ids
-
-    if model.config.text_encoder == "transformer":
-        enc = model.text
-        seqs = [enc.encode_ids(t, model.config.max_text_length) for t in texts]
-        special, mask_id, vocab_size = enc.special_ids, enc.mask_id, enc.vocab_size
-    else:
-        vocab = model.vocab
-        seqs = [vocab.encode(t) for t in texts]
-        special, mask_id, vocab_size = vocab.special_ids, vocab.mask_id, len(vocab)
-    seqs = [augment_tokens(s, mask_id, vocab_size, rng, special_ids=special) for s in seqs]
-    return pad_token_ids(seqs, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +270,7 @@ def set_backbone_trainable(model: VSEModel, cfg: RunConfig, epoch: int) -> bool:
     if cfg.model.image_encoder != "grid":
         return False
     train_it = cfg.train.finetune_backbone and epoch >= cfg.train.freeze_backbone_epochs
-    model.image.set_backbone_trainable(train_it)
+    model.set_backbone_trainable(train_it)
     return train_it
 
 
