@@ -27,10 +27,12 @@ def _train(cmd, env):
     return proc
 
 
-def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol=1e-5, port=29517) -> None:
+def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol=1e-5, port=29517,
+                                       loss="hinge") -> None:
     """`vseinf train` at batch 16 in one process and at batch 8 × 2 ranks under torchrun end with
-    the same weights; only rank 0 writes the log."""
-    common = ["--data", str(data_root), *ARGS]
+    the same weights (InfoNCE's learned temperature included) and log the same losses; only rank
+    0 writes the log."""
+    common = ["--data", str(data_root), *ARGS, "--loss", loss]
     one = tmp_path / "one"
     _train([sys.executable, "-m", "vseinf", "train", "--out", str(one), "--batch_size", "16", "--no-progress",
             *common], env)
@@ -42,15 +44,18 @@ def check_two_processes_train_like_one(data_root, tmp_path, env, rtol=1e-4, atol
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
-    # only rank 0 writes: one log line per step, not two
-    steps = [line for line in (two / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(steps) == len([line for line in (one / "log.jsonl").read_text().splitlines() if '"loss"' in line])
+    # only rank 0 writes: one log line per step, not two; each rank's loss is the global batch's
+    losses = [[json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+              for run in (one, two)]
+    assert len(losses[0]) == len(losses[1]) > 0
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache):
+@pytest.mark.parametrize("loss", ["hinge", "infonce"])
+def test_two_gloo_processes_equal_one_process(flickr8k_root, tmp_path, use_cache, loss):
     # gloo on the CPU even where GPUs exist (tests/test_cuda.py runs the nccl twin)
     check_two_processes_train_like_one(flickr8k_root, tmp_path,
-                                       dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+                                       dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), loss=loss)
 
 
 def _free_port() -> int:
@@ -171,6 +176,18 @@ def dying_forward(self, *args, **kwargs):
     return original_forward(self, *args, **kwargs)
 
 VSELoss.forward = dying_forward
+
+if os.environ.get("WEIGHTS_DIR"):  # each rank's weights at every last/ save, as rank<r>.safetensors
+    from safetensors.torch import save_file
+
+    original_save_last = train_mod._save_last
+
+    def saving_every_rank(run, state):
+        weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        save_file(weights, os.path.join(os.environ["WEIGHTS_DIR"], f"rank{rank}.safetensors"))
+        return original_save_last(run, state)
+
+    train_mod._save_last = saving_every_rank
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -229,6 +246,28 @@ def test_killed_distributed_run_resumes_to_the_same_weights(flickr8k_root, tmp_p
     writers = [line.split() for line in saves.read_text().splitlines()]
     assert writers and {rank for rank, _ in writers} == {"0"}
     assert {name for _, name in writers} == {"last", "best"}
+
+
+def test_the_ranks_stay_identical_after_the_cnn_is_unfrozen(flickr8k_root, tmp_path, use_cache):
+    """Fine-tuning the CNN on live images from epoch 2 on: the ranks crop differently, yet their
+    weights, CNN included, stay equal bit for bit (DistributedDataParallel covers the parameters
+    that start training mid-run)."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", SAVES_LOG=str(tmp_path / "saves.txt"),
+               WEIGHTS_DIR=str(weights))
+    _train([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(launcher), "train", "--data", str(flickr8k_root),
+            *ARGS, "--finetune_backbone", "true", "--image_size", "64", "--batch_size", "8",
+            "--max_steps_per_epoch", "3", "--no-progress", "--out", str(tmp_path / "run")], env)
+    a = load_file(str(weights / "rank0.safetensors"))
+    b = load_file(str(weights / "rank1.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    from vseinf.encoders.cnn import build_backbone
+
+    pretrained = build_backbone("mobilenet_v2").state_dict()
+    assert not torch.equal(a["image.backbone.features.18.0.weight"], pretrained["features.18.0.weight"])
 
 
 def _skip_worker(rank: int, init_file: str, results) -> None:

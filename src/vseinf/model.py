@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -162,13 +163,36 @@ class VSEModel(nn.Module):
         """Token ids (B × L) through the live text tower → (unit embeddings, weights)."""
         return self.text(token_ids, lengths)
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Captions → padded token ids and lengths for :meth:`embed_tokens`."""
-        if self.config.text_encoder == "transformer":
-            return self.text.tokenize(list(texts), max_length=self.config.max_text_length)
-        from .encoders.text import pad_token_ids
+    def tokenize(self, texts: Sequence[str],
+                 augment: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions → padded token ids and lengths for :meth:`embed_texts`.
 
-        return pad_token_ids([self.vocab.encode(t) for t in texts], self.vocab.pad_id)
+        Args:
+            texts: captions.
+            augment: for training, the random stream of the authors' caption augmentation (tokens
+                masked, replaced or deleted; see :func:`vseinf.encoders.text.augment_tokens`).
+        """
+        from .encoders.text import augment_tokens, pad_token_ids
+
+        if augment is None:
+            if self.config.text_encoder == "transformer":
+                return self.text.tokenize(list(texts), max_length=self.config.max_text_length)
+            return pad_token_ids([self.vocab.encode(t) for t in texts], self.vocab.pad_id)
+        if self.config.text_encoder == "transformer":
+            enc = self.text
+            seqs = [enc.encode_ids(t, self.config.max_text_length) for t in texts]
+            special, mask_id, vocab_size = enc.special_ids, enc.mask_id, enc.vocab_size
+        else:
+            seqs = [self.vocab.encode(t) for t in texts]
+            special, mask_id, vocab_size = self.vocab.special_ids, self.vocab.mask_id, len(self.vocab)
+        seqs = [augment_tokens(s, mask_id, vocab_size, augment, special_ids=special) for s in seqs]
+        return pad_token_ids(seqs, 0)
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (False) or unfreeze (True) the CNN of a grid model; its BatchNorm statistics stay
+        frozen either way. Models without a CNN have nothing to change."""
+        if self.config.image_encoder == "grid":
+            self.image.set_backbone_trainable(trainable)
 
     # -- inference API ---------------------------------------------------------------------------
 

@@ -159,10 +159,8 @@ def caption_inputs(model: VSEModel, side: Side, caption_indices, device, augment
             feats, lengths = drop_token_features(feats, lengths, generator=generator)
         return feats, lengths
     texts = [side.split.captions[int(j)] for j in caption_indices]
-    if augment and model.config.text_augment:
-        ids, lengths = _augmented_tokens(model, texts, rng or random.Random())
-    else:
-        ids, lengths = model.tokenize(texts)
+    augment_rng = (rng or random.Random()) if augment and model.config.text_augment else None
+    ids, lengths = model.tokenize(texts, augment=augment_rng)
     return ids.to(device), lengths.to(device)
 
 
@@ -176,21 +174,6 @@ def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment
                    rng: random.Random | None = None, generator: torch.Generator | None = None):
     return model.embed_texts(*caption_inputs(model, side, caption_indices, device, augment, rng, generator))
 
-
-
-def _augmented_tokens(model: VSEModel, texts, rng: random.Random):
-    from .encoders.text import augment_tokens, pad_token_ids
-
-    if model.config.text_encoder == "transformer":
-        enc = model.text
-        seqs = [enc.encode_ids(t, model.config.max_text_length) for t in texts]
-        special, mask_id, vocab_size = enc.special_ids, enc.mask_id, enc.vocab_size
-    else:
-        vocab = model.vocab
-        seqs = [vocab.encode(t) for t in texts]
-        special, mask_id, vocab_size = vocab.special_ids, vocab.mask_id, len(vocab)
-    seqs = [augment_tokens(s, mask_id, vocab_size, rng, special_ids=special) for s in seqs]
-    return pad_token_ids(seqs, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +280,7 @@ def set_backbone_trainable(model: VSEModel, cfg: RunConfig, epoch: int) -> bool:
     if cfg.model.image_encoder != "grid":
         return False
     train_it = cfg.train.finetune_backbone and epoch >= cfg.train.freeze_backbone_epochs
-    model.image.set_backbone_trainable(train_it)
+    model.set_backbone_trainable(train_it)
     return train_it
 
 
@@ -317,26 +300,20 @@ def epoch_order(n: int, seed: int, epoch: int, world: World, batch_size: int) ->
 
 
 
-def distributed_model(model: VSEModel, world: World, device: torch.device, current=None) -> nn.Module:
-    """The model as the training step calls it: under torchrun, wrapped in DistributedDataParallel.
+def distributed_model(model: VSEModel, world: World, device: torch.device) -> nn.Module:
+    """The model as the training step calls it: under torchrun, wrapped in DistributedDataParallel,
+    which averages the gradients across ranks during the backward pass.
 
-    DDP averages the gradients of the parameters that required gradients when it was built, so a
-    wrapper is built again when that set changes (the CNN is unfrozen after
-    ``freeze_backbone_epochs``); ``current``, the wrapper in use, is kept otherwise. Within one
-    wrapper the graph is static (``static_graph``): DDP learns in the first step which trained
-    parameters never get a gradient (a transformer's unused pooler, a BatchNorm the authors'
-    forward skips) instead of searching the graph every step.
+    DDP covers the parameters that require gradients when it is built: build a new wrapper when
+    that set changes (see :meth:`TrainingRun.replicate`). Within one wrapper the graph is static
+    (``static_graph``): DDP learns in the first step which trained parameters never get a gradient
+    (a transformer's unused pooler, a BatchNorm the authors' forward skips) instead of searching
+    the graph every step.
     """
     if world.size == 1:
         return model
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    if current is not None and current.trainable_names == trainable:
-        return current
-    del current  # the old wrapper's gradient hooks go with it
-    wrapper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      static_graph=True)
-    wrapper.trainable_names = trainable
-    return wrapper
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
 
 
 MAX_AUTO_THREADS = 8
@@ -565,8 +542,18 @@ class TrainingRun:
     rngs: tuple[random.Random, torch.Generator]  # caption augmentation: tokens, cached token outputs
     state: dict  # epoch, step_in_epoch, global_step, best_rsum, best_epoch
     progress: bool
-    replicas: nn.Module | None = None  # the DistributedDataParallel wrapper in use
+    replicas: nn.Module | None = None  # the model as the step calls it (see distributed_model)
+    replicated: tuple[str, ...] = ()  # the trainable parameters ``replicas`` was built for
     epoch_loss: str = ""  # the last epoch's mean loss per pair, in words, for the console
+
+    def replicate(self) -> nn.Module:
+        """The model wrapped for this epoch: a new DDP wrapper when the trainable parameters changed
+        (the CNN is unfrozen after ``freeze_backbone_epochs``), the current one otherwise."""
+        trainable = tuple(name for name, p in self.model.named_parameters() if p.requires_grad)
+        if self.replicas is None or trainable != self.replicated:
+            self.replicas = None  # the old wrapper, and the gradient hooks it set, go first
+            self.replicas, self.replicated = distributed_model(self.model, self.world, self.device), trainable
+        return self.replicas
 
 
 def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progress: bool) -> TrainingRun:
@@ -624,7 +611,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
     the resumable ``last/`` checkpoint is written every ``save_every`` steps."""
     cfg, t, world, state = run.cfg, run.cfg.train, run.world, run.state
     backbone_training = set_backbone_trainable(run.model, cfg, epoch)
-    run.replicas = distributed_model(run.model, world, run.device, run.replicas)
+    model = run.replicate()
     lr = learning_rate(cfg, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -651,7 +638,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
                    desc=f"epoch {epoch + 1}/{t.epochs}{' (warm-up)' if warmup and t.loss == 'hinge' else ''}")
     meter = _LossMeter(run.run_dir / "log.jsonl", world.main, epoch, lr, objective_name(t.loss, warmup))
     for step in range(state["step_in_epoch"], steps):
-        loss = training_step(run, step_caps[step], live, warmup=warmup,
+        loss = training_step(run, model, step_caps[step], live, warmup=warmup,
                              scale=min(1.0, (step + 1) / steps) if ramp else None)
         if loss is None:
             continue
@@ -674,12 +661,15 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> None:
     run.epoch_loss = meter.epoch_summary()
 
 
-def training_step(run: TrainingRun, caps: np.ndarray, live, warmup: bool, scale: float | None):
+def training_step(run: TrainingRun, model: nn.Module, caps: np.ndarray, live, warmup: bool,
+                  scale: float | None):
     """One optimiser step on the captions ``caps`` and their images. Returns the loss and the global
-    batch's number of pairs, or None when the step is skipped: a live batch without a readable image on any rank is skipped by every rank.
+    batch's number of pairs, or None when the step is skipped: a live batch without a readable image
+    on any rank is skipped by every rank.
 
     Args:
         run: the run.
+        model: ``run.model``, or its DistributedDataParallel wrapper.
         caps: this rank's caption indices.
         live: the live image batches of the epoch (see :func:`live_images`), or None.
         warmup: hinge loss over all negatives instead of the hardest.
@@ -694,7 +684,7 @@ def training_step(run: TrainingRun, caps: np.ndarray, live, warmup: bool, scale:
     texts, text_lengths = caption_inputs(run.model, text_side_, caps[keep], device, augment=True, rng=text_rng,
                                          generator=aug_gen)
     with autocast(t.precision, device):
-        img_emb, txt_emb, logit_scale = run.replicas(images, image_lengths, texts, text_lengths)
+        img_emb, txt_emb, logit_scale = model(images, image_lengths, texts, text_lengths)
     # Each rank computes the loss of the whole global batch; DDP averages the ranks' gradients.
     img_all, txt_all, ids_all, _ = gather_batch(img_emb.float(), txt_emb.float(),
                                                 torch.as_tensor(imgs[keep], device=device))
