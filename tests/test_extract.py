@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vseinf.data.cache import FeatureCache, FeatureCacheWriter
+from vseinf.data.cache import FeatureCacheWriter
 from vseinf.data.splits import open_split
 from vseinf.features import BROKEN_KEY, image_sets, text_sets
 

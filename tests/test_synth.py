@@ -13,7 +13,6 @@ import torch
 
 from vseinf.pooling import AvgPool, InterpolatedIndexPool, KMaxPool, MaxPool, build_pooling
 from vseinf.synth import (
-    GENERATORS,
     PAPER_SEEN,
     PATTERNS,
     SIZE_RANGES,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .evaluation import ensemble_sims, evaluate_protocol, round_metrics
 
