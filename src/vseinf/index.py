@@ -1697,8 +1697,8 @@ def meta_schema():
     class ModelInfo(Open):
         checkpoint: Optional[StrictStr] = None
         bundled: StrictBool = False
-        config_hash: StrictStr
-        weights_hash: StrictStr
+        config_hash: Optional[StrictStr] = None  # without them the index matches no model: search says so
+        weights_hash: Optional[StrictStr] = None
         embed_dim: Optional[StrictInt] = positive
 
     class Item(Open):
