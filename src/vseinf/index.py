@@ -1901,7 +1901,8 @@ class Gallery:
                 with faiss_fh:
                     try:
                         index = IVFPQIndex(_read_faiss(faiss_fh, path / FAISS_FILE), emb,
-                                           saved_engine.get("nprobe", IVF_NPROBE), saved_engine.get("rerank", IVF_RERANK))
+                                           saved_engine.get("nprobe", IVF_NPROBE),
+                                           saved_engine.get("rerank", IVF_RERANK))
                     except IndexFormatError as exc:
                         raise IndexFormatError(f"{path / FAISS_FILE}: {exc}") from None
             elif want in ("hnsw", "ivfpq") and not faiss_available() and engine is None:
