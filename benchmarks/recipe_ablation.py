@@ -42,6 +42,26 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                  MAX + ["--train.precision", "bf16"]),
     "max-no-warmup": ("max/max, hardest negatives from the first step", MAX + ["--train.warmup_epochs", "0"]),
     "max-wd0": ("max/max without weight decay", MAX + ["--train.weight_decay", "0"]),
+    # The climb: one change at a time on top of the default GPO recipe.
+    "gpo-mlp": ("GPO/GPO + the paper's MLP residual in the grid head", ["--model.grid_mlp", "true"]),
+    "gpo-8ep": ("GPO/GPO, 8 epochs (lr ÷ 10 from epoch 7)", ["--train.epochs", "8", "--train.lr_decay_epoch", "6"]),
+    "gpo-infonce": ("GPO/GPO, InfoNCE instead of the hinge loss", ["--train.loss", "infonce"]),
+    "gpo-infonce-8ep": ("GPO/GPO, InfoNCE, 8 epochs", ["--train.loss", "infonce", "--train.epochs", "8",
+                                                       "--train.lr_decay_epoch", "6"]),
+    "gpo-lr1e-3": ("GPO/GPO, lr 1e-3", ["--train.lr", "1e-3"]),
+    # Fine-tuning as the paper does (text at 0.1x lr; the CNN end to end from epoch 2 at 0.1x, BatchNorm
+    # frozen, on live 224-px photos with crops and flips). Each sees ~one caption per image an epoch
+    # (47 steps of 128) to fit this CPU.
+    "ft-text": ("GPO/GPO, MiniLM fine-tuned at 0.1x lr, 47 steps an epoch",
+                ["--train.finetune_text", "true", "--train.max_steps_per_epoch", "47"]),
+    "ft-cnn": ("GPO/GPO, MobileNetV2 fine-tuned from epoch 2, 47 steps an epoch",
+               ["--train.finetune_backbone", "true", "--train.max_steps_per_epoch", "47"]),
+    "ft-both": ("GPO/GPO, MiniLM and MobileNetV2 fine-tuned, 47 steps an epoch",
+                ["--train.finetune_text", "true", "--train.finetune_backbone", "true",
+                 "--train.max_steps_per_epoch", "47"]),
+    "ft-cnn-effnet": ("GPO/GPO, EfficientNet-Lite0 fine-tuned from epoch 2, 47 steps an epoch",
+                      ["--model.backbone", "efficientnet_lite0", "--train.finetune_backbone", "true",
+                       "--train.max_steps_per_epoch", "47"]),
 }
 
 

@@ -123,3 +123,117 @@ def test_optimizer_state_survives_safetensors_and_json(tmp_path):
         m(x).pow(2).sum().backward()
         o.step()
     torch.testing.assert_close(model.weight, model2.weight)
+
+
+# -- damaged checkpoints: one error naming the tensor or key, never a traceback ------------------
+
+def _tiny_checkpoint(path):
+    """A small region + BiGRU model saved as a vseinf checkpoint (no pretrained packages needed)."""
+    from vseinf.model import build_model, save_model
+
+    cfg = load_config(None, [("image_encoder", "region"), ("feature_dim", "8"), ("text_encoder", "bigru"),
+                             ("embed_dim", "16"), ("word_dim", "4")])
+    model = build_model(cfg, vocab=["<pad>", "<start>", "<end>", "<unk>", "<mask>", "a", "dog"])
+    save_model(model, path, cfg)
+    return path
+
+
+def _edit_config(path, edit):
+    data = json.loads((path / "config.json").read_text())
+    edit(data)
+    (path / "config.json").write_text(json.dumps(data))
+
+
+def test_tiny_checkpoint_loads(tmp_path):
+    from vseinf.model import load_model
+
+    assert load_model(_tiny_checkpoint(tmp_path / "ck")).embed_dim == 16
+
+
+def test_tensor_of_the_wrong_shape_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vseinf.model import load_model
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    state = load_file(str(ck / "model.safetensors"))
+    state["image.fc.bias"] = torch.zeros(3, 3)
+    save_file(state, str(ck / "model.safetensors"))
+    with pytest.raises(CheckpointError) as info:
+        load_model(ck)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "image.fc.bias" in message and "3×3" in message and "16" in message
+
+
+def test_embed_dim_that_does_not_match_the_weights_is_named(tmp_path):
+    from vseinf.model import load_model
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    _edit_config(ck, lambda c: c["model"].update(embed_dim=32))
+    with pytest.raises(CheckpointError) as info:
+        load_model(ck)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model.embed_dim" in message and "32" in message and "16" in message
+
+
+@pytest.mark.parametrize("key, value", [("embed_dim", -4), ("embed_dim", 0), ("feature_dim", -1),
+                                        ("word_dim", 0), ("image_size", -512), ("max_text_length", 0)])
+def test_nonpositive_sizes_in_a_checkpoint_config_are_named(tmp_path, key, value):
+    from vseinf.model import load_model
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    _edit_config(ck, lambda c: c["model"].update({key: value}))
+    with pytest.raises(ConfigError, match=rf"config\.json: model\.{key}: expected a positive integer, got {value}"):
+        load_model(ck)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"model"', "null", "3"])
+def test_config_json_that_is_not_an_object(tmp_path, text):
+    from vseinf.model import load_model
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    (ck / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object"):
+        load_model(ck)
+
+
+def test_metrics_json_that_is_not_an_object(tmp_path):
+    save_checkpoint(tmp_path / "ck", {"w": torch.zeros(1)}, {"v": 1})
+    (tmp_path / "ck" / "metrics.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"metrics\.json: expected a JSON object"):
+        load_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("key, value", [("text.vocab", 5), ("text.vocab", ["<pad>", 3]),
+                                        ("stored_prefixes_skipped", 5), ("stored_prefixes_skipped", [None])])
+def test_bookkeeping_keys_of_the_wrong_type_are_named(tmp_path, key, value):
+    from vseinf.model import load_model
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    _edit_config(ck, lambda c: c.update({key: value}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {key}: expected a list of strings"):
+        load_model(ck)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.batch_size", "0", "train.batch_size: expected a positive integer, got 0"),
+    ("epochs", "-1", "epochs: expected a positive integer, got -1"),
+    ("lr", "-1e-3", "lr: expected a positive number, got -0.001"),
+    ("num_workers", "-2", "num_workers: expected an integer >= 0, got -2"),
+    ("margin", "nan", "margin: expected a finite number, got nan"),
+])
+def test_out_of_range_overrides_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [(key, value)])
+
+
+def test_vseinf_eval_with_a_damaged_checkpoint_prints_one_line(tmp_path, capsys):
+    from vseinf.cli import main
+
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    (ck / "config.json").write_text("[]")
+    assert main(["eval", "--checkpoint", str(ck), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json: expected a JSON object" in err

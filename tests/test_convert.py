@@ -1,9 +1,9 @@
-"""`vseinf convert`: the authors' checkpoints (SPEC §9) → vseinf checkpoints that embed the same.
+"""`vseinf convert`: the authors' checkpoints (docs/recipe.md §9) → vseinf checkpoints that embed the same.
 
 No released file exists here, so each test writes one with exactly the authors' layout
 (``torch.save({"model": [image_sd, text_sd], "opt": Namespace, ...})``, their module names, random
 weights), converts it, loads it with ``vseinf.load_model`` and compares the embeddings with an
-independent implementation of the authors' forward passes written below from SPEC §2/§3/§9 and
+independent implementation of the authors' forward passes written below from docs/recipe.md §2/§3/§9 and
 their code's structure (GPO with packed GRU and -10000 masking; fc(x) + mlp(x); BERT → linear;
 BiGRU with averaged directions; the ResNet stem/blocks spelled out with torch.nn.functional).
 """

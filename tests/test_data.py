@@ -353,6 +353,107 @@ def test_pairs_txt_kaggle_csv_and_tab_forms(tmp_path):
     assert split.image_keys == ["a.jpg", "b.jpg"] and split.captions == ["one", "three", "two"]
 
 
+def test_rows_with_an_unknown_split_value_are_counted_and_named(tmp_path, caplog):
+    # "trian" (a typo) and "" (a damaged cell) would otherwise vanish from every split unseen
+    path = _write(tmp_path / "p.csv", "image,caption,split\n"
+                                      "a.jpg,one,train\nb.jpg,two,trian\nc.jpg,three,trian\n"
+                                      "d.jpg,four,\ne.jpg,five,val\nf.jpg,six,test\n")
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+        train = read_pairs_file(path, split="train")
+    assert train.image_keys == ["a.jpg"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "p.csv" in warnings[0] and "3 rows" in warnings[0]
+    assert "'trian' (2 rows)" in warnings[0] and "'' (1 row)" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+        assert read_pairs_file(path).n_images == 6  # every row: nothing is left out, nothing to say
+        assert read_pairs_file(path, split="dev").image_keys == ["e.jpg"]
+    assert len([r for r in caplog.records if "trian" in r.getMessage()]) == 1
+    jsonl = _write(tmp_path / "p.jsonl", '{"image": "a.jpg", "caption": "x", "split": "train"}\n'
+                                         '{"image": "b.jpg", "caption": "y", "split": "tset"}\n'
+                                         '{"image": "c.jpg", "caption": "z"}\n')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+        read_pairs_file(jsonl, split="train")
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 rows" in message and "'tset' (1 row)" in message and "no split (1 row)" in message
+
+
+def test_a_split_of_its_own_name_is_not_unknown(tmp_path, caplog):
+    path = _write(tmp_path / "p.csv", "image,caption,split\na.jpg,one,train\nb.jpg,two,holdout\n")
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+        assert read_pairs_file(path, split="holdout").image_keys == ["b.jpg"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_no_rows_in_the_split_lists_the_splits_the_file_has(tmp_path):
+    path = _write(tmp_path / "p.csv", "image,caption,split\na.jpg,one,trian\nb.jpg,two,test\n")
+    with pytest.raises(DataFormatError, match=r"no \(image, caption\) rows in split 'train'.*test, trian"):
+        read_pairs_file(path, split="train")
+
+
+@pytest.mark.parametrize("name, text, line, column", [
+    ("p.csv", b"image,caption\na.jpg,one\nb.jpg,caf\xe9 au lait\nc.jpg,three\n", 3, 10),
+    ("p.jsonl", b'{"image": "a.jpg", "caption": "x"}\n\n\n{"image": "b.jpg", "caption": "\xff"}\n', 4, 32),
+    ("p.txt", b"a.jpg#0\tone\nb\xc3\xb3.jpg\t\xff\n", 2, 8),  # a column counts characters (ó is 2 bytes)
+])
+def test_non_utf8_pairs_file_names_the_line(tmp_path, name, text, line, column):
+    path = tmp_path / name
+    path.write_bytes(text)
+    with pytest.raises(DataFormatError) as info:
+        read_pairs_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: not UTF-8 text") and f"column {column}" in message
+    assert "at byte" not in message  # an offset into the file is no help in an editor
+
+
+def test_non_utf8_karpathy_json_names_the_line(tmp_path):
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_bytes(b'{"images": [\n{"filename": "caf\xe9.jpg"}]}\n')
+    with pytest.raises(DataFormatError, match=r"dataset_flickr8k.json:2: not UTF-8 text"):
+        read_karpathy_json(path, None, "train")
+
+
+@pytest.mark.parametrize("text", ["image,caption,split\n", "image,caption,split\n\n\n"])
+def test_header_only_csv_says_it_has_no_rows_not_no_split_column(tmp_path, text):
+    path = _write(tmp_path / "p.csv", text)
+    for split in ("train", None):
+        with pytest.raises(DataFormatError) as info:
+            read_pairs_file(path, split=split)
+        message = str(info.value)
+        assert "no (image, caption) rows" in message and "header" in message
+        assert "'split' column" not in message
+
+
+def test_split_whose_images_are_all_missing_names_them(tmp_path):
+    path = _write(tmp_path / "p.csv", "image,caption\nphotos/a.jpg,one\nphotos/b.jpg,two\nphotos/c.jpg,x\n")
+    split = read_pairs_file(path)
+    with pytest.raises(DataFormatError) as info:
+        ImageDataset(split, ImageTransform(8, train=False))
+    message = str(info.value)
+    assert str(tmp_path) in message and "none of the 3 images" in message
+    assert "photos/a.jpg" in message and "photos/b.jpg" in message
+    assert "batch" not in message
+    _jpeg(tmp_path / "photos" / "c.jpg")  # one image there: the others are skipped as before
+    assert len(ImageDataset(split, ImageTransform(8, train=False))) == 3
+
+
+def test_grid_features_of_a_split_with_no_readable_image_is_an_error(tmp_path, use_cache):
+    from vseinf.config import load_config
+    from vseinf.features import image_sets
+    from vseinf.model import build_model
+
+    (tmp_path / "photos").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "photos" / name).write_bytes(b"not a jpeg")
+    split = read_pairs_file(_write(tmp_path / "p.csv", "image,caption\nphotos/a.jpg,one\nphotos/b.jpg,two\n"))
+    cfg = load_config(None, [("image_size", "32"), ("text_encoder", "bigru"), ("backbone_weights", "none")])
+    model = build_model(cfg, vocab=["<pad>", "<start>", "<end>", "<unk>", "<mask>"], pretrained=False)
+    with pytest.raises(ValueError, match=r"none of the 2 images of p.csv could be read.*a.jpg.*b.jpg"):
+        image_sets(model, split, progress=False)
+
+
 # --------------------------------------------------------------------------------------------
 # open_split and the record
 # --------------------------------------------------------------------------------------------

@@ -255,13 +255,3 @@ def test_a_batch_unreadable_on_one_rank_is_skipped_by_every_rank(tmp_path):
         results = manager.dict()
         mp.spawn(_skip_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
         assert dict(results) == {0: (True, False), 1: (True, False)}
-
-
-def test_gradient_buckets_keep_order_and_respect_the_cap():
-    from vseinf.train import _grad_buckets
-
-    grads = [torch.zeros(5), torch.zeros(3), torch.zeros(10), torch.zeros(2, dtype=torch.float64),
-             torch.zeros(1, dtype=torch.float64), torch.zeros(4)]
-    buckets = _grad_buckets(grads, cap=8)
-    assert [[g.numel() for g in b] for b in buckets] == [[5, 3], [10], [2, 1], [4]]
-    assert all(a is b for a, b in zip([g for b in buckets for g in b], grads))

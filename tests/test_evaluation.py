@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vseinf import evaluation
 from vseinf.evaluation import (
     METRIC_KEYS,
     ensemble_sims,
@@ -202,13 +203,82 @@ def test_image_is_correct_if_any_caption_is_in_top_k():
     assert_same_details(d, rank_details_reference(sims, t2i))
 
 
-def test_ties_count_in_the_querys_favour():
-    # Documented: only strictly greater scores push a query down.
-    sims = np.zeros((4, 8))
-    d = rank_details(sims, np.repeat(np.arange(4), 2))
-    assert d.i2t_ranks.tolist() == [0] * 4 and d.t2i_ranks.tolist() == [0] * 8
-    d = rank_details_from_embeddings(np.ones((4, 3)), np.ones((8, 3)), np.repeat(np.arange(4), 2))
-    assert d.i2t_ranks.tolist() == [0] * 4 and d.t2i_ranks.tolist() == [0] * 8
+def test_ties_are_broken_by_index_like_a_stable_sort():
+    # Constant scores (a collapsed model): every item ties, the lower index ranks first, so
+    # the model scores chance-like ranks instead of a perfect table.
+    t2i = np.repeat(np.arange(4), 2)
+    expected_i2t, expected_t2i = [0, 2, 4, 6], [0, 0, 1, 1, 2, 2, 3, 3]
+    d = rank_details(np.zeros((4, 8)), t2i)
+    assert d.i2t_ranks.tolist() == expected_i2t and d.t2i_ranks.tolist() == expected_t2i
+    assert d.i2t_top1.tolist() == [0] * 4 and d.t2i_top1.tolist() == [0] * 8
+    d = rank_details_from_embeddings(np.ones((4, 3)), np.ones((8, 3)), t2i)
+    assert d.i2t_ranks.tolist() == expected_i2t and d.t2i_ranks.tolist() == expected_t2i
+    assert_same_details(d, rank_details_reference(np.full((4, 8), 3.0), t2i))
+    assert retrieval_metrics(np.zeros((4, 8)), t2i)["rsum"] < 600
+
+
+def tie_heavy(rng: np.random.Generator, n_images: int, n_texts_low: int = 1, high: int = 7):
+    """Shuffled captions and scores drawn from three values: most comparisons are ties."""
+    t2i = random_captions(rng, n_images, n_texts_low, high)
+    sims = rng.integers(0, 3, size=(n_images, t2i.size)).astype(np.float32) / 4
+    return sims, t2i
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_images=st.integers(1, 12),
+    seed=st.integers(0, 2**32 - 1),
+    chunk=st.integers(1, 8),
+    tile=st.sampled_from([(1, 8), (3, 16), (5, 24), (64, 2040)]),
+)
+def test_fast_paths_match_oracle_on_tie_heavy_scores(n_images, seed, chunk, tile):
+    # Small tiles put tile edges between a query and its correct items, where the tie rule
+    # switches from ">=" to ">".
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "_TILE_ROWS", tile[0])
+        mp.setattr(evaluation, "_TILE_COLS", tile[1])
+        check_tie_heavy(n_images, seed, chunk)
+
+
+def check_tie_heavy(n_images: int, seed: int, chunk: int):
+    rng = np.random.default_rng(seed)
+    sims, t2i = tie_heavy(rng, n_images)
+    ref = rank_details_reference(sims, t2i)
+    assert_same_details(rank_details(sims, t2i, chunk), ref)
+    assert_same_details(rank_details(torch.from_numpy(sims).to(torch.bfloat16), t2i, chunk), ref)
+    # Integer embeddings have exact dot products: the same ties, scored block by block.
+    img = rng.integers(-1, 2, size=(n_images, 2)).astype(np.float32)
+    txt = rng.integers(-1, 2, size=(t2i.size, 2)).astype(np.float32)
+    assert_same_details(
+        rank_details_from_embeddings(img, txt, t2i, chunk_size=chunk),
+        rank_details_reference(img @ txt.T, t2i),
+    )
+
+
+def test_default_tiles_match_oracle_across_tile_edges():
+    # More rows and columns than one numpy tile (64 × 2,040), with ties, captions grouped by
+    # image as in COCO and shuffled.
+    rng = np.random.default_rng(11)
+    sims, t2i = tie_heavy(rng, 70, 30, 31)
+    for order in (np.sort(t2i), t2i):
+        ref = rank_details_reference(sims, order)
+        assert_same_details(rank_details(sims, order, chunk_size=50), ref)
+        assert_same_metrics(retrieval_metrics(sims, order), ref.metrics())
+
+
+@pytest.mark.parametrize("exact_positives", [True, False])
+def test_device_kernel_matches_oracle(exact_positives):
+    # The torch kernel CUDA tensors are counted with, run here on CPU tensors.
+    rng = np.random.default_rng(4)
+    sims, t2i = tie_heavy(rng, 37)
+    ref = rank_details_reference(sims, t2i)
+    counter = evaluation._RankCounter(
+        sims[t2i, np.arange(t2i.size)], t2i, 37, device=torch.device("cpu")
+    )
+    for start in range(0, 37, 10):
+        block = torch.from_numpy(sims[start : start + 10].copy())
+        counter.add_block(block, start, 0, exact_positives=exact_positives, what="sims")
+    assert_same_details(counter.details(), ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +420,14 @@ def test_bad_scores_name_the_field():
         retrieval_metrics_from_embeddings(np.ones((3, 4)), np.ones((3, 5)), np.arange(3))
     with pytest.raises(ValueError, match="chunk_size"):
         retrieval_metrics(np.eye(3), np.arange(3), chunk_size=0)
+    minus_inf = np.eye(3)
+    minus_inf[1, 1] = -np.inf
+    with pytest.raises(ValueError, match="sims: text 1's score with its own image 1 is -inf"):
+        retrieval_metrics(minus_inf, np.arange(3))
+    minus_inf[0, 1] = -np.inf  # a negative at -inf is an ordinary score
+    minus_inf[1, 1] = 0.5
+    assert_same_metrics(retrieval_metrics(minus_inf, np.arange(3)),
+                        retrieval_metrics_reference(minus_inf, np.arange(3)))
 
 
 def test_embedding_path_progress_bar_counts_every_pair_and_changes_nothing(capsys):

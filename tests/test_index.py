@@ -3,6 +3,7 @@ encoding folders and captions files (incremental, unreadable files skipped), and
 
 import argparse
 import copy
+import io
 import json
 import os
 import shutil
@@ -519,7 +520,7 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     assert len(lines) == 2 and lines[0].startswith("  1. 1.0000") and lines[0].endswith(PHOTOS[0])
 
     for argv, message in [([str(out)], "text query or --image"), ([str(out), "x", "--image", "y.jpg"], "one of"),
-                          ([str(out), "x", "-k", "0"], "positive"), ([str(out), "  "], "empty"),
+                          ([str(out), "  "], "empty"),  # -k 0: refused by the parser (test_cli_flags)
                           ([str(out), "--image", str(photo_dir / "random.jpg")], "random.jpg"),
                           ([str(out), "x", "--nprobe", "8"], "--nprobe applies to the ivfpq engine; this index "
                                                               "searches with exact")]:
@@ -535,6 +536,47 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     other = save_tiny(other_model(model), tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):
         run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "x", "--model", str(other)])
+
+
+def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, tmp_path, model, capsys, monkeypatch):
+    """`search --queries FILE`: one JSON line per non-blank line, in file order, each with the results
+    the same query gets on its own; standard input with '-'; bad files are one-line errors."""
+    ckpt = save_tiny(model, tmp_path / "ckpt")
+    out = tmp_path / "index"
+    run_cli(vindex.add_encode_parser, vindex.run_encode,
+            ["encode", str(photo_dir), "--out", str(out), "--model", str(ckpt), "--no-progress"])
+    capsys.readouterr()
+    queries = ["a red motorcycle", "a cup of coffee", "an astronaut", "the cat runs on the beach"]
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text(f"{queries[0]}\n\n  {queries[1]}  \n{queries[2]}\n{queries[3]}", encoding="utf-8")
+    single = []
+    for q in queries:
+        run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), q, "-k", "3", "--json"])
+        single.append(json.loads(capsys.readouterr().out)["results"])
+    assert run_cli(vindex.add_search_parser, vindex.run_search,
+                   ["search", str(out), "--queries", str(qfile), "-k", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["line"], r["query"]) for r in rows] == list(zip([1, 3, 4, 5], queries))
+    for row, want in zip(rows, single):
+        assert [r["path"] for r in row["results"]] == [r["path"] for r in want]
+        assert [r["score"] for r in row["results"]] == pytest.approx([r["score"] for r in want], abs=1e-5)
+
+    monkeypatch.setattr(vindex, "QUERY_CHUNK", 3)  # more queries than one chunk, from standard input
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(queries * 2) + "\n"))
+    assert run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "--queries", "-", "-k", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["results"][0]["path"] for r in rows] == [s[0]["path"] for s in single] * 2
+
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    for argv, error, message in [
+            (["--queries", str(tmp_path / "blank.txt")], ValueError, "blank.txt holds no queries"),
+            (["--queries", str(tmp_path / "latin1.txt")], ValueError, "latin1.txt: not UTF-8 text"),
+            (["--queries", str(tmp_path / "nope.txt")], FileNotFoundError, "nope.txt: queries file not found"),
+            (["--queries", str(tmp_path)], ValueError, "is a folder"),
+            (["--queries", str(qfile), "--image", str(photo_dir / PHOTOS[0])], ValueError, "one of them")]:
+        with pytest.raises(error, match=message):
+            run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), *argv])
 
 
 def test_device_flag_is_checked_before_any_work(tmp_path, capsys):

@@ -193,20 +193,24 @@ def test_local_rows_partition_info_nce():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_vse_loss_module_owns_the_temperature_only_for_infonce():
-    assert list(VSELoss("hinge").parameters()) == []
-    infonce = VSELoss("infonce")
-    (param,) = list(infonce.parameters())
-    assert param is infonce.logit_scale
-    assert param.item() == pytest.approx(math.log(1 / 0.07))
+def test_vse_loss_module_takes_the_models_temperature():
+    """The loss holds no parameters: InfoNCE's temperature is the model's, passed in, and gets
+    its gradient there; the hinge loss ignores it."""
+    assert list(VSELoss("hinge").parameters()) == list(VSELoss("infonce").parameters()) == []
     img, txt = make_batch()
-    loss = infonce(img.float(), txt.float(), IMAGE_IDS)
+    img, txt = img.float(), txt.float()
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    infonce = VSELoss("infonce")
+    loss = infonce(img, txt, IMAGE_IDS, logit_scale=scale)
+    torch.testing.assert_close(loss, info_nce_loss(img, txt, IMAGE_IDS, scale))
     loss.backward()
-    assert param.grad is not None and param.grad.abs().item() > 0
+    assert scale.grad is not None and scale.grad.abs().item() > 0
     # warm-up has no meaning for InfoNCE; it always uses every negative
-    assert infonce(img.float(), txt.float(), IMAGE_IDS, warmup=True).item() == pytest.approx(
-        loss.item()
-    )
+    assert infonce(img, txt, IMAGE_IDS, warmup=True, logit_scale=scale).item() == pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="logit_scale"):
+        infonce(img, txt, IMAGE_IDS)
+    assert VSELoss("hinge")(img, txt, IMAGE_IDS, logit_scale=scale).item() == pytest.approx(
+        hinge_triplet_loss(img, txt, IMAGE_IDS).item())
 
 
 def test_bad_inputs_name_the_field():

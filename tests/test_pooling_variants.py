@@ -20,8 +20,11 @@ from vseinf.pooling import (
     GPO,
     POOLING_NAMES,
     ClsPool,
+    FeatureGPO,
     FSPool,
+    PerDimensionGPO,
     SelfAttentionPool,
+    TransformerGPO,
     build_pooling,
     positional_encoding,
 )
@@ -194,13 +197,13 @@ def test_default_gpo_is_the_paper_module_with_the_same_initial_weights():
     assert set(gpo.state_dict()) == set(expected)
     for k, v in gpo.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert gpo.is_paper_gpo and gpo.temperature == 0.1
+    assert type(gpo) is GPO and gpo.temperature == 0.1
 
 
 def _theta_alone(pool: GPO, n: int) -> torch.Tensor:
     """θ (n × P) of a size-only GPO variant, its generator run on n positions without padding."""
     pe = positional_encoding(n, pool.d_pe).unsqueeze(0)
-    if pool.sequence_model == "gru":
+    if not isinstance(pool, TransformerGPO):
         out, _ = pool.gru(pe)
         hidden = (out[..., :pool.d_hidden] + out[..., pool.d_hidden:]) / 2
     else:
@@ -210,7 +213,7 @@ def _theta_alone(pool: GPO, n: int) -> torch.Tensor:
 
 def test_per_dimension_gpo_applies_each_dimension_its_own_theta():
     torch.manual_seed(0)
-    pool = GPO(per_dimension=3)
+    pool = PerDimensionGPO(3)
     x = torch.randn(3, 7, 3)
     lengths = torch.tensor([7, 4, 1])
     out, weights = pool(x, lengths)
@@ -225,7 +228,7 @@ def test_per_dimension_gpo_applies_each_dimension_its_own_theta():
 def test_per_dimension_gpo_with_equal_rows_equals_the_shared_gpo():
     torch.manual_seed(0)
     shared = GPO()
-    per_dim = GPO(per_dimension=5)
+    per_dim = PerDimensionGPO(5)
     per_dim.gru.load_state_dict(shared.gru.state_dict())
     with torch.no_grad():
         per_dim.linear.weight.copy_(shared.linear.weight.expand(5, -1))
@@ -235,7 +238,7 @@ def test_per_dimension_gpo_with_equal_rows_equals_the_shared_gpo():
 
 def test_transformer_gpo_equals_its_generator_run_on_each_size_alone_in_train_and_eval_mode():
     torch.manual_seed(0)
-    pool = GPO(sequence_model="transformer")
+    pool = TransformerGPO()
     x = torch.randn(4, 9, 6)
     lengths = torch.tensor([9, 5, 2, 1])
     trained, _ = pool(x, lengths)
@@ -250,7 +253,7 @@ def test_transformer_gpo_equals_its_generator_run_on_each_size_alone_in_train_an
 
 def test_feature_gpo_computes_theta_from_each_samples_own_sorted_values():
     torch.manual_seed(0)
-    pool = GPO(feature_dim=3)
+    pool = FeatureGPO(3)
     x = torch.randn(3, 6, 3)
     lengths = torch.tensor([6, 4, 1])
     out, weights = pool(x, lengths)
@@ -288,15 +291,13 @@ def test_variants_run_under_bf16_autocast_with_finite_gradients(name):
 
 
 def test_build_pooling_builds_every_study_name():
-    kinds = {"fspool": FSPool, "cls": ClsPool, "attention": SelfAttentionPool}
+    kinds = {"fspool": FSPool, "cls": ClsPool, "attention": SelfAttentionPool, "gpo-perdim": PerDimensionGPO,
+             "gpo-features": FeatureGPO, " GPO-Transformer ": TransformerGPO}
     for name, cls in kinds.items():
         assert isinstance(build_pooling(name, 16), cls)
-        assert name in POOLING_NAMES
+        assert name.strip().lower() in POOLING_NAMES
     assert build_pooling("gpo-perdim", 16).per_dimension == 16
     assert build_pooling("gpo-features", 16).feature_dim == 16
-    assert build_pooling(" GPO-Transformer ", 16).sequence_model == "transformer"
-    for name in ("gpo-perdim", "gpo-features", "gpo-transformer"):
-        assert name in POOLING_NAMES
 
 
 @pytest.mark.parametrize("name", ["fspool", "attention", "gpo-perdim", "gpo-features"])
@@ -308,9 +309,10 @@ def test_pools_that_need_the_dimension_say_so(name):
 
 
 def test_bad_gpo_options_are_rejected():
-    with pytest.raises(ValueError, match="sequence_model"):
-        GPO(sequence_model="lstm")
     with pytest.raises(ValueError, match="per_dimension"):
-        GPO(per_dimension=0)
-    with pytest.raises(ValueError, match="temperature"):
-        GPO(temperature=0)
+        PerDimensionGPO(0)
+    with pytest.raises(ValueError, match="feature_dim"):
+        FeatureGPO(-1)
+    for cls in (GPO, TransformerGPO):
+        with pytest.raises(ValueError, match="temperature"):
+            cls(temperature=0)

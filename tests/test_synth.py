@@ -1,4 +1,4 @@
-"""The synthetic check of the coefficient generators (SPEC §8): the patterns are the pools they
+"""The synthetic check of the coefficient generators (docs/recipe.md §8): the patterns are the pools they
 name, the score is the RMSE it claims to be, the quick command writes the documented JSON, and a
 briefly trained GPO really learns the average and max patterns."""
 

@@ -285,11 +285,10 @@ def test_pooling_lr_mult_puts_the_pooling_layers_in_their_own_group():
                              ("model.text_encoder", "bigru"), ("model.word_dim", "8"),
                              ("model.embed_dim", "32")])
     model = build_model(cfg.model, vocab=[*Vocabulary.SPECIALS, "dog", "cat"], pretrained=False)
-    loss_fn = VSELoss()
-    groups = {g["name"]: g for g in build_optimizer(model, loss_fn, cfg).param_groups}
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
     assert set(groups) == {"heads"}
     cfg.train.pooling_lr_mult = 10.0
-    groups = {g["name"]: g for g in build_optimizer(model, loss_fn, cfg).param_groups}
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
     assert groups["pooling"]["lr"] == pytest.approx(cfg.train.lr * 10)
     pooling_ids = {id(p) for p in groups["pooling"]["params"]}
     expected = {id(p) for name, p in model.named_parameters() if ".gpool." in name}

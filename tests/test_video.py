@@ -277,6 +277,18 @@ def test_video_pairs_csv_and_jsonl(tmp_path):
         read_video_pairs(jl, features=tmp_path / "features")
 
 
+def test_video_pairs_unknown_split_values_and_header_only(tmp_path, caplog):
+    _features(tmp_path / "features", {"a": 3, "b": 4})
+    path = tmp_path / "captions.csv"
+    path.write_text("video,caption,split\na,one,train\nb,two,trian\n")
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+        assert read_video_pairs(path, "train", features=tmp_path / "features").image_keys == ["a"]
+    assert any("'trian' (1 row)" in r.getMessage() for r in caplog.records)
+    path.write_text("video,caption,split\n")
+    with pytest.raises(DataFormatError, match="no \\(video, caption\\) rows below the header"):
+        read_video_pairs(path, "train", features=tmp_path / "features")
+
+
 def test_image_datasets_are_not_taken_for_videos(tmp_path):
     (tmp_path / "captions.csv").write_text("image,caption\na.jpg,a dog\n")
     assert not is_video_dataset(tmp_path) and not is_video_dataset(tmp_path / "captions.csv")

@@ -25,6 +25,18 @@ TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_STATE = "trainer.json"
 
 
+# Tensors that older versions saved under another name: old name → current name.
+RENAMED_TENSORS = {
+    # InfoNCE's learnable temperature belonged to the loss (saved with the trainer state); the model owns it now.
+    "loss.logit_scale": "logit_scale",
+}
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """``state`` with the tensors of older checkpoints renamed to the current names (see RENAMED_TENSORS)."""
+    return {RENAMED_TENSORS.get(key, key): value for key, value in state.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or of the wrong kind."""
 
@@ -105,12 +117,54 @@ def save_checkpoint(path: str | Path, state_dict: dict, config: dict, metrics: d
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; a missing file, bad JSON or another JSON type is a CheckpointError."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing ({what})") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what}), got {_json_type(data)}")
+    return data
+
+
+def _json_type(value) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _shape(shape) -> str:
+    return "×".join(str(n) for n in shape) if len(shape) else "a scalar"
+
+
+def check_shapes(expected: dict, state: dict, where: str, config: dict | None = None) -> None:
+    """Refuse stored tensors whose shapes differ from the model's, naming the first such tensor.
+
+    Args:
+        expected: the model's state dict (name → tensor) that ``state`` is about to be loaded into.
+        state: tensors read from the checkpoint.
+        where: the checkpoint file, for the message.
+        config: the checkpoint's model section; when the stored shape differs only where the model
+            has ``embed_dim``, the message says that ``model.embed_dim`` does not match the weights.
+    """
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if not wrong:
+        return
+    more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+    dim = (config or {}).get("embed_dim")
+    for key in wrong:  # a wrong embed_dim shows as tensors that differ exactly where the model has it
+        got, want = tuple(state[key].shape), tuple(expected[key].shape)
+        if dim is None or len(got) != len(want):
+            continue
+        differ = [i for i in range(len(got)) if got[i] != want[i]]
+        stored = {got[i] for i in differ}
+        if all(want[i] == dim for i in differ) and len(stored) == 1:
+            raise CheckpointError(f"{where}: the weights have embed_dim {stored.pop()} (tensor {key} is "
+                                  f"{_shape(got)}) but config.json says model.embed_dim={dim}{more}")
+    key = wrong[0]
+    raise CheckpointError(f"{where}: tensor {key} has shape {_shape(state[key].shape)}, but the model its "
+                          f"config.json describes needs {_shape(expected[key].shape)}{more}")
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu"):

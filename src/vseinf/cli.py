@@ -50,6 +50,8 @@ def _cmd_train(args, extra):
 
 
 def _add_eval(sub):
+    from .argtypes import nonnegative_int
+
     p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
@@ -57,7 +59,7 @@ def _add_eval(sub):
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
     p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (quick check)")
+    p.add_argument("--max-images", type=nonnegative_int, default=0, help="evaluate only the first N images (quick check)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -78,7 +80,16 @@ def _cmd_eval(args, extra):
 
 
 def _add_extract(sub):
-    p = sub.add_parser("extract", help="run frozen backbones once over a dataset and cache their features")
+    p = sub.add_parser("extract", help="run frozen backbones once over a dataset and cache their features",
+                       description="Run the frozen backbones once over a dataset's splits (the CNN's grid "
+                                   "features, the text transformer's token features) and cache their outputs, "
+                                   "fp16 and memory-mapped, under $VSEINF_CACHE (default ~/.cache/vseinf). "
+                                   "Optional: `vseinf train` and `vseinf eval` extract what they need on their "
+                                   "own when it is not cached; running it first does the slow part separately. "
+                                   "A stopped extraction (Ctrl-C, a crash) continues from its last record "
+                                   "(every 1,024 items) when run again; --rebuild starts over. With --videos DIR "
+                                   "--out DIR: frame features of video files, one <id>.npy per clip (clips "
+                                   "already there are kept, so a stopped run resumes).")
     p.add_argument("--config", help="config file (model and data sections are used)")
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
@@ -89,7 +100,20 @@ def _add_extract(sub):
     return p
 
 
+def _interrupt_on_sigterm() -> None:
+    """Stop on SIGTERM (``kill``, a scheduler's timeout) as on Ctrl-C: the same clean-up runs."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _cmd_extract(args, extra):
+    _interrupt_on_sigterm()
     if args.videos:
         from .video import run_extract_video
 

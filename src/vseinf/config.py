@@ -1,4 +1,4 @@
-"""Run configuration: dataclasses whose defaults reproduce the paper (SPEC §3–§4).
+"""Run configuration: dataclasses whose defaults reproduce the paper (docs/recipe.md §3–§4).
 
 A run's full config is saved as JSON beside its checkpoint; a YAML or JSON file plus ``--key value``
 overrides on the command line rebuild it. Keys may be written with their section
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The two towers (SPEC §3).
+    """The two towers (docs/recipe.md §3).
 
     Args:
         image_encoder: "grid" (a CNN's feature map), "region" (precomputed detector regions) or
@@ -40,7 +41,7 @@ class ModelConfig:
             RSUM on frozen grids) or "xavier" (the authors' Xavier-uniform).
         grid_mlp: add the region tower's 2-layer MLP residual to the grid head (``fc(x) + mlp(x)``).
         image_pooling / text_pooling: pooling names for ``vseinf.pooling.build_pooling``.
-        size_augment: drop ~20% of set elements during training (SPEC §2).
+        size_augment: drop ~20% of set elements during training (docs/recipe.md §2).
         text_augment: the authors' token masking/replacing/deleting (live text encoders only).
         gradient_checkpointing: recompute the text transformer's activations in the backward pass
             (less memory when fine-tuning it).
@@ -91,7 +92,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe (SPEC §4).
+    """The optimisation recipe (docs/recipe.md §4).
 
     Args:
         epochs: number of epochs (paper: 25; video 35).
@@ -117,6 +118,10 @@ class TrainConfig:
         log_every: steps between log lines.
         max_steps_per_epoch: cap steps per epoch (0 = full epochs); for quick runs and tests.
         save_every: also write the resumable ``last/`` checkpoint every N steps (0: only per epoch).
+        num_threads: CPU threads of the training process (0: $OMP_NUM_THREADS when set, else this
+            machine's cores shared among its training processes, at most 8). The count is fixed for
+            the whole run because CPU sums split by thread: a rerun or a resume on the same machine
+            then gives the same weights bit for bit.
     """
 
     epochs: int = 25
@@ -140,6 +145,7 @@ class TrainConfig:
     log_every: int = 50
     max_steps_per_epoch: int = 0
     save_every: int = 200
+    num_threads: int = 0
 
 
 @dataclass
@@ -186,13 +192,42 @@ def _coerce(value: Any, typ, where: str):
     return value
 
 
+# Ranges of the numeric keys: a size or count of 0 (or below) builds a model or a loop that fails
+# far from the config with a message about tensors (e.g. ``embed_dim: -4`` → "negative dimension").
+POSITIVE = {
+    "model": {"image_size", "feature_dim", "max_text_length", "word_dim", "embed_dim"},
+    "train": {"epochs", "batch_size", "lr", "eval_every", "log_every"},
+}
+NONNEGATIVE = {
+    "data": {"num_workers", "max_train_images", "max_val_images"},
+    "train": {"lr_decay_epoch", "weight_decay", "grad_clip", "margin", "warmup_epochs", "backbone_lr_mult",
+              "text_backbone_lr_mult", "pooling_lr_mult", "freeze_backbone_epochs", "max_steps_per_epoch",
+              "save_every"},
+}
+
+
+def _check_range(section: str, key: str, value: Any, where: str) -> None:
+    """Refuse non-finite numbers and values outside the key's range, naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    kind = "integer" if isinstance(value, int) else "number"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
+    if key in POSITIVE.get(section, ()) and not value > 0:
+        raise ConfigError(f"{where}: expected a positive {kind}, got {value}")
+    if key in NONNEGATIVE.get(section, ()) and not value >= 0:
+        raise ConfigError(f"{where}: expected {'an' if kind == 'integer' else 'a'} {kind} >= 0, got {value}")
+
+
 def _set(cfg: RunConfig, section: str, key: str, value: Any, where: str):
     cls = SECTIONS[section]
     hints = get_type_hints(cls)
     if key not in hints:
         known = ", ".join(f.name for f in fields(cls))
         raise ConfigError(f"{where}: unknown key {section}.{key}; known keys: {known}")
-    setattr(getattr(cfg, section), key, _coerce(value, hints[key], where))
+    value = _coerce(value, hints[key], where)
+    _check_range(section, key, value, where)
+    setattr(getattr(cfg, section), key, value)
 
 
 def apply_dict(cfg: RunConfig, data: dict, source: str = "config") -> RunConfig:

@@ -1,4 +1,4 @@
-"""Import a checkpoint saved by the authors' VSE∞ code into a vseinf checkpoint directory (SPEC §9).
+"""Import a checkpoint saved by the authors' VSE∞ code into a vseinf checkpoint directory (docs/recipe.md §9).
 
     vseinf convert coco_butd_region_bert.pth --out ckpt/coco_region_bert --trust-pickle
     vseinf convert f30k_region_bigru.pth --vocab f30k_precomp_vocab.json --out ckpt/f30k --trust-pickle

@@ -35,9 +35,12 @@ def checkpoint_similarities(checkpoint: str | Path, data: str | None, split: str
     ckpt = resolve_checkpoint(checkpoint)
     model = load_model(ckpt, device=device)
     cfg = model.run_config
-    data = data or cfg.data.path
-    if not data:
+    from .train import resolve_data_path
+
+    if not (data or cfg.data.path):
         raise ValueError(f"{ckpt}: the checkpoint's config has no data.path; pass --data")
+    data = resolve_data_path(data, "--data") if data else resolve_data_path(
+        cfg.data.path, f"the data.path of {ckpt / 'config.json'}")
     split_obj = open_split(data, split or cfg.data.val_split)
     if max_images:
         split_obj = split_obj.subset(range(min(max_images, split_obj.n_images)))

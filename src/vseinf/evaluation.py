@@ -10,17 +10,21 @@ The community's definitions (VSE++, SCAN, VSE∞) are kept exactly:
   ``rsum`` is the sum of the six recalls.
 
 The fast paths never sort. A rank is a count: for text j, ``r_j`` is the number of images that
-score strictly higher with j than j's own image; for image i, ``r_i`` is the number of texts that
-score strictly higher than i's best-scoring caption. Ties therefore count in the query's favour
-(a negative that exactly ties the positive does not push it down). An argsort evaluation places
-tied items in an arbitrary order, so the two only agree when there are no exact ties, which is the
-case for real-valued scores in practice; :func:`rank_details_reference` is that slow argsort
-evaluation, kept as the oracle for the fast one.
+rank above j's own image; for image i, ``r_i`` is the number of texts that rank above i's
+best-ranked caption. Ties are broken as a stable sort breaks them: of two items with the same
+score, the one with the lower index ranks first. So the counts equal, on every input, ties
+included, the community's per-query argsort evaluation (VSE++, SCAN, VSE∞: sort the query's
+scores, find its correct items) run with a stable sort; :func:`rank_details_reference` is that
+slow evaluation, kept as the oracle for the fast one. (The community scripts call numpy's
+default, unstable argsort, which leaves the order of tied scores unspecified; the results
+differ only on exact ties.)
 
-Everything works in chunks so memory stays bounded: :func:`retrieval_metrics` walks a given
+Everything works in blocks so memory stays bounded: :func:`retrieval_metrics` walks a given
 similarity matrix a block of image rows at a time, and :func:`retrieval_metrics_from_embeddings`
 never builds the full matrix at all (100,000 images × 500,000 texts would be 200 GB of float32),
-scoring one image-chunk × text-chunk block at a time on the embeddings' device.
+scoring one image-chunk × text-chunk block at a time on the embeddings' device. On the CPU a
+block is counted by numpy in tiles that fit the core's cache, two comparisons and two maxima per
+score; ``benchmarks/ranks.py`` times it against the community's argsort evaluation.
 
 This module imports only numpy and torch.
 """
@@ -179,25 +183,210 @@ def _as_float_tensor(x: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# The counting kernel shared by both fast paths
+# ---------------------------------------------------------------------------------------------
+
+# A numpy tile is 64 rows × 2,040 columns (0.5 MB of float32, one core's L2): each of the few
+# passes over a tile then reads it from cache. 64 rows ≤ 255 and 2,040 / 8 ≤ 255 are what the
+# byte-lane counting in _count_rows/_count_cols needs.
+_TILE_ROWS = 64
+_TILE_COLS = 2040
+# On a GPU a tile is a whole block's rows (one kernel per op); the column width bounds the
+# gathers of the tie fix-ups.
+_DEVICE_TILE_COLS = 8192
+
+
+def _count_rows(mask: np.ndarray) -> np.ndarray:
+    """True entries per row of a (rows, cols) bool array, as int64.
+
+    Eight neighbouring columns add up in the eight bytes of one int64 lane, which is several
+    times faster than numpy's bool → int sum; a byte holds at most cols / 8 ≤ 255.
+    """
+    if mask.shape[1] % 8 or mask.shape[1] > 8 * 255 or not mask.flags.c_contiguous:
+        return np.count_nonzero(mask, axis=1).astype(np.int64)
+    lanes = mask.view(np.int64).sum(axis=1)
+    return lanes.view(np.uint8).reshape(-1, 8).sum(axis=1, dtype=np.int64)
+
+
+def _count_cols(mask: np.ndarray) -> np.ndarray:
+    """True entries per column of a (rows, cols) bool array (rows ≤ 255), as uint8."""
+    if mask.shape[1] % 8 or mask.shape[0] > 255 or not mask.flags.c_contiguous:
+        return np.count_nonzero(mask, axis=0)
+    # Row sums of the int64 view add each column's bools in its own byte.
+    return mask.view(np.int64).sum(axis=0).view(np.uint8)
+
+
+class _RankCounter:
+    """Ranks and top-1 indices of every query, accumulated as blocks of scores stream past.
+
+    The tie rule is a stable sort's (see the module docstring): an item ranks above the query's
+    correct item when it scores higher, or scores the same and has the lower index. So image i's
+    rank counts texts with a score ``> best_i`` to the right of ``c_i`` (its first caption with
+    the best score) and ``>= best_i`` to its left; text j's rank counts images ``> pos_j`` below
+    its image and ``>= pos_j`` above it. ``x >= t`` is ``x > nextafter(t, -inf)``, so every
+    tile needs one comparison per direction, with a per-row (per-column) threshold chosen by
+    where the tile lies relative to ``c_i`` (the image). Only tiles that hold ``c_i`` (rows of
+    the image) need the per-element rule: those few entries get an explicit tie count.
+
+    Args:
+        pos: (n_texts,) each text's score with its own image.
+        text_to_image: (n_texts,) int64 image index of each text.
+        n_images: number of images.
+        device: None for the numpy kernel (CPU), else the torch device of the blocks.
+    """
+
+    def __init__(self, pos: np.ndarray, text_to_image: np.ndarray, n_images: int, device=None):
+        n_texts = len(text_to_image)
+        best = np.full(n_images, -np.inf, dtype=pos.dtype)
+        np.maximum.at(best, text_to_image, pos)
+        is_best = pos == best[text_to_image]
+        first_best = np.full(n_images, n_texts, dtype=np.int64)
+        np.minimum.at(first_best, text_to_image[is_best], np.flatnonzero(is_best))
+        arrays = {
+            "pos": pos, "pos_or_equal": np.nextafter(pos, -np.inf),
+            "best": best, "best_or_equal": np.nextafter(best, -np.inf),
+            "first_best": first_best, "t2i": text_to_image,
+            "image_idx": np.arange(n_images), "text_idx": np.arange(n_texts),
+            "i2t_ranks": np.zeros(n_images, dtype=np.int64),
+            "t2i_ranks": np.zeros(n_texts, dtype=np.int64),
+            "row_best": np.full(n_images, -np.inf, dtype=pos.dtype),
+            "i2t_top1": np.zeros(n_images, dtype=np.int64),
+            "col_best": np.full(n_texts, -np.inf, dtype=pos.dtype),
+            "t2i_top1": np.zeros(n_texts, dtype=np.int64),
+        }  # fmt: skip
+        self.xp = np if device is None else torch
+        for name, value in arrays.items():
+            setattr(self, name, value if device is None else torch.from_numpy(value).to(device))
+
+    def add_block(self, block: Any, row0: int, col0: int, exact_positives: bool, what: str) -> None:
+        """Fold a block of scores (images row0…, texts col0…) into the ranks, tile by tile.
+
+        Args:
+            block: (rows, cols) scores, a numpy array (CPU kernel) or a torch tensor.
+            row0, col0: the block's first image and text index.
+            exact_positives: whether the block's positive pairs are bit-identical to ``pos``
+                (a slice of the given matrix). If not (scores recomputed from embeddings),
+                they are set to -inf after the top-1 bookkeeping, so a query never counts its
+                own correct items; the block is then written to.
+            what: the input to name in errors.
+        """
+        rows, cols = block.shape
+        tile_rows = _TILE_ROWS if self.xp is np else rows
+        tile_cols = _TILE_COLS if self.xp is np else _DEVICE_TILE_COLS
+        for r in range(0, rows, tile_rows):
+            for c in range(0, cols, tile_cols):
+                tile = block[r : r + tile_rows, c : c + tile_cols]
+                self._add_tile(tile, row0 + r, col0 + c, exact_positives, what)
+
+    def _add_tile(self, tile: Any, a: int, p: int, exact_positives: bool, what: str) -> None:
+        xp = self.xp
+        b, q = a + tile.shape[0], p + tile.shape[1]
+        numpy_kernel = xp is np
+
+        # Top-1 on the raw scores: strict ">" keeps the earliest tile, argmax the first index.
+        row_max = xp.amax(tile, 1)
+        if bool(xp.isnan(row_max).any()):
+            raise ValueError(f"{what}: contains NaN scores (in rows {a}..{b - 1})")
+        better = xp.where(row_max > self.row_best[a:b])[0]
+        if len(better):
+            self.row_best[a + better] = row_max[better]
+            self.i2t_top1[a + better] = tile[better].argmax(1) + p
+        col_max = xp.amax(tile, 0)
+        better = xp.where(col_max > self.col_best[p:q])[0]
+        if len(better):
+            self.col_best[p + better] = col_max[better]
+            self.t2i_top1[p + better] = tile[:, better].argmax(0) + a
+
+        # The texts of this tile whose image is among its rows: the only per-element cases.
+        owners = self.t2i[p:q]
+        inside = xp.where((owners >= a) & (owners < b))[0]
+        if len(inside) and not exact_positives:
+            tile[owners[inside] - a, inside] = -math.inf
+
+        # Image → text: texts above the image's best caption score, ">=" left of c_i.
+        first = self.first_best[a:b]
+        threshold = xp.where(first >= q, self.best_or_equal[a:b], self.best[a:b])
+        above = self._greater(tile, threshold[:, None])
+        self.i2t_ranks[a:b] += _count_rows(above) if numpy_kernel else above.sum(1)
+        straddle = xp.where((first >= p) & (first < q))[0]
+        if len(straddle):  # ties left of c_i, in the tile that holds c_i
+            held = tile if len(straddle) == len(tile) else tile[straddle]
+            equal = held == self.best[a + straddle, None]
+            n_equal = _count_rows(equal) if numpy_kernel else equal.sum(1)
+            # Exact ties are rare: only rows with an equal score besides c_i itself (not in
+            # the tile when positives were set to -inf) need the per-element rule.
+            keep = n_equal > int(exact_positives)
+            if bool(keep.any()):
+                rows = straddle[keep]
+                ties = equal[keep] & (self.text_idx[None, p:q] < first[rows, None])
+                self.i2t_ranks[a + rows] += ties.sum(1)
+
+        # Text → image: images above the text's own score, ">=" above its image.
+        threshold = xp.where(owners >= b, self.pos_or_equal[p:q], self.pos[p:q])
+        above = self._greater(tile, threshold)
+        self.t2i_ranks[p:q] += _count_cols(above) if numpy_kernel else above.sum(0)
+        if len(inside):  # ties above the image, in the tile that holds it
+            equal = tile[:, inside] == self.pos[p + inside]
+            keep = equal.sum(0) > int(exact_positives)  # as above: exact ties are rare
+            if bool(keep.any()):
+                cols = inside[keep]
+                ties = equal[:, keep] & (self.image_idx[a:b, None] < owners[cols])
+                self.t2i_ranks[p + cols] += ties.sum(0)
+
+    def _greater(self, tile: Any, threshold: Any) -> Any:
+        if self.xp is np:  # a C-ordered mask whatever the tile's layout, for the byte-lane counts
+            return np.greater(tile, threshold, order="C")
+        return tile > threshold
+
+    def details(self) -> RankDetails:
+        as_numpy = (lambda x: x) if self.xp is np else (lambda x: x.cpu().numpy())
+        return RankDetails(
+            i2t_ranks=as_numpy(self.i2t_ranks),
+            i2t_top1=as_numpy(self.i2t_top1),
+            t2i_ranks=as_numpy(self.t2i_ranks),
+            t2i_top1=as_numpy(self.t2i_top1),
+        )
+
+
+def _working_dtype(dtype: Any) -> np.dtype:
+    """float32 and float64 stay; other floats count exactly as float32; integers as float64."""
+    name = str(dtype).replace("torch.", "")
+    if name in ("float32", "float64"):
+        return np.dtype(name)
+    if "float" in name:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _check_positives(pos: np.ndarray, t2i: np.ndarray, what: str) -> None:
+    if np.isnan(pos).any():
+        raise ValueError(f"{what}: contains NaN scores")
+    bad = np.flatnonzero(pos == -np.inf)
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(
+            f"{what}: text {j}'s score with its own image {int(t2i[j])} is -inf; "
+            "positive scores must be finite"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Fast path 1: a similarity matrix is given
 # ---------------------------------------------------------------------------------------------
 
 
-def _update_column_top1(
-    block: torch.Tensor, row_offset: int, col_best: torch.Tensor, col_top1: torch.Tensor
-) -> torch.Tensor:
-    """Fold a block of rows into running column maxima and argmaxima (both updated in place).
-
-    ``max(dim=0)`` with indices is several times slower than ``amax`` on CPU, and after the
-    first few blocks only a few columns find a new maximum, so the argmax is taken only for
-    those columns. Strict ">" keeps the earliest block on ties. Returns the block's maxima.
-    """
-    values = block.amax(dim=0)
-    improved = (values > col_best).nonzero().squeeze(1)
-    if improved.numel():
-        col_best[improved] = values[improved]
-        col_top1[improved] = block.T[improved].argmax(dim=1) + row_offset
-    return values
+def _row_block(sims: Any, start: int, stop: int, dtype: np.dtype, on_device: bool) -> Any:
+    """Rows start:stop of sims in the kernel's form: a numpy array (a view when possible), or
+    a tensor on the matrix's device."""
+    if on_device:
+        return sims[start:stop].to(getattr(torch, dtype.name))
+    block = sims[start:stop]
+    if isinstance(block, torch.Tensor):
+        block = block.detach()
+        if block.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            block = block.float()
+        block = block.cpu().numpy()
+    return np.asarray(block).astype(dtype, copy=False)  # asarray: a memory map's rows as a plain view
 
 
 @torch.no_grad()
@@ -206,60 +395,36 @@ def rank_details(
 ) -> RankDetails:
     """Per-query ranks and top-1 indices of an (n_images × n_texts) similarity matrix.
 
-    Counts instead of sorting (see the module docstring; ties count in the query's favour) and
-    works on ``chunk_size`` image rows at a time, on the matrix's own device for tensors.
+    Counts instead of sorting, with a stable sort's tie rule (see the module docstring), so
+    the result equals :func:`rank_details_reference` exactly. On the CPU the matrix is read in
+    place (a memory map is fine) by numpy in cache-sized tiles; a CUDA tensor is counted on its
+    device.
 
     Args:
-        sims: (n_images, n_texts) scores, numpy array or torch tensor (a memory map is fine).
+        sims: (n_images, n_texts) scores, numpy array or torch tensor; higher is better.
         text_to_image: (n_texts,) integer image index of each text.
-        chunk_size: image rows per block; extra memory is about chunk_size × n_texts bytes × 6.
+        chunk_size: image rows per block (a block is converted to float when it is not
+            float32/float64, so this bounds the extra memory).
     """
     n_images, n_texts = _shape_of(sims, "sims")
     chunk_size = _check_chunk_size(chunk_size)
-    t2i_np = _check_text_to_image(text_to_image, n_images, n_texts)
-    device = sims.device if isinstance(sims, torch.Tensor) else torch.device("cpu")
-    t2i = torch.from_numpy(t2i_np).to(device)
-    text_idx = torch.arange(n_texts, device=device)
-
-    # The positive score of every text, read from the matrix itself so that the comparisons
-    # below see bit-identical numbers (a text never "beats" its own score).
-    if isinstance(sims, np.ndarray):
-        pos = _as_float_tensor(np.ascontiguousarray(sims[t2i_np, np.arange(n_texts)])).to(device)
+    t2i = _check_text_to_image(text_to_image, n_images, n_texts)
+    dtype = _working_dtype(sims.dtype)
+    on_device = isinstance(sims, torch.Tensor) and sims.device.type != "cpu"
+    if isinstance(sims, torch.Tensor):
+        idx = torch.from_numpy(t2i).to(sims.device)
+        pos = sims[idx, torch.arange(n_texts, device=sims.device)].detach()
+        pos = pos.to(getattr(torch, dtype.name)).cpu().numpy()
     else:
-        pos = _as_float_tensor(sims[t2i, text_idx])
-    if torch.isnan(pos).any():
-        raise ValueError("sims: contains NaN scores")
-    # Each image's best caption score: the threshold its image → text rank counts against.
-    best = torch.full((n_images,), -math.inf, dtype=pos.dtype, device=device)
-    best.scatter_reduce_(0, t2i, pos, reduce="amax")
+        pos = np.asarray(sims[t2i, np.arange(n_texts)], dtype=dtype)
+    _check_positives(pos, t2i, "sims")
 
-    i2t_ranks = torch.empty(n_images, dtype=torch.int64, device=device)
-    i2t_top1 = torch.empty(n_images, dtype=torch.int64, device=device)
-    t2i_ranks = torch.zeros(n_texts, dtype=torch.int64, device=device)
-    col_best = torch.full((n_texts,), -math.inf, dtype=pos.dtype, device=device)
-    t2i_top1 = torch.zeros(n_texts, dtype=torch.int64, device=device)
-
-    # Counts are summed as int32 within a block (a bool sum to int64 is ~2x slower on CPU; a
-    # block count is at most n_texts) and accumulated as int64.
+    counter = _RankCounter(pos, t2i, n_images, sims.device if on_device else None)
     for start in range(0, n_images, chunk_size):
         stop = min(start + chunk_size, n_images)
-        block = _as_float_tensor(sims[start:stop]).to(device)
-        # Image → text: texts above the image's best caption (its other captions never are).
-        i2t_ranks[start:stop] = (block > best[start:stop, None]).sum(dim=1, dtype=torch.int32)
-        i2t_top1[start:stop] = block.argmax(dim=1)
-        # Text → image: accumulate, over row blocks, the images that beat the text's own image.
-        t2i_ranks += (block > pos[None, :]).sum(dim=0, dtype=torch.int32)
-        values = _update_column_top1(block, start, col_best, t2i_top1)
-        # amax propagates NaN, so this catches a NaN anywhere in the block without another pass.
-        if torch.isnan(values).any():
-            raise ValueError(f"sims: contains NaN scores (in rows {start}..{stop - 1})")
-
-    return RankDetails(
-        i2t_ranks=i2t_ranks.cpu().numpy(),
-        i2t_top1=i2t_top1.cpu().numpy(),
-        t2i_ranks=t2i_ranks.cpu().numpy(),
-        t2i_top1=t2i_top1.cpu().numpy(),
-    )
+        block = _row_block(sims, start, stop, dtype, on_device)
+        counter.add_block(block, start, 0, exact_positives=True, what="sims")
+    return counter.details()
 
 
 def retrieval_metrics(
@@ -295,13 +460,12 @@ def rank_details_from_embeddings(
 ) -> RankDetails:
     """Per-query ranks and top-1 indices with scores ``image_emb @ text_emb.T``, block by block.
 
-    Each (chunk × chunk) block of scores is computed once and used for both directions: the
-    block's row/column maxima update the top-1 indices, then its positive pairs are dropped and
-    the scores above each query's positive score are counted. The positive scores themselves
-    are computed beforehand as row-wise dot products; they can differ from the block's matrix
-    product in the last bits, so the positive pairs are excluded from the counts explicitly
-    (a query never counts its own captions or image) and only genuine near-ties (within float
-    rounding) with other items may be counted differently from an exact evaluation.
+    Each (chunk × chunk) block of scores is computed once (a matrix product on ``device``) and
+    counted for both directions. The positive scores are computed beforehand as row-wise dot
+    products; they can differ from the block's matrix product in the last bits, so the
+    positive pairs are excluded from the counts explicitly (a query never counts its own
+    captions or image) and only genuine near-ties (within float rounding) with other items may
+    be ranked differently from an evaluation of one full matrix.
 
     Args:
         image_emb: (n_images, d) image embeddings (numpy or torch).
@@ -321,30 +485,27 @@ def rank_details_from_embeddings(
     t2i_np = _check_text_to_image(text_to_image, n_images, n_texts)
     if device is None:
         device = image_emb.device if isinstance(image_emb, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
     img = _as_float_tensor(image_emb)
     txt = _as_float_tensor(text_emb)
-    dtype = torch.promote_types(img.dtype, txt.dtype)
+    # At least float32: the counts compare scores exactly, and numpy has no bfloat16.
+    dtype = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)
     img, txt = img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
     for name, t in (("image_emb", img), ("text_emb", txt)):
-        if torch.isnan(t).any():
-            raise ValueError(f"{name}: contains NaN values")
-    t2i = torch.from_numpy(t2i_np).to(img.device)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    t2i = torch.from_numpy(t2i_np).to(device)
 
-    # Positive score of each text with its own image, and each image's best caption score.
-    pos = torch.empty(n_texts, dtype=dtype, device=img.device)
+    # Positive score of each text with its own image.
+    pos = torch.empty(n_texts, dtype=dtype, device=device)
     for p in range(0, n_texts, chunk_size):
         q = min(p + chunk_size, n_texts)
         pos[p:q] = (img[t2i[p:q]] * txt[p:q]).sum(dim=1)
-    best = torch.full((n_images,), -math.inf, dtype=dtype, device=img.device)
-    best.scatter_reduce_(0, t2i, pos, reduce="amax")
+    pos_np = pos.cpu().numpy()
+    _check_positives(pos_np, t2i_np, "image_emb @ text_emb.T")
 
-    i2t_ranks = torch.zeros(n_images, dtype=torch.int64, device=img.device)
-    t2i_ranks = torch.zeros(n_texts, dtype=torch.int64, device=img.device)
-    row_best = torch.full((n_images,), -math.inf, dtype=dtype, device=img.device)
-    i2t_top1 = torch.zeros(n_images, dtype=torch.int64, device=img.device)
-    col_best = torch.full((n_texts,), -math.inf, dtype=dtype, device=img.device)
-    t2i_top1 = torch.zeros(n_texts, dtype=torch.int64, device=img.device)
-
+    on_device = device.type != "cpu"
+    counter = _RankCounter(pos_np, t2i_np, n_images, device if on_device else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm  # imported here: the module itself needs only numpy and torch
@@ -354,33 +515,16 @@ def rank_details_from_embeddings(
         b = min(a + chunk_size, n_images)
         for p in range(0, n_texts, chunk_size):
             q = min(p + chunk_size, n_texts)
-            block = img[a:b] @ txt[p:q].T  # (b - a, q - p)
-
-            # Top-1 bookkeeping on the raw scores; strict ">" keeps the earliest block on ties.
-            values, where = block.max(dim=1)
-            better = values > row_best[a:b]
-            row_best[a:b] = torch.where(better, values, row_best[a:b])
-            i2t_top1[a:b] = torch.where(better, where + p, i2t_top1[a:b])
-            _update_column_top1(block, a, col_best[p:q], t2i_top1[p:q])
-
-            # Drop the positive pairs of this block: texts p..q-1 whose image is in a..b-1.
-            owner = t2i[p:q]
-            inside = ((owner >= a) & (owner < b)).nonzero().squeeze(1)
-            block[owner[inside] - a, inside] = -math.inf
-
-            i2t_ranks[a:b] += (block > best[a:b, None]).sum(dim=1, dtype=torch.int32)
-            t2i_ranks[p:q] += (block > pos[None, p:q]).sum(dim=0, dtype=torch.int32)
+            block = img[a:b] @ txt[p:q].T  # (b - a, q - p), ours to overwrite
+            counter.add_block(
+                block if on_device else block.numpy(), a, p,
+                exact_positives=False, what="image_emb @ text_emb.T",
+            )  # fmt: skip
             if bar is not None:
                 bar.update((b - a) * (q - p))
     if bar is not None:
         bar.close()
-
-    return RankDetails(
-        i2t_ranks=i2t_ranks.cpu().numpy(),
-        i2t_top1=i2t_top1.cpu().numpy(),
-        t2i_ranks=t2i_ranks.cpu().numpy(),
-        t2i_top1=t2i_top1.cpu().numpy(),
-    )
+    return counter.details()
 
 
 def retrieval_metrics_from_embeddings(
@@ -412,10 +556,12 @@ def retrieval_metrics_from_embeddings(
 
 
 def rank_details_reference(sims: Any, text_to_image: Any) -> RankDetails:
-    """Per-query argsort evaluation, the way the community's scripts do it (slow; for tests).
+    """Per-query argsort evaluation, the community's algorithm with a stable sort (slow; for tests).
 
-    Ties are broken by a stable sort (the lower index ranks first), so on tied scores this
-    can differ from :func:`rank_details`, which counts ties in the query's favour.
+    For each image: sort its scores, best first, and take the position of its best-ranked
+    caption; for each text: the position of its image. The community's ``i2t``/``t2i`` do the
+    same with ``numpy.argsort(row)[::-1]``; the stable sort of the negated row orders tied
+    scores by index (lower first), which is the rule the fast paths count by.
 
     Args:
         sims: (n_images, n_texts) scores.

@@ -86,9 +86,11 @@ def _file_id(path: str | Path | None) -> str:
     return f"{p.name}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def _split_id(split: CaptionSplit) -> str:
+def _split_id(split: CaptionSplit, resolved: bool = True) -> str:
+    """The split's images: their folder (resolved, so the same data typed from another folder is
+    the same cache) and their keys."""
     h = hashlib.sha256()
-    h.update(str(split.image_root).encode())
+    h.update(str(Path(split.image_root).resolve() if resolved else split.image_root).encode())
     for key in split.image_keys:
         h.update(key.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -120,11 +122,22 @@ def image_sets(model, split: CaptionSplit, batch_size: int = 32, num_workers: in
         "kind": "grid", "backbone": cfg.backbone, "weights": _backbone_weights_id(model),
         "image_size": cfg.image_size, "images": _split_id(split), "n_images": split.n_images,
     }
-    path = cache_path(f"{_slug(split.name)}-{cfg.backbone}-{cfg.image_size}", signature)
+    name = f"{_slug(split.name)}-{cfg.backbone}-{cfg.image_size}"
+    path = cache_path(name, signature)
     cache = None if rebuild else open_cache(path, signature)
+    legacy = dict(signature, images=_split_id(split, resolved=False))
+    if cache is None and not rebuild and legacy != signature:
+        # A cache made before the folder was keyed by its resolved path (keyed by the path as typed).
+        cache = open_cache(cache_path(name, legacy), legacy)
     if cache is None:
-        cache = extract_grid_features(model, split, path, signature, batch_size, num_workers, progress)
-    return CachedSets(cache)
+        cache = extract_grid_features(model, split, path, signature, batch_size, num_workers, progress,
+                                      restart=rebuild)
+    sets = CachedSets(cache)
+    if split.n_images and sets.broken.all():  # else training fails later, on an empty epoch
+        names = ", ".join(str(split.image_path(i)) for i in range(min(3, split.n_images)))
+        raise ValueError(f"none of the {split.n_images} images of {split.name} could be read "
+                         f"({names}{', …' if split.n_images > 3 else ''})")
+    return sets
 
 
 def _backbone_weights_id(model) -> str:
@@ -134,36 +147,58 @@ def _backbone_weights_id(model) -> str:
     return _file_id(w)
 
 
+def _interrupted(writer: FeatureCacheWriter, what: str) -> None:
+    """Tell the user what an interrupted extraction kept (a resumable writer's last record)."""
+    kept = writer.count - writer.count % writer.checkpoint_every if writer.count < writer.n_items else 0
+    kept = max(kept, writer.resumed)
+    if kept:
+        print(f"{writer.directory.name}: {kept:,} of {writer.n_items:,} {what} kept; run the same command "
+              "again to continue from there", flush=True)
+
+
 @torch.no_grad()
 def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dict, batch_size: int = 32,
-                          num_workers: int = 0, progress: bool = True) -> FeatureCache:
+                          num_workers: int = 0, progress: bool = True, restart: bool = False,
+                          checkpoint_every: int | None = None) -> FeatureCache:
     """Run the frozen CNN over every image of ``split`` and write its grid vectors to ``path``.
 
     An unreadable image gets zero features and an empty key; it is reported, and training and
-    evaluation skip it.
+    evaluation skip it. Resumable: an extraction that was stopped continues from its last
+    progress record (every ``checkpoint_every`` images, default 1,024) unless ``restart``.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
+    from .data.cache import CHECKPOINT_EVERY
     from .data.images import ImageDataset, collate_skip_broken
 
     encoder = model.image
     encoder.eval()
-    dataset = ImageDataset(split, model.image_transform(train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_skip_broken)
     size = model.config.image_size
     with torch.no_grad():
         probe = encoder.features(torch.zeros(1, 3, size, size, device=model.device))
     n_grid, dim = probe.shape[1], probe.shape[2]
-    keys = list(split.image_keys)
+    # Records at multiples of the batch size: a resumed run reads the same batches as one that was not stopped.
+    every = checkpoint_every or max(batch_size, CHECKPOINT_EVERY // batch_size * batch_size)
+    writer = FeatureCacheWriter(path, dim, split.n_images, set_size=n_grid, keys=list(split.image_keys),
+                                signature=signature, resumable=True, restart=restart, checkpoint_every=every)
+    start = writer.count
+    if start:
+        print(f"grid features {split.name}: resuming after {start:,} of {split.n_images:,} images", flush=True)
+    dataset = ImageDataset(split, model.image_transform(train=False))
+    loader = DataLoader(Subset(dataset, range(start, split.n_images)), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_skip_broken)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=split.n_images, desc=f"grid features {split.name}", unit="img")
-    writer = FeatureCacheWriter(path, dim, split.n_images, set_size=n_grid, keys=keys, signature=signature)
+        bar = tqdm(total=split.n_images, initial=start, desc=f"grid features {split.name}", unit="img")
+
+    def broken(index: int) -> None:
+        writer.keys[index] = BROKEN_KEY
+        writer.append(np.zeros((n_grid, dim), dtype=np.float32))
+
     try:
-        next_index = 0
+        next_index = start
         for batch in loader:
             if batch is None:
                 continue
@@ -171,21 +206,20 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
             feats = encoder.features(pixels.to(model.device)).float().cpu()
             for row, i in enumerate(indices.tolist()):
                 while next_index < i:  # images the loader skipped as unreadable
-                    writer.append(np.zeros((n_grid, dim), dtype=np.float32))
-                    keys[next_index] = BROKEN_KEY
+                    broken(next_index)
                     next_index += 1
                 writer.append(feats[row])
                 next_index += 1
             if bar:
                 bar.update(len(indices))
         while next_index < split.n_images:
-            writer.append(np.zeros((n_grid, dim), dtype=np.float32))
-            keys[next_index] = BROKEN_KEY
+            broken(next_index)
             next_index += 1
-        writer.keys = keys
         cache = writer.close()
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
+        if isinstance(exc, KeyboardInterrupt):
+            _interrupted(writer, "images")
         raise
     finally:
         if bar:
@@ -196,8 +230,13 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     return cache
 
 
-def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool = True, rebuild: bool = False):
-    """Frozen-transformer token features of every caption of ``split`` (cached, variable length)."""
+def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool = True, rebuild: bool = False,
+              chunk: int = 2048):
+    """Frozen-transformer token features of every caption of ``split`` (cached, variable length).
+
+    The captions go through the transformer ``chunk`` at a time (each chunk batched by length), with
+    a progress record after each, so a stopped extraction continues from its last chunk.
+    """
     cfg = model.config
     if cfg.text_encoder != "transformer":
         raise ValueError("only a transformer text encoder can be cached (the BiGRU trains end to end)")
@@ -208,16 +247,34 @@ def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool =
     cache = None if rebuild else open_cache(path, signature)
     if cache is not None:
         return CachedSets(cache)
-    feats = model.text.token_features(split.captions, batch_size=batch_size, max_length=cfg.max_text_length,
-                                      progress=progress)
-    writer = FeatureCacheWriter(path, model.text.hidden_size, len(feats), signature=signature)
+    n = split.n_captions
+    writer = FeatureCacheWriter(path, model.text.hidden_size, n, signature=signature, resumable=True,
+                                restart=rebuild, checkpoint_every=chunk)
+    start = writer.count
+    if start:
+        print(f"text features {split.name}: resuming after {start:,} of {n:,} captions", flush=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=start, desc=f"text features {split.name}", unit="caption")
     try:
-        for f in feats:
-            writer.append(f)
+        for first in range(start, n, chunk):
+            feats = model.text.token_features(split.captions[first:first + chunk], batch_size=batch_size,
+                                              max_length=cfg.max_text_length, progress=False)
+            for f in feats:
+                writer.append(f)
+            if bar:
+                bar.update(len(feats))
         cache = writer.close()
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
+        if isinstance(exc, KeyboardInterrupt):
+            _interrupted(writer, "captions")
         raise
+    finally:
+        if bar:
+            bar.close()
     return CachedSets(cache)
 
 

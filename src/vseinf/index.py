@@ -474,10 +474,12 @@ def tune_engine(engine: GalleryIndex, **settings: int | None) -> GalleryIndex:
 
 def add_engine_settings(p) -> None:
     """The ``--ef-search``, ``--nprobe`` and ``--rerank`` options of ``search`` and ``serve``."""
-    p.add_argument("--ef-search", type=int, help=f"HNSW: candidate list per query (default {HNSW_EF_SEARCH}; "
-                                                 "larger = better recall, slower)")
-    p.add_argument("--nprobe", type=int, help=f"IVF-PQ: cells scanned per query (default {IVF_NPROBE})")
-    p.add_argument("--rerank", type=int, help=f"IVF-PQ: candidates re-scored exactly (default {IVF_RERANK})")
+    from .argtypes import positive_int
+
+    p.add_argument("--ef-search", type=positive_int,
+                   help=f"HNSW: candidate list per query (default {HNSW_EF_SEARCH}; larger = better recall, slower)")
+    p.add_argument("--nprobe", type=positive_int, help=f"IVF-PQ: cells scanned per query (default {IVF_NPROBE})")
+    p.add_argument("--rerank", type=positive_int, help=f"IVF-PQ: candidates re-scored exactly (default {IVF_RERANK})")
 
 
 def engine_settings(args) -> dict:
@@ -2072,21 +2074,22 @@ class Gallery:
         self._video_embedder = (model, embedder)
         return embedder
 
-    def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu"):
-        """The model that encoded this gallery (or ``model_path``, checked to be the same model)."""
+    def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu", text_only: bool = False):
+        """The model that encoded this gallery (or ``model_path``, checked to be the same model);
+        ``text_only``: just its text tower (see :func:`vseinf.model.load_model`)."""
         from .model import load_model
 
         info = self.meta["model"]
         if model_path is None:
             if info.get("bundled"):
-                model = load_model(device=device)
+                model = load_model(device=device, text_only=text_only)
             elif info.get("checkpoint") and Path(info["checkpoint"]).is_dir():
-                model = load_model(info["checkpoint"], device=device)
+                model = load_model(info["checkpoint"], device=device, text_only=text_only)
             else:
                 raise ValueError(f"{self.path}: the model that built this index ({info.get('checkpoint')}) is "
                                  "not there any more; pass --model CHECKPOINT")
         else:
-            model = load_model(model_path, device=device)
+            model = load_model(model_path, device=device, text_only=text_only)
         check_model(self, model)
         return model
 
@@ -2173,6 +2176,8 @@ def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_0
 
 
 def add_encode_parser(sub):
+    from .argtypes import nonnegative_int, positive_int
+
     p = sub.add_parser("encode", help="embed a folder of images or videos (or a captions file) into a search index",
                        description="Embed a gallery into INDEX_DIR. Re-running on a grown folder encodes only "
                                    "new or changed files; removed files drop out; unreadable files are "
@@ -2186,15 +2191,15 @@ def add_encode_parser(sub):
     p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items; IVF-PQ, compressed codes "
                         "re-ranked exactly, once the rows take 8 GiB)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonnegative_int, default=None,
                    help="processes decoding images ahead of the model (default: up to 4 on a GPU, none on a CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("videos")
     g.add_argument("--kind", default="auto", choices=["auto", "images", "videos", "features"],
                    help="what the gallery folder holds (auto: images if any, else videos, else frame features)")
-    g.add_argument("--frames", type=int, default=None,
+    g.add_argument("--frames", type=positive_int, default=None,
                    help="frames sampled per clip (default: 32 for video models, or the extraction settings'; "
                         "8 for image models, whose clip embedding is the mean of its frames')")
     g.add_argument("--extract-settings",
@@ -2255,15 +2260,20 @@ def run_encode(args, extra) -> int:
 
 
 def add_search_parser(sub):
+    from .argtypes import positive_int
+
     p = sub.add_parser("search", help="search an index by text, image or video",
                        description='vseinf search INDEX "a dog runs on the beach" -k 10, or --image photo.jpg, '
-                                   'or --video clip.mp4')
+                                   'or --video clip.mp4, or --queries FILE (one text query a line → JSON lines)')
     p.add_argument("index", help="index directory made by `vseinf encode`")
     p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--queries", metavar="FILE",
+                   help="text queries, one a line ('-': standard input); prints one JSON line per query, "
+                        '{"line": N, "query": …, "results": […]}, so a script pays the start-up once')
     p.add_argument("--image", help="search with this image instead of text")
     p.add_argument("--video", help="search with this video file instead of text (or, for a video model, a "
                                    "T×D .npy file of frame features)")
-    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="number of results (default 10)")
     p.add_argument("--json", action="store_true", help='print {"results": [{"path": …, "score": …}, …]} '
                                                        '(video galleries: + "id", "kind", "thumb")')
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
@@ -2273,20 +2283,56 @@ def add_search_parser(sub):
     return p
 
 
+def read_queries_file(path: str) -> list[tuple[int, str]]:
+    """``(line number, query)`` for each non-blank line of ``path`` (``"-"``: standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: queries file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a queries file") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+# Queries embedded and searched per step of --queries: output streams, and memory stays bounded.
+QUERY_CHUNK = 256
+
+
+def _search_many(gallery: Gallery, model, queries: list[tuple[int, str]], k: int) -> None:
+    """Print one JSON line per query, in file order, flushed after each chunk."""
+    for start in range(0, len(queries), QUERY_CHUNK):
+        chunk = queries[start:start + QUERY_CHUNK]
+        vectors = encode_texts_np(model, [q for _, q in chunk])
+        for (line, query), results in zip(chunk, gallery.search(vectors, k, absolute=True)):
+            print(json_text({"line": line, "query": query, "results": results}))
+        sys.stdout.flush()
+
+
 def run_search(args, extra) -> int:
     video_query = getattr(args, "video", None)
-    if sum(x is not None for x in (args.query, args.image, video_query)) != 1:
-        raise ValueError("search: give a text query or --image FILE or --video FILE (one of them)")
+    queries_file = getattr(args, "queries", None)
+    if sum(x is not None for x in (args.query, args.image, video_query, queries_file)) != 1:
+        raise ValueError("search: give a text query or --image FILE or --video FILE or --queries FILE (one of them)")
     if args.k < 1:
         raise ValueError(f"search: -k must be a positive integer, got {args.k}")
     if args.query is not None and not args.query.strip():
         raise ValueError("search: the query is empty")
+    queries = read_queries_file(queries_file) if queries_file is not None else None
+    if queries is not None and not queries:
+        raise ValueError(f"search: {queries_file} holds no queries")
     gallery = Gallery.load(args.index, engine=args.engine, device=args.device)
     tune_engine(gallery.engine, **engine_settings(args))
     image = load_query_image(args.image) if args.image is not None else None  # fail before loading the model
     if video_query is not None and not Path(video_query).is_file():
         raise FileNotFoundError(f"{video_query}: query video not found")
-    model = gallery.load_model(args.model, device=args.device)
+    # Text queries need only the text tower: no CNN, no transformers import (start-up is most of a query).
+    text = image is None and video_query is None
+    model = gallery.load_model(args.model, device=args.device, text_only=text)
+    if queries is not None:
+        _search_many(gallery, model, queries, args.k)
+        return 0
     if image is not None:
         query = embed_query_images(gallery, model, [image])
     elif video_query is not None:
@@ -2310,5 +2356,5 @@ __all__ = [
     "model_identity", "read_captions_file", "scan_images", "scan_videos", "detect_gallery_kind", "check_model",
     "load_query_image", "embed_query_images", "embed_query_video", "thumb_name",
     "IndexFormatError", "IndexLock", "IndexLockedError", "meta_schema", "read_rows", "printable",
-    "add_encode_parser", "run_encode", "add_search_parser", "run_search",
+    "add_encode_parser", "run_encode", "add_search_parser", "run_search", "read_queries_file",
 ]

@@ -3,16 +3,19 @@
 Both take l2-normalised embeddings ``img`` and ``txt`` (G × d; row i of each is a positive
 pair) and ``image_ids`` (G): rows with equal ids show the same image, so their pairs are
 positives and never negatives. The authors' code treats a second caption of the same image in
-the batch as a negative; we mask it (SPEC §4).
+the batch as a negative; we mask it (docs/recipe.md §4).
 
-Multi-process training: each rank gathers the global batch with :func:`gather_with_grad` (or
-:func:`gather_batch`) and computes the loss of its own rows only (``local_rows``), each row as
-an anchor against the whole global batch. Both losses are sums over anchors (InfoNCE is divided
-by the *global* batch size), so the losses of all ranks add up to the single-process loss on the
-concatenated batch, and — because the gather sends gradients back to the rank that owns each
-row — so do the gradients. Note that DistributedDataParallel *averages* parameter gradients
-over ranks; a trainer that wants the single-process gradient multiplies the loss by the world
-size.
+Multi-process training: each rank gathers the global batch with :func:`gather_batch` (or
+:func:`gather_with_grad`), so hardest negatives and softmaxes range over every rank's rows. The
+gather's backward sends each rank the gradient of its own rows summed over all ranks. Two ways to
+use it, both exact:
+
+- every rank computes the loss of the whole global batch (what ``vseinf train`` does, like
+  open_clip): the ranks' row gradients are equal, their sum is world size × the single-process
+  one, and DistributedDataParallel's average over ranks divides that out again;
+- every rank computes the loss of its own rows only (``local_rows``, each row an anchor against
+  the whole global batch): both losses are sums over anchors (InfoNCE is divided by the *global*
+  batch size), so the ranks' losses and gradients add up to the single-process ones.
 
 This module imports only torch.
 """
@@ -245,21 +248,16 @@ def info_nce_loss_reference(
 class VSELoss(nn.Module):
     """The training loss: hinge triplet (VSE++, the paper's) or InfoNCE.
 
+    Holds no parameters: InfoNCE's learnable temperature belongs to the model
+    (``VSEModel.logit_scale``, returned by its forward) and is passed in.
+
     Args:
         kind: ``"hinge"`` or ``"infonce"``.
         margin: hinge margin α (hinge only).
-        logit_scale_init: initial log inverse temperature (infonce only; a learnable parameter
-            ``self.logit_scale`` owned by this module, so the optimiser must include it).
         max_scale: clamp of the inverse temperature (infonce only).
     """
 
-    def __init__(
-        self,
-        kind: str = "hinge",
-        margin: float = 0.2,
-        logit_scale_init: float = DEFAULT_LOGIT_SCALE,
-        max_scale: float = 100.0,
-    ) -> None:
+    def __init__(self, kind: str = "hinge", margin: float = 0.2, max_scale: float = 100.0) -> None:
         super().__init__()
         if kind not in ("hinge", "infonce"):
             raise ValueError(f"kind: expected 'hinge' or 'infonce', got {kind!r}")
@@ -270,8 +268,6 @@ class VSELoss(nn.Module):
         self.kind = kind
         self.margin = float(margin)
         self.max_scale = float(max_scale)
-        if kind == "infonce":
-            self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def forward(
         self,
@@ -280,6 +276,7 @@ class VSELoss(nn.Module):
         image_ids: Any = None,
         warmup: bool = False,
         local_rows: slice | None = None,
+        logit_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of a batch.
 
@@ -289,14 +286,18 @@ class VSELoss(nn.Module):
             image_ids: (G,) ids marking rows of the same image; ``None``: all differ.
             warmup: hinge: sum over all negatives instead of the hardest (first epoch);
                 ignored by InfoNCE, which always uses every negative.
-            local_rows: anchor rows this process owns (distributed training).
+            local_rows: anchor rows this process owns (distributed training, see the module notes).
+            logit_scale: InfoNCE's log inverse temperature (the model's ``logit_scale``); required
+                by InfoNCE, ignored by the hinge loss.
         """
         if self.kind == "hinge":
             return hinge_triplet_loss(
                 img, txt, image_ids, self.margin, hardest=not warmup, local_rows=local_rows
             )
+        if logit_scale is None:
+            raise ValueError("logit_scale: InfoNCE needs the model's temperature (VSEModel.logit_scale)")
         return info_nce_loss(
-            img, txt, image_ids, self.logit_scale, local_rows=local_rows, max_scale=self.max_scale
+            img, txt, image_ids, logit_scale, local_rows=local_rows, max_scale=self.max_scale
         )
 
     def extra_repr(self) -> str:
@@ -338,10 +339,10 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward returns to each rank the gradient of ITS rows from every rank.
 
     The common shortcut (gather without gradient, then put the local tensor back into its own
-    slice) only keeps the gradient of this rank's loss. That is enough when every rank computes
-    the full global loss, but with ``local_rows`` the other ranks' losses also depend on this
-    rank's rows (as negatives); summing the gathered gradient over ranks (all_reduce) and
-    keeping our slice gives exactly the single-process gradient.
+    slice) only keeps the gradient of this rank's own loss. With ``local_rows`` the other ranks'
+    losses also depend on this rank's rows (as negatives), and with the whole loss on every rank
+    DDP's average would leave 1/world of the gradient. Summing the gathered gradient over ranks
+    (all_reduce) and keeping our slice is exact in both uses (see the module notes).
     """
 
     @staticmethod

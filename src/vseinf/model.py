@@ -6,9 +6,13 @@
     >>> txt = model.encode_texts(["a dog on the beach"])  # m × d, unit norm
     >>> scores = img @ txt.T
 
-Towers: grid (CNN feature map → fc → pooling), region/frames (precomputed sets → fc + MLP →
-pooling), text (transformer → linear → pooling, or BiGRU → pooling). A checkpoint stores only what
-training changed: pretrained backbones that stayed frozen are rebuilt from their packages.
+Each tower is an optional backbone and a head: grid (CNN → fc → pooling), region/frames (no
+backbone: precomputed sets → fc + MLP → pooling), text (transformer → linear → pooling, or BiGRU →
+pooling). ``model(images, image_lengths, tokens, text_lengths)`` returns both embedding batches for
+training; the input's shape says how far it has come: pixels and token ids run through the whole
+tower, cached backbone outputs (and region/frame sets) through ``tower.head`` only. A checkpoint
+stores only what training changed: pretrained backbones that stayed frozen are rebuilt from their
+packages.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 from .config import ModelConfig, RunConfig, config_from_dict
-from .pooling import l2norm
+from .losses import DEFAULT_LOGIT_SCALE
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "flickr8k_mobilenet_minilm"
 VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
@@ -39,9 +43,12 @@ class VSEModel(nn.Module):
         config: the model section of a run config.
         vocab: word list for the BiGRU text encoder (built from the training captions).
         pretrained: load pretrained backbone weights (False: random init, for tests/conversion).
+        logit_scale: initial log inverse temperature, for a model trained with InfoNCE (it learns
+            it: ``self.logit_scale``); None (the hinge loss): no temperature.
     """
 
-    def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None, pretrained: bool = True):
+    def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None, pretrained: bool = True,
+                 logit_scale: float | None = None):
         super().__init__()
         from .encoders.image import GridImageEncoder, RegionEncoder
 
@@ -78,6 +85,10 @@ class VSEModel(nn.Module):
             self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
         else:
             raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
+        if logit_scale is None:
+            self.register_parameter("logit_scale", None)
+        else:
+            self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -91,19 +102,61 @@ class VSEModel(nn.Module):
 
     @property
     def image_head(self) -> nn.Module:
-        """The part of the image tower that runs on cached backbone features."""
-        return self.image.image_encoder if self.config.image_encoder == "grid" else self.image
+        """The part of the image tower that runs on cached backbone features (or region/frame sets)."""
+        return self.image.head
 
-    # -- set-level forward (cached features) ----------------------------------------------------
+    # -- training forward ----------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, image_lengths: torch.Tensor | None, texts: torch.Tensor,
+                text_lengths: torch.Tensor | None):
+        """Both embedding batches of a training step (and the temperature the loss needs).
+
+        Args:
+            images: B × 3 × H × W normalised pixels, or B × N × C sets (cached CNN grids, region or
+                frame features); see :meth:`embed_images`.
+            image_lengths: (B,) valid set elements; None for pixels.
+            texts: B' × L token ids, or B' × L × H cached transformer outputs; see :meth:`embed_texts`.
+            text_lengths: (B',) valid tokens (None: the non-padding count of token ids).
+
+        Returns:
+            ``(image_emb, text_emb, logit_scale)``: B × d and B' × d unit vectors, and the learned
+            log inverse temperature (None for a hinge-loss model). The temperature leaves through
+            ``forward`` so that DistributedDataParallel sees every trained parameter used there.
+        """
+        return self.embed_images(images, image_lengths), self.embed_texts(texts, text_lengths), self.logit_scale
+
+    def embed_images(self, images: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit embeddings (B × d) of pixels (B × 3 × H × W: backbone, then head) or of sets
+        (B × N × C with ``lengths``: the head alone — cached grids of a frozen CNN, region or frame
+        features)."""
+        return self._embed_images(images, lengths)[0]
+
+    def embed_texts(self, texts: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit embeddings (B × d) of token ids (B × L integers: the whole text tower) or of cached
+        transformer outputs (B × L × H floats with ``lengths``: the head alone)."""
+        return self._embed_texts(texts, lengths)[0]
+
+    def _embed_images(self, images, lengths):
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            if lengths is not None:
+                raise ValueError("image lengths are only meaningful for B×N×C sets, not for B×3×H×W pixels")
+            return self.image(images)
+        return self.image.head(images, lengths)
+
+    def _embed_texts(self, texts, lengths):
+        if isinstance(texts, torch.Tensor) and texts.is_floating_point():
+            return self.text.head(texts, lengths)
+        return self.text(texts, lengths)
+
+    # (embeddings, pooling weights) pairs, for callers that also look at the pooling.
 
     def embed_image_features(self, features: torch.Tensor, lengths: torch.Tensor):
         """Grid vectors (from a cache) or region/frame sets (B × N × C) → (unit embeddings, weights)."""
-        return self.image_head(features, lengths)
+        return self.image.head(features, lengths)
 
     def embed_text_features(self, features: torch.Tensor, lengths: torch.Tensor):
         """Frozen transformer token outputs (B × L × H, from a cache) → (unit embeddings, weights)."""
-        pooled, weights = self.text.gpool(self.text.linear(features), lengths)
-        return l2norm(pooled), weights
+        return self.text.head(features, lengths)
 
     def embed_tokens(self, token_ids: torch.Tensor, lengths: torch.Tensor):
         """Token ids (B × L) through the live text tower → (unit embeddings, weights)."""
@@ -154,8 +207,7 @@ class VSEModel(nn.Module):
                 chunk = images[start:start + batch_size]
                 pixels = [transform(im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(im))
                           for im in chunk]
-                emb, _ = self.image(torch.stack(pixels).to(self.device))
-                out.append(emb)
+                out.append(self.embed_images(torch.stack(pixels).to(self.device)))
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
@@ -172,8 +224,7 @@ class VSEModel(nn.Module):
             for start in range(0, len(features), batch_size):
                 chunk = [torch.as_tensor(f, dtype=torch.float32) for f in features[start:start + batch_size]]
                 padded, lengths = pad_token_features(chunk)
-                emb, _ = self.embed_image_features(padded.to(self.device), lengths.to(self.device))
-                out.append(emb)
+                out.append(self.embed_images(padded.to(self.device), lengths.to(self.device)))
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
@@ -197,8 +248,7 @@ class VSEModel(nn.Module):
             for start in batches:
                 idx = order[start:start + batch_size]
                 ids, lengths = self.tokenize([texts[i] for i in idx])
-                emb, _ = self.embed_tokens(ids.to(self.device), lengths.to(self.device))
-                out.append((idx, emb))
+                out.append((idx, self.embed_texts(ids.to(self.device), lengths.to(self.device))))
         finally:
             self.train(was_training)
         if not out:
@@ -221,6 +271,67 @@ class VSEModel(nn.Module):
         return tuple(prefixes)
 
 
+class TextOnlyVSEModel(VSEModel):
+    """The text tower of a VSE∞ model and nothing else: what ``load_model(path, text_only=True)``
+    returns, for embedding text queries (``vseinf search INDEX "text"``).
+
+    No image tower is built (no CNN, no image transforms), and a BERT-layout transformer runs on
+    :mod:`vseinf.encoders.bert_lite` rather than ``transformers`` (whose import alone takes about as
+    long as torch's); it embeds text like the full model (tests/test_bert_lite.py). Image methods
+    raise ValueError.
+
+    Args:
+        config: the model section of a run config.
+        vocab: word list for the BiGRU text encoder.
+    """
+
+    def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None):
+        nn.Module.__init__(self)  # not VSEModel's: that builds both towers
+        self.config = config
+        self.image = None
+        self.vocab = None
+        if config.text_encoder == "transformer":
+            self.text = _lite_text_encoder(config)
+        elif config.text_encoder == "bigru":
+            from .encoders.text import BiGRUTextEncoder, Vocabulary
+
+            if vocab is None:
+                raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
+            self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
+            self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
+        else:
+            raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
+
+    @property
+    def image_head(self) -> nn.Module:
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+    def image_transform(self, train: bool = False):
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+    def _embed_images(self, images, lengths):
+        raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+
+def _lite_text_encoder(config: ModelConfig):
+    """The transformer text tower on :mod:`vseinf.encoders.bert_lite` where the transformer is a
+    BERT it can read; otherwise (another architecture, weights only as a .bin) on transformers."""
+    from .encoders.bert_lite import lite_transformer_folder, load_lite_transformer
+    from .encoders.text import TransformerTextEncoder, default_transformer_path
+
+    if config.text_model == BERT_BASE_FROM_CHECKPOINT:  # weights come from the checkpoint
+        from .encoders.text import BERT_BASE_CONFIG
+
+        bert, tokenizer = load_lite_transformer(config=BERT_BASE_CONFIG, tokenizer_path=default_transformer_path())
+    else:
+        folder = Path(config.text_model) if config.text_model else default_transformer_path()
+        if not lite_transformer_folder(folder):
+            return TransformerTextEncoder(folder, config.embed_dim, config.text_pooling)
+        bert, tokenizer = load_lite_transformer(folder)
+    return TransformerTextEncoder(embed_dim=config.embed_dim, pooling=config.text_pooling, bert=bert,
+                                  tokenizer=tokenizer)
+
+
 def _transformer_config(text_model: str) -> dict | None:
     """Config of the text transformer for building it without weights (same architecture)."""
     import json
@@ -235,10 +346,13 @@ def _transformer_config(text_model: str) -> dict | None:
 
 
 def build_model(config: ModelConfig | RunConfig, vocab: Sequence[str] | None = None, pretrained: bool = True) -> VSEModel:
-    """Factory: a VSE∞ model from a config (model section or whole run config)."""
+    """Factory: a VSE∞ model from a config. From a whole run config, a model trained with InfoNCE
+    (``train.loss``) also holds the loss's learnable temperature."""
+    logit_scale = None
     if isinstance(config, RunConfig):
+        logit_scale = DEFAULT_LOGIT_SCALE if config.train.loss == "infonce" else None
         config = config.model
-    return VSEModel(config, vocab=vocab, pretrained=pretrained)
+    return VSEModel(config, vocab=vocab, pretrained=pretrained, logit_scale=logit_scale)
 
 
 def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics: dict | None = None,
@@ -253,24 +367,45 @@ def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics
     return save_checkpoint(path, state, config, metrics, trainer_state)
 
 
-def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> VSEModel:
-    """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model)."""
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+               text_only: bool = False) -> VSEModel:
+    """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model).
+
+    Args:
+        path: the checkpoint directory.
+        device: where the model runs.
+        text_only: load only the text tower (a :class:`TextOnlyVSEModel`), for text queries.
+    """
     path = Path(path) if path is not None else BUNDLED_DIR
     state, config_dict, metrics = load_checkpoint(path)
-    vocab = config_dict.pop(VOCAB_KEY, None)
-    skipped = tuple(config_dict.pop("stored_prefixes_skipped", []))
+    vocab = _string_list(config_dict.pop(VOCAB_KEY, None), path, VOCAB_KEY)
+    skipped = tuple(_string_list(config_dict.pop("stored_prefixes_skipped", []), path, "stored_prefixes_skipped"))
     run_config = config_from_dict({k: v for k, v in config_dict.items() if k in ("model", "data", "train")},
                                   str(path / "config.json"))
-    model = build_model(run_config.model, vocab=vocab, pretrained=True)
+    state = upgrade_state_dict(state)
+    if text_only:
+        model = TextOnlyVSEModel(run_config.model, vocab=vocab)
+        state = {k: v for k, v in state.items() if k.startswith("text.")}
+    else:
+        model = build_model(run_config, vocab=vocab, pretrained=True)
+    check_shapes(model.state_dict(), state, str(path / "model.safetensors"), dataclasses.asdict(run_config.model))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(skipped)]
+    # Older InfoNCE checkpoints kept the temperature with the loss; embedding does not need it.
+    missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     model.run_config = run_config
     model.metrics = metrics
     model.checkpoint_path = path
     return model.to(device).eval()
+
+
+def _string_list(value, path: Path, key: str) -> list[str] | None:
+    """A list-of-strings entry of a checkpoint's config.json (None stays None)."""
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise CheckpointError(f"{path / 'config.json'}: {key}: expected a list of strings")
+    return value
 
 
 def model_config_dict(model: VSEModel) -> dict:

@@ -434,6 +434,8 @@ def plot_study(result: dict, prefix: str | Path) -> list[Path]:
 
 def add_study_parser(sub):
     """``vseinf study pooling …`` (register in cli.COMMANDS as "study"; it takes config overrides)."""
+    from .argtypes import positive_int
+
     p = sub.add_parser("study", help="the paper's studies: train one recipe per configuration",
                        description="Studies that train the same recipe once per configuration.")
     studies = p.add_subparsers(dest="study", metavar="STUDY")
@@ -452,13 +454,13 @@ def add_study_parser(sub):
                                                   "comparison (default: gpo)")
     q.add_argument("--no-size-augment-too", action="store_true",
                    help="also run every aggregator cell without size augmentation")
-    q.add_argument("--epochs", type=int, help="epochs per cell; the lr decay epoch scales with it "
+    q.add_argument("--epochs", type=positive_int, help="epochs per cell; the lr decay epoch scales with it "
                                               "unless --lr_decay_epoch is given")
     q.add_argument("--out", required=True, help="results JSON")
     q.add_argument("--plots", help="path prefix of the PNG plots: PREFIX_grid.png, PREFIX_aggregators.png "
                                    "(default: --out without .json)")
     q.add_argument("--runs-dir", help="where the cells' run directories go (default: <out>_runs/)")
-    q.add_argument("--jobs", type=int, default=1, help="cells trained at once, in worker processes that "
+    q.add_argument("--jobs", type=positive_int, default=1, help="cells trained at once, in worker processes that "
                    "share the CPU threads (default 1)")
     q.add_argument("--no-progress", action="store_true")
     return p

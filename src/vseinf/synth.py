@@ -1,4 +1,4 @@
-"""The paper's synthetic check of GPO's coefficient generator (SPEC §8, supplementary Table 6).
+"""The paper's synthetic check of GPO's coefficient generator (docs/recipe.md §8, supplementary Table 6).
 
 Question: can a coefficient generator g(k, N) learn a known pooling pattern from pooled outputs
 alone, and does what it learned carry over to set sizes it never saw?
@@ -346,10 +346,12 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``vseinf synth``."""
+    from .argtypes import nonnegative_int, positive_int
+
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: GPO and the interpolated baseline on patterns A and M-1, small budget")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data (default 0)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (overrides the budget)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialisation and data (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run (overrides the budget)")
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None, metavar="PATTERN",
                         help=f"patterns to run (default: all; {', '.join(PATTERNS)})".replace("%", "%%"))
     parser.add_argument("--generators", nargs="+", choices=GENERATORS, default=None, metavar="GENERATOR",

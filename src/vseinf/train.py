@@ -6,33 +6,46 @@
 A run directory holds ``config.json`` (the full config), ``best/`` (the checkpoint with the highest
 validation RSUM), ``last/`` (the latest state, with optimizer moments and counters, written
 atomically every ``save_every`` steps and at each epoch's end), ``log.jsonl`` and ``training.png``.
-``--resume`` continues a killed run from ``last/``: same batches, same schedule.
+``--resume`` continues a killed run from ``last/``: same batches, same schedule, and on the same
+machine the same weights bit for bit (a fixed CPU thread count, deterministic kernels).
 
 Each side of a batch is either read from a feature cache (frozen backbone: grid vectors, or token
 outputs of a frozen transformer; and precomputed region/frame sets) or computed live (fine-tuned
-CNN on images, BiGRU or fine-tuned transformer on tokens).
+CNN on images, BiGRU or fine-tuned transformer on tokens). The model tells the two apart by the
+input's shape (see :meth:`vseinf.model.VSEModel.forward`).
+
+Under torchrun the model is wrapped in DistributedDataParallel (gloo on CPUs, nccl on GPUs), which
+averages the gradients across ranks during the backward pass. Every rank embeds its share of the
+global batch, gathers the others' embeddings with their gradients and computes the loss of the
+whole global batch, so hardest negatives are global and two processes train like one process on
+the concatenated batch (see :mod:`vseinf.losses`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat
-from .config import RunConfig
+from .checkpoint import (load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat,
+                         upgrade_state_dict)
+from .config import RunConfig, config_from_dict
 from .data.splits import CaptionSplit, open_split
 from .distributed import World, in_turns, init_distributed
 from .evaluation import retrieval_metrics
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
 from .precision import autocast, resolve_precision
-
 
 
 def _device(world: World) -> torch.device:
@@ -43,6 +56,16 @@ def _device(world: World) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------
 # Data
+
+
+def resolve_data_path(path: str, source: str = "data.path") -> str:
+    """``path`` made absolute (a run can then be evaluated or resumed from any folder); a path that
+    does not exist is an error that shows both the path as given and where it was looked for."""
+    full = Path(path).expanduser().resolve()
+    if not full.exists():
+        shown = path if str(full) == path else f"{path} (= {full})"
+        raise FileNotFoundError(f"{source} {shown}: no such file or folder; pass --data DIR")
+    return str(full)
 
 
 def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
@@ -74,6 +97,12 @@ class Side:
         self.source = source
         self.split = split
 
+    @property
+    def cached(self) -> bool:
+        """Inputs are read from a feature cache (else decoded or tokenized from the split)."""
+        return self.source is not None
+
+
 
 def image_side(model: VSEModel, split: CaptionSplit, cfg: RunConfig, progress: bool) -> Side:
     from .features import image_sets
@@ -102,38 +131,51 @@ def live_images(model: VSEModel, split: CaptionSplit, train: bool, batches, num_
                                    pin_memory=torch.device(device).type == "cuda"))
 
 
-def embed_images(model: VSEModel, side: Side, image_indices, device, live=None):
-    """Image embeddings of ``image_indices``; returns (embeddings, kept positions). Live images
-    come, already decoded, from ``live`` (see :func:`live_images`)."""
-    if side.kind == "sets":
+
+
+def image_inputs(side: Side, image_indices, device, live=None):
+    """The model's image input for ``image_indices``: ``(images or sets, lengths, kept positions)``.
+    Cached sides read sets and their lengths; live ones take the next decoded batch from ``live``
+    (see :func:`live_images`), from which unreadable images were dropped (``None`` if none is left)."""
+    if side.cached:
         feats, lengths = side.source.batch(image_indices)
-        emb, _ = model.embed_image_features(feats.to(device), lengths.to(device))
-        return emb, list(range(len(image_indices)))
+        return feats.to(device), lengths.to(device), list(range(len(image_indices)))
     pixels, keep = next(live)
     if pixels is None:
-        return None, keep
-    emb, _ = model.image(pixels.to(device, non_blocking=True))
-    return emb, keep
+        return None, None, keep
+    return pixels.to(device, non_blocking=True), None, keep
 
 
-def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment: bool,
+def caption_inputs(model: VSEModel, side: Side, caption_indices, device, augment: bool,
                    rng: random.Random | None = None, generator: torch.Generator | None = None):
-    if side.kind == "sets":
+    """The model's text input for ``caption_indices``: ``(token ids or cached token outputs, lengths)``,
+    augmented for training (tokens masked/replaced/deleted, or cached outputs dropped)."""
+    if side.cached:
         feats, lengths = side.source.batch(caption_indices)
         feats, lengths = feats.to(device), lengths.to(device)
         if augment and model.config.size_augment:
             from .encoders.text import drop_token_features
 
             feats, lengths = drop_token_features(feats, lengths, generator=generator)
-        emb, _ = model.embed_text_features(feats, lengths)
-        return emb
+        return feats, lengths
     texts = [side.split.captions[int(j)] for j in caption_indices]
     if augment and model.config.text_augment:
         ids, lengths = _augmented_tokens(model, texts, rng or random.Random())
     else:
         ids, lengths = model.tokenize(texts)
-    emb, _ = model.embed_tokens(ids.to(device), lengths.to(device))
-    return emb
+    return ids.to(device), lengths.to(device)
+
+
+def embed_images(model: VSEModel, side: Side, image_indices, device, live=None):
+    """Image embeddings of ``image_indices``; returns (embeddings or None, kept positions)."""
+    images, lengths, keep = image_inputs(side, image_indices, device, live)
+    return (None if images is None else model.embed_images(images, lengths)), keep
+
+
+def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment: bool,
+                   rng: random.Random | None = None, generator: torch.Generator | None = None):
+    return model.embed_texts(*caption_inputs(model, side, caption_indices, device, augment, rng, generator))
+
 
 
 def _augmented_tokens(model: VSEModel, texts, rng: random.Random):
@@ -213,9 +255,10 @@ def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu", num_w
 # Optimisation
 
 
-def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.optim.AdamW:
+def build_optimizer(model: VSEModel, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW with the paper's groups: heads at lr, CNN and text transformer at lr × their multipliers,
-    and the pooling layers (``*.gpool.*``) at lr × ``pooling_lr_mult`` when that is not 1."""
+    and the pooling layers (``*.gpool.*``) at lr × ``pooling_lr_mult`` when that is not 1. InfoNCE's
+    temperature trains with the heads."""
     t = cfg.train
     backbone, text_backbone, pooling, heads = [], [], [], []
     for name, p in model.named_parameters():
@@ -227,9 +270,10 @@ def build_optimizer(model: VSEModel, loss_fn: VSELoss, cfg: RunConfig) -> torch.
                 text_backbone.append(p)
         elif ".gpool." in name and t.pooling_lr_mult != 1.0:
             pooling.append(p)
-        else:
+        elif name != "logit_scale":
             heads.append(p)
-    heads += list(loss_fn.parameters())
+    if model.logit_scale is not None:
+        heads.append(model.logit_scale)  # last: where runs saved before the model owned it keep its moments
     groups = [{"params": heads, "lr": t.lr, "lr_mult": 1.0, "name": "heads"}]
     if backbone:
         groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_mult, "lr_mult": t.backbone_lr_mult,
@@ -271,6 +315,71 @@ def epoch_order(n: int, seed: int, epoch: int, world: World, batch_size: int) ->
     return batches[:, world.rank].reshape(-1)
 
 
+
+
+def distributed_model(model: VSEModel, world: World, device: torch.device, current=None) -> nn.Module:
+    """The model as the training step calls it: under torchrun, wrapped in DistributedDataParallel.
+
+    DDP averages the gradients of the parameters that required gradients when it was built, so a
+    wrapper is built again when that set changes (the CNN is unfrozen after
+    ``freeze_backbone_epochs``); ``current``, the wrapper in use, is kept otherwise. Within one
+    wrapper the graph is static (``static_graph``): DDP learns in the first step which trained
+    parameters never get a gradient (a transformer's unused pooler, a BatchNorm the authors'
+    forward skips) instead of searching the graph every step.
+    """
+    if world.size == 1:
+        return model
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if current is not None and current.trainable_names == trainable:
+        return current
+    del current  # the old wrapper's gradient hooks go with it
+    wrapper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      static_graph=True)
+    wrapper.trainable_names = trainable
+    return wrapper
+
+
+MAX_AUTO_THREADS = 8
+
+
+def thread_count(setting: int) -> int:
+    """CPU threads for a run: ``train.num_threads``, or for 0, $OMP_NUM_THREADS when set (torchrun
+    sets 1 when it starts several processes a machine), else the cores this process may use shared
+    among the machine's training processes, at most MAX_AUTO_THREADS."""
+    if setting < 0:
+        raise ValueError(f"train.num_threads: expected 0 (automatic) or a number of threads, got {setting}")
+    if setting:
+        return setting
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_THREADS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+@contextmanager
+def reproducible(num_threads: int):
+    """A fixed CPU thread count and deterministic kernels while a run trains; the process's own
+    settings come back after. CPU sums are split by thread, so the count decides their order
+    (vseinf also turns MKL's load-dependent thread choice off when it is imported). Ops that torch
+    cannot run deterministically (some CUDA scatters) warn once, naming themselves, rather than fail.
+    """
+    import torch.utils.deterministic as deterministic
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), deterministic.fill_uninitialized_memory)
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Nothing reads uninitialised memory here; filling every new tensor would only cost time.
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        deterministic.fill_uninitialized_memory = before[3]
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -280,33 +389,85 @@ def _log(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def objective_name(loss_kind: str, warmup: bool) -> str:
+    """What the logged loss is, in words: the hinge loss changes meaning after the warm-up epoch."""
+    if loss_kind == "hinge":
+        return "hinge, all negatives (warm-up)" if warmup else "hinge, hardest negative"
+    return loss_kind
+
+
+def _read_log(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The loss records and the validation records of ``log.jsonl``."""
+    losses, vals = [], []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            losses.append(rec)
+        if "val" in rec:
+            vals.append(rec)
+    return losses, vals
+
+
 def plot_history(run_dir: Path) -> Path | None:
-    """Loss per step and validation RSUM per epoch from ``log.jsonl`` → ``training.png``."""
+    """``training.png`` from ``log.jsonl``: the loss per pair and the validation RSUM.
+
+    The hinge loss sums over every negative during the warm-up epoch and takes only the hardest
+    one afterwards, so the two differ by about the batch size; one axis would show a spike and a
+    flat line. The warm-up gets a panel of its own, the hardest-negative epochs another (its scale
+    shows them), and every panel marks where the learning rate drops.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
-    steps, losses, epochs, rsums = [], [], [], []
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
-        if "val" in rec:
-            epochs.append(rec["epoch"] + 1)
-            rsums.append(rec["val"]["rsum"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a1.plot(steps, losses, lw=1)
-    a1.set_xlabel("step")
-    a1.set_ylabel("training loss")
-    a1.set_title("loss")
-    a2.plot(epochs, rsums, marker="o")
-    a2.set_xlabel("epoch")
-    a2.set_ylabel("validation RSUM")
-    a2.set_title("validation RSUM")
+    losses, vals = _read_log(run_dir)
+
+    def per_pair(rec):
+        return rec.get("loss_per_pair", rec["loss"])
+
+    groups: dict[str, list[dict]] = {}
+    for rec in losses:
+        groups.setdefault(rec.get("objective", "loss"), []).append(rec)
+    # The step and the epoch where the learning rate first drops (the paper's ÷ 10).
+    decay_step = decay_epoch = None
+    for prev, rec in zip(losses, losses[1:]):
+        if rec.get("lr", 0) < prev.get("lr", 0) * 0.999 and rec.get("epoch") != prev.get("epoch"):
+            decay_step, decay_epoch = prev["step"], prev["epoch"] + 0.5
+            break
+
+    def mark_decay(ax, x):
+        if x is not None:
+            ax.axvline(x, color="tab:red", ls="--", lw=1, label="lr ÷ 10")
+
+    panels = len(groups) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    axes = axes[0]
+    for ax, (objective, recs) in zip(axes, groups.items()):
+        steps = [r["step"] for r in recs]
+        ax.plot(steps, [per_pair(r) for r in recs], lw=1.2, marker="." if len(recs) < 40 else None)
+        epochs = sorted({r["epoch"] for r in recs if "epoch" in r})
+        where = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}" if epochs else ""
+        ax.set_title(f"{objective}: {where}" if where else objective, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss per pair")
+        if decay_step is not None and steps and steps[0] <= decay_step <= steps[-1]:
+            mark_decay(ax, decay_step)
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    ax.plot([r["epoch"] for r in vals], [r["val"]["rsum"] for r in vals], marker="o")
+    mark_decay(ax, decay_epoch)
+    if decay_epoch is not None:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("validation RSUM")
+    ax.set_title("validation RSUM", fontsize=10)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     out = run_dir / "training.png"
     fig.savefig(out, dpi=110)
@@ -331,10 +492,24 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
         progress: show progress bars.
     """
     world = init_distributed()
-    device = _device(world)
     run_dir = Path(run_dir)
-    progress = progress and world.main
-    t = cfg.train
+    cfg, resume = _open_run_dir(cfg, run_dir, resume, world)
+    with reproducible(thread_count(cfg.train.num_threads)):
+        run = start_run(cfg, run_dir, resume, world, progress and world.main)
+        for epoch in range(run.state["epoch"], cfg.train.epochs):
+            train_one_epoch(run, epoch)
+            _end_epoch(run, epoch)
+    best = None
+    if world.main:
+        best_dir = run_dir / "best"
+        best = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
+        (run_dir / "metrics.json").write_text(json.dumps(best, indent=2) + "\n")
+    return best
+
+
+def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool | str, world: World) -> tuple[RunConfig, bool]:
+    """Decide between a new run and a resumed one; returns the config in force (a resumed run's is
+    the one it saved) and whether to resume. Rank 0 writes ``config.json``."""
     if resume == "auto":
         resume = has_checkpoint(run_dir)
         if world.main and not resume and (run_dir / "log.jsonl").exists():
@@ -346,17 +521,44 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
             raise ValueError(f"{run_dir}: nothing to resume (no last/ checkpoint); '--resume auto' starts "
                              "a run that has none")
         saved = json.loads((run_dir / "config.json").read_text())
-        from .config import config_from_dict
-
         cfg = config_from_dict({k: saved[k] for k in ("model", "data", "train")}, str(run_dir / "config.json"))
-        t = cfg.train
     elif (run_dir / "last").exists():
         raise ValueError(f"{run_dir} already holds a run; use --resume (or --resume auto) to continue it or "
                          "choose another --out")
+    if cfg.data.path:  # stored resolved: `vseinf eval --checkpoint RUN` works from any folder
+        cfg.data.path = resolve_data_path(cfg.data.path, "data.path" if not resume else
+                                          f"data.path of {run_dir / 'config.json'}")
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return cfg, bool(resume)
 
+
+@dataclass
+class TrainingRun:
+    """A run in progress: what its epochs share."""
+
+    cfg: RunConfig
+    run_dir: Path
+    world: World
+    device: torch.device
+    model: VSEModel
+    loss_fn: VSELoss
+    optimizer: torch.optim.Optimizer
+    split: CaptionSplit  # the training split
+    sides: tuple[Side, Side, Side, Side]  # train images, train captions, val images, val captions
+    usable_caps: np.ndarray  # captions whose image is readable
+    rngs: tuple[random.Random, torch.Generator]  # caption augmentation: tokens, cached token outputs
+    state: dict  # epoch, step_in_epoch, global_step, best_rsum, best_epoch
+    progress: bool
+    replicas: nn.Module | None = None  # the DistributedDataParallel wrapper in use
+    epoch_loss: str = ""  # the last epoch's mean loss per pair, in words, for the console
+
+
+def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progress: bool) -> TrainingRun:
+    """Seeds, data, model (restored from ``last/`` when resuming), feature caches and optimizer."""
+    t = cfg.train
+    device = _device(world)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -369,7 +571,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
             vocab = json.loads((run_dir / "last" / "config.json").read_text()).get("text.vocab")
         else:
             vocab = Vocabulary.build(train_split.captions).words
-    model = build_model(cfg.model, vocab=vocab).to(device)
+    model = build_model(cfg, vocab=vocab).to(device)
     if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume:
         model.text.init_from_glove(model.vocab)
     if world.main:
@@ -377,124 +579,174 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool | str = False, progr
               f"val: {val_split.n_images} images, {val_split.n_captions} captions")
 
     def open_sides():
-        return (image_side(model, train_split, cfg, progress), text_side(model, train_split, cfg, progress),
-                image_side(model, val_split, cfg, progress), text_side(model, val_split, cfg, progress))
+        return tuple(side(model, split, cfg, progress) for split in (train_split, val_split)
+                     for side in (image_side, text_side))
 
-    tr_img, tr_txt, va_img, va_txt = in_turns(world, device, open_sides, "building the feature caches")
-
+    sides = in_turns(world, device, open_sides, "building the feature caches")
     torch.manual_seed(t.seed + world.rank)  # ranks draw different augmentations
-    loss_fn = VSELoss(t.loss, t.margin).to(device)
-    optimizer = build_optimizer(model, loss_fn, cfg)
-    if world.size > 1:
-        # Same starting point on every rank; gradients are then all-reduced after each backward.
-        for tensor in list(model.state_dict().values()) + list(loss_fn.state_dict().values()):
-            dist.broadcast(tensor, 0)
-
-    # Captions whose image is unreadable never enter a batch.
-    usable_caps = np.arange(train_split.n_captions)
-    if tr_img.kind == "sets" and tr_img.source.broken.any():
-        usable_caps = usable_caps[~tr_img.source.broken[train_split.caption_to_image]]
-
-    text_rng = random.Random(t.seed * 1000 + world.rank)
-    aug_gen = torch.Generator().manual_seed(t.seed + 7919 * world.rank)
-    rngs = (text_rng, aug_gen)
+    usable_caps = np.arange(train_split.n_captions)  # captions whose image is unreadable never enter a batch
+    if sides[0].cached and sides[0].source.broken.any():
+        usable_caps = usable_caps[~sides[0].source.broken[train_split.caption_to_image]]
+    rngs = (random.Random(t.seed * 1000 + world.rank), torch.Generator().manual_seed(t.seed + 7919 * world.rank))
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
+    run = TrainingRun(cfg, run_dir, world, device, model, VSELoss(t.loss, t.margin).to(device),
+                      build_optimizer(model, cfg), train_split, sides, usable_caps, rngs, state, progress)
     if resume:
-        state = _restore(run_dir, model, loss_fn, optimizer, device, rngs, world)
+        run.state = _restore(run)
         if world.main:
-            print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-    amp = autocast(t.precision, device)
+            print(f"resuming {run_dir} at epoch {run.state['epoch'] + 1}, step {run.state['step_in_epoch']}")
     if world.main and t.precision == "auto":
         print(f"precision auto: {resolve_precision(t.precision, device)} on {device.type}")
-    log_path = run_dir / "log.jsonl"
+    if world.main and t.loss == "hinge" and t.warmup_epochs and run.state["epoch"] < t.warmup_epochs:
+        first = "epoch 1 is" if t.warmup_epochs == 1 else f"epochs 1–{t.warmup_epochs} are"
+        print(f"loss: hinge, per pair; {first} a warm-up that sums over all negatives, later epochs take only "
+              "the hardest one (a loss about the batch size smaller)")
+    return run
 
-    for epoch in range(state["epoch"], t.epochs):
-        backbone_training = set_backbone_trainable(model, cfg, epoch)
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-        order = epoch_order(len(usable_caps), t.seed, epoch, world, t.batch_size)
-        steps = len(order) // t.batch_size
-        if t.max_steps_per_epoch:
-            steps = min(steps, t.max_steps_per_epoch)
-        warmup = epoch < t.warmup_epochs
-        model.train()
-        step_caps = [usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]] for s in range(steps)]
-        live = None
-        if tr_img.kind == "images":
-            # Crops are seeded by (seed, rank, epoch, step): the same for any worker count, and on resume.
-            batches = [train_split.caption_to_image[caps] for caps in step_caps[state["step_in_epoch"]:]]
-            live = live_images(model, train_split, True, batches, cfg.data.num_workers, device,
-                               seed_key=(t.seed, world.rank, epoch), first_step=state["step_in_epoch"])
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
-        run_loss, run_n, t0 = 0.0, 0, time.time()
-        for step in range(state["step_in_epoch"], steps):
-            caps = step_caps[step]
-            imgs = train_split.caption_to_image[caps]
-            with amp:
-                img_emb, keep = embed_images(model, tr_img, imgs, device, live)
-                if _any_rank_skips(img_emb is None, world, live is not None, device):
-                    continue
-                caps_k, imgs_k = caps[keep], imgs[keep]
-                txt_emb = embed_captions(model, tr_txt, caps_k, device, augment=True, rng=text_rng,
-                                         generator=aug_gen)
-            img_all, txt_all, ids_all, rows = gather_batch(img_emb.float(), txt_emb.float(),
-                                                           torch.as_tensor(imgs_k, device=device))
-            loss = loss_fn(img_all, txt_all, ids_all, warmup=warmup, local_rows=rows)
-            if backbone_training and epoch == t.freeze_backbone_epochs:
-                # The authors ramp the loss from 0 to 1 over the CNN's first training epoch.
-                loss = loss * min(1.0, (step + 1) / steps)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world.size).backward()
-            if world.size > 1:
-                _allreduce_grads(model, loss_fn, world)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.grad_clip)
-            optimizer.step()
-            state["global_step"] += 1
-            state["step_in_epoch"] = step + 1
-            run_loss += float(loss.detach())
-            run_n += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
-            if world.main and (state["global_step"] % t.log_every == 0):
-                _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
-                                "sec_per_step": (time.time() - t0) / run_n})
-                run_loss, run_n, t0 = 0.0, 0, time.time()
-            # Every rank takes part (each hands rank 0 its RNG streams); only rank 0 writes.
-            if t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
-                _save_last(model, loss_fn, optimizer, cfg, run_dir, dict(state, epoch=epoch), rngs, world)
+def train_one_epoch(run: TrainingRun, epoch: int) -> None:
+    """The steps of one epoch, from ``run.state["step_in_epoch"]`` on (mid-epoch after a resume);
+    the resumable ``last/`` checkpoint is written every ``save_every`` steps."""
+    cfg, t, world, state = run.cfg, run.cfg.train, run.world, run.state
+    backbone_training = set_backbone_trainable(run.model, cfg, epoch)
+    run.replicas = distributed_model(run.model, world, run.device, run.replicas)
+    lr = learning_rate(cfg, epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    order = epoch_order(len(run.usable_caps), t.seed, epoch, world, t.batch_size)
+    steps = len(order) // t.batch_size
+    if t.max_steps_per_epoch:
+        steps = min(steps, t.max_steps_per_epoch)
+    step_caps = [run.usable_caps[order[s * t.batch_size:(s + 1) * t.batch_size]] for s in range(steps)]
+    live = None
+    if not run.sides[0].cached:
+        # Crops are seeded by (seed, rank, epoch, step): the same for any worker count, and on resume.
+        batches = [run.split.caption_to_image[caps] for caps in step_caps[state["step_in_epoch"]:]]
+        live = live_images(run.model, run.split, True, batches, cfg.data.num_workers, run.device,
+                           seed_key=(t.seed, world.rank, epoch), first_step=state["step_in_epoch"])
+    # The authors ramp the loss from 0 to 1 over the CNN's first training epoch.
+    ramp = backbone_training and epoch == t.freeze_backbone_epochs
+    warmup = epoch < t.warmup_epochs
+    run.model.train()
+    bar = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=state["step_in_epoch"], unit="step",
+                   desc=f"epoch {epoch + 1}/{t.epochs}{' (warm-up)' if warmup and t.loss == 'hinge' else ''}")
+    meter = _LossMeter(run.run_dir / "log.jsonl", world.main, epoch, lr, objective_name(t.loss, warmup))
+    for step in range(state["step_in_epoch"], steps):
+        loss = training_step(run, step_caps[step], live, warmup=warmup,
+                             scale=min(1.0, (step + 1) / steps) if ramp else None)
+        if loss is None:
+            continue
+        state["global_step"] += 1
+        state["step_in_epoch"] = step + 1
+        loss, pairs = loss
+        # Per anchor pair: the hinge loss is a sum over the global batch's rows, InfoNCE already a mean.
+        meter.add(float(loss), float(loss) / pairs if t.loss == "hinge" else float(loss))
         if bar:
-            bar.close()
-        if world.main and run_n:
-            _log(log_path, {"step": state["global_step"], "epoch": epoch, "loss": run_loss / run_n, "lr": lr,
-                            "sec_per_step": (time.time() - t0) / run_n})
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        if world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
-            metrics = evaluate_split(model, va_img, va_txt, device, cfg.data.num_workers)
-            metrics["epoch"] = epoch + 1
-            _log(log_path, {"epoch": epoch, "val": metrics})
-            print(f"epoch {epoch + 1}: val rsum {metrics['rsum']:.1f} "
-                  f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})", flush=True)
-            if metrics["rsum"] > state["best_rsum"]:
-                state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1
-                save_model(model, run_dir / "best", cfg, metrics)
-            plot_history(run_dir)
-        _save_last(model, loss_fn, optimizer, cfg, run_dir, state, rngs, world)
-        if world.size > 1:
-            dist.barrier()
+            bar.update(1)
+            bar.set_postfix_str(f"loss/pair {meter.mean_pair:.4g} ({meter.objective})")
+        if state["global_step"] % t.log_every == 0:
+            meter.flush(state["global_step"])
+        # Every rank takes part (each hands rank 0 its RNG streams); only rank 0 writes.
+        if t.save_every and state["global_step"] % t.save_every == 0 and step + 1 < steps:
+            _save_last(run, dict(state, epoch=epoch))
+    if bar:
+        bar.close()
+    meter.flush(state["global_step"])
+    run.epoch_loss = meter.epoch_summary()
 
-    best = None
-    if world.main:
-        best_dir = run_dir / "best"
-        best = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
-        (run_dir / "metrics.json").write_text(json.dumps(best, indent=2) + "\n")
-    return best
+
+def training_step(run: TrainingRun, caps: np.ndarray, live, warmup: bool, scale: float | None):
+    """One optimiser step on the captions ``caps`` and their images. Returns the loss and the global
+    batch's number of pairs, or None when the step is skipped: a live batch without a readable image on any rank is skipped by every rank.
+
+    Args:
+        run: the run.
+        caps: this rank's caption indices.
+        live: the live image batches of the epoch (see :func:`live_images`), or None.
+        warmup: hinge loss over all negatives instead of the hardest.
+        scale: multiplies the loss (the ramp of the CNN's first epoch), or None.
+    """
+    t, device, (image_side_, text_side_) = run.cfg.train, run.device, run.sides[:2]
+    imgs = run.split.caption_to_image[caps]
+    images, image_lengths, keep = image_inputs(image_side_, imgs, device, live)
+    if _any_rank_skips(images is None, run.world, not image_side_.cached, device):
+        return None
+    text_rng, aug_gen = run.rngs
+    texts, text_lengths = caption_inputs(run.model, text_side_, caps[keep], device, augment=True, rng=text_rng,
+                                         generator=aug_gen)
+    with autocast(t.precision, device):
+        img_emb, txt_emb, logit_scale = run.replicas(images, image_lengths, texts, text_lengths)
+    # Each rank computes the loss of the whole global batch; DDP averages the ranks' gradients.
+    img_all, txt_all, ids_all, _ = gather_batch(img_emb.float(), txt_emb.float(),
+                                                torch.as_tensor(imgs[keep], device=device))
+    loss = run.loss_fn(img_all, txt_all, ids_all, warmup=warmup, logit_scale=logit_scale)
+    if scale is not None:
+        loss = loss * scale
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], t.grad_clip)
+    run.optimizer.step()
+    return loss.detach(), len(img_all)
+
+
+class _LossMeter:
+    """The mean training loss, per step and per anchor pair, (and seconds per step) since the last
+    line of ``log.jsonl``, and over the epoch; only rank 0 writes. ``objective`` says which loss it
+    is (the hinge loss changes meaning after the warm-up)."""
+
+    def __init__(self, path: Path, writes: bool, epoch: int, lr: float, objective: str):
+        self.path, self.writes, self.epoch, self.lr, self.objective = path, writes, epoch, lr, objective
+        self.total, self.total_pair, self.n, self.t0 = 0.0, 0.0, 0, time.time()
+        self.epoch_pair, self.epoch_n = 0.0, 0
+
+    @property
+    def mean_pair(self) -> float:
+        return self.total_pair / max(self.n, 1)
+
+    def add(self, loss: float, per_pair: float) -> None:
+        self.total += loss
+        self.total_pair += per_pair
+        self.n += 1
+        self.epoch_pair += per_pair
+        self.epoch_n += 1
+
+    def flush(self, global_step: int) -> None:
+        if self.writes and self.n:
+            _log(self.path, {"step": global_step, "epoch": self.epoch + 1, "loss": self.total / self.n,
+                             "loss_per_pair": self.mean_pair, "objective": self.objective, "lr": self.lr,
+                             "sec_per_step": (time.time() - self.t0) / self.n})
+        self.total, self.total_pair, self.n, self.t0 = 0.0, 0.0, 0, time.time()
+
+    def epoch_summary(self) -> str:
+        """The epoch's mean loss per pair, for the console line after validation."""
+        if not self.epoch_n:
+            return ""
+        return f"loss/pair {self.epoch_pair / self.epoch_n:.4g} ({self.objective}, lr {self.lr:.3g}); "
+
+
+def _end_epoch(run: TrainingRun, epoch: int) -> None:
+    """Validate on rank 0 (every ``eval_every`` epochs and after the last), keep the best
+    checkpoint, write ``last/``."""
+    t, state = run.cfg.train, run.state
+    state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+    if run.world.main and ((epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs):
+        metrics = evaluate_split(run.model, run.sides[2], run.sides[3], run.device, run.cfg.data.num_workers)
+        metrics["epoch"] = epoch + 1
+        _log(run.run_dir / "log.jsonl", {"epoch": epoch + 1, "val": metrics})
+        print(f"epoch {epoch + 1}: {run.epoch_loss}val rsum {metrics['rsum']:.1f} "
+              f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})", flush=True)
+        if metrics["rsum"] > state["best_rsum"]:
+            state["best_rsum"], state["best_epoch"] = metrics["rsum"], epoch + 1
+            save_model(run.model, run.run_dir / "best", run.cfg, metrics)
+        plot_history(run.run_dir)
+    _save_last(run, state)
+    if run.world.size > 1:
+        dist.barrier()
 
 
 def _any_rank_skips(skip: bool, world: World, can_skip: bool, device) -> bool:
@@ -507,51 +759,15 @@ def _any_rank_skips(skip: bool, world: World, can_skip: bool, device) -> bool:
     return bool(flag.item() > 0)
 
 
-GRAD_BUCKET_ELEMENTS = 1 << 23  # 32 MB of fp32 per all-reduce
-
-
-def _grad_buckets(grads: list[torch.Tensor], cap: int = GRAD_BUCKET_ELEMENTS) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one dtype and device, grouped up to ``cap`` elements (a larger
-    tensor is a bucket of its own)."""
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for g in grads:
-        last = buckets[-1] if buckets else None
-        if last is None or size + g.numel() > cap or (g.dtype, g.device) != (last[0].dtype, last[0].device):
-            buckets.append([g])
-            size = g.numel()
-        else:
-            last.append(g)
-            size += g.numel()
-    return buckets
-
-
-def _allreduce_grads(model, loss_fn, world: World):
-    """Average gradients across ranks (each rank's loss covers only its own anchor rows). Gradients
-    travel in a few flat buckets: one collective per parameter tensor costs a round trip each."""
-    grads = [p.grad for p in list(model.parameters()) + list(loss_fn.parameters()) if p.grad is not None]
-    for bucket in _grad_buckets(grads):
-        if len(bucket) == 1:
-            dist.all_reduce(bucket[0])
-            bucket[0].div_(world.size)
-            continue
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        flat.div_(world.size)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs, world: World):
+def _save_last(run: TrainingRun, state: dict):
     """Everything a resumed run needs to continue exactly: weights, optimizer, counters, RNG states.
 
     Called on every rank: the ranks draw different augmentations, so each one's RNG streams are
     gathered to rank 0, which alone writes ``last/`` (rank r > 0's as ``rng.torch.r``,
     ``rng.augment.r`` and ``text_rng_ranks[r]``; rank 0's under the single-process names).
     """
-    text_rng, aug_gen = rngs
+    world = run.world
+    text_rng, aug_gen = run.rngs
     # The GPU's RNG too: dropout in a fine-tuned text transformer draws from it.
     cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     mine = (torch.get_rng_state(), aug_gen.get_state(), _jsonable(text_rng.getstate()), cuda_state)
@@ -563,9 +779,7 @@ def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs,
         dist.all_gather_object(streams, mine)
     if not world.main:
         return
-    tensors, opt_state = optimizer_to_flat(optimizer)
-    for k, v in loss_fn.state_dict().items():
-        tensors[f"loss.{k}"] = v
+    tensors, opt_state = optimizer_to_flat(run.optimizer)
     tensors["rng.torch"], tensors["rng.augment"], text_state, cuda_state = streams[0]
     if cuda_state is not None:
         tensors["rng.cuda"] = cuda_state
@@ -576,7 +790,7 @@ def _save_last(model, loss_fn, optimizer, cfg, run_dir: Path, state: dict, rngs,
             if cuda_state is not None:
                 tensors[f"rng.cuda.{r}"] = cuda_state
         extra["text_rng_ranks"] = {str(r): streams[r][2] for r in range(1, world.size)}
-    save_model(model, run_dir / "last", cfg, None, (tensors, extra))
+    save_model(run.model, run.run_dir / "last", run.cfg, None, (tensors, extra))
 
 
 def _jsonable(x):
@@ -587,31 +801,34 @@ def _tupled(x):
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def _restore(run_dir: Path, model, loss_fn, optimizer, device, rngs, world: World) -> dict:
-    state_dict, _, _ = load_checkpoint(run_dir / "last")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+def _restore(run: TrainingRun) -> dict:
+    """Load ``last/`` into the run (weights, optimizer, this rank's RNG streams); returns its counters."""
+    last, world = run.run_dir / "last", run.world
+    state_dict, _, _ = load_checkpoint(last)
+    tensors, saved = load_trainer_state(last)
+    # Runs saved before the model owned InfoNCE's temperature kept it with the trainer state.
+    state_dict = upgrade_state_dict({**state_dict, **{k: v for k, v in tensors.items() if k.startswith("loss.")}})
+    missing, unexpected = run.model.load_state_dict(state_dict, strict=False)
     if unexpected:
-        raise ValueError(f"{run_dir / 'last'}: unexpected tensors {unexpected[:5]}")
-    tensors, saved = load_trainer_state(run_dir / "last")
-    loss_fn.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+        raise ValueError(f"{last}: unexpected tensors {unexpected[:5]}")
     # Left on the CPU: load_state_dict moves the moments to their parameters' device and keeps
     # AdamW's step counters on the host, where the optimizer wants them (a GPU counter would cost a
     # synchronisation per parameter and step).
-    optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
+    optimizer_from_flat(run.optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                         saved["optimizer"])
-    text_rng, aug_gen = rngs
+    text_rng, aug_gen = run.rngs
     suffix = f".{world.rank}" if world.rank else ""
     text_state = saved["text_rng"] if not world.rank else saved.get("text_rng_ranks", {}).get(str(world.rank))
     if f"rng.torch{suffix}" in tensors and text_state is not None:
         torch.set_rng_state(tensors[f"rng.torch{suffix}"])
         aug_gen.set_state(tensors[f"rng.augment{suffix}"])
         text_rng.setstate(_tupled(text_state))
-        if torch.device(device).type == "cuda" and f"rng.cuda{suffix}" in tensors:
+        if run.device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"])
     else:
         # Saved by a run with fewer processes: this rank keeps its freshly seeded streams (taking
         # rank 0's would make two ranks draw the same augmentations); the rest resumes exactly.
-        print(f"rank {world.rank}: {run_dir / 'last'} holds no RNG state for this rank "
+        print(f"rank {world.rank}: {last} holds no RNG state for this rank "
               f"(saved with {saved.get('world_size', 1)} process(es)); augmentations restart from the seed",
               flush=True)
     return saved["state"]

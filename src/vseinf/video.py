@@ -364,9 +364,13 @@ class ExtractReport:
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)  # a killed run never leaves a half-written <id>.npy
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)  # a killed run never leaves a half-written <id>.npy
+    except BaseException:  # Ctrl-C or a full disk: no temporary file is left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def extract_video_features(videos: str | os.PathLike | Sequence[str | os.PathLike],
@@ -686,19 +690,21 @@ class VideoEmbedder:
 
 def add_extract_video_arguments(parser) -> None:
     """Adds the video-file options to the ``vseinf extract`` parser."""
+    from .argtypes import positive_float, positive_int
+
     g = parser.add_argument_group("video files (vseinf extract --videos DIR --out DIR)")
     g.add_argument("--videos", help="a folder of video files: decode, sample frames, store T×D "
                                     "features as <out>/<video_id>.npy")
     g.add_argument("--out", help="output folder for the .npy frame features")
-    g.add_argument("--frames", type=int, default=None,
+    g.add_argument("--frames", type=positive_int, default=None,
                    help="uniform frame count per clip (default 32)")
-    g.add_argument("--fps", type=float, default=None, help="sample at this rate instead of a count")
-    g.add_argument("--max-frames", type=int, default=None, help="with --fps: at most this many frames")
+    g.add_argument("--fps", type=positive_float, default=None, help="sample at this rate instead of a count")
+    g.add_argument("--max-frames", type=positive_int, default=None, help="with --fps: at most this many frames")
     g.add_argument("--backbone", default=None,
                    help="image backbone (default: the config's model.backbone, else mobilenet_v2)")
     g.add_argument("--backbone-weights", default=None, help="'default', a weights file, or 'none'")
-    g.add_argument("--image-size", type=int, default=None, help="frame input size (default 224)")
-    g.add_argument("--frame-batch", type=int, default=32, help="frames per backbone call")
+    g.add_argument("--image-size", type=positive_int, default=None, help="frame input size (default 224)")
+    g.add_argument("--frame-batch", type=positive_int, default=32, help="frames per backbone call")
     if not any("--device" in a.option_strings for a in parser._actions):
         parser.add_argument("--device", default="cpu", help="where the backbones run (cpu, cuda, cuda:1…)")
     if not any("--rebuild" in a.option_strings for a in parser._actions):

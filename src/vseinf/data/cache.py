@@ -15,6 +15,13 @@ are read from disk.
 :class:`FeatureCacheWriter` streams items in and writes under a temporary name; only
 :meth:`FeatureCacheWriter.close`, after the last item, renames the folder into place. A killed
 extraction therefore never leaves a folder that :class:`FeatureCache` would accept.
+
+A ``resumable`` writer (what ``vseinf extract`` and training use) writes into ``.<name>.partial``
+beside the cache and records its progress there every ``checkpoint_every`` items; a writer
+started later with the same settings continues from the last record instead of from the start.
+Writers that are not resumable (or find the partial folder held by another process) use a private
+``.<name>.tmp-<host>-<pid>-…`` folder, removed when they fail; ones left by a killed process of
+this machine are removed by the next writer of that cache.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import struct
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -50,6 +58,8 @@ __all__ = [
 FORMAT = "vseinf-feature-cache"
 VERSION = 1
 _FEATURES, _OFFSETS, _META = "features.npy", "offsets.npy", "meta.json"
+_PROGRESS, _LOCK = "progress.json", ".lock"
+CHECKPOINT_EVERY = 1024
 # The .npy header is written last, when the row count is known; this many bytes are kept free
 # for it at the front of the file (a multiple of 64, as the .npy format wants data aligned).
 _HEADER_BYTES = 128
@@ -123,11 +133,19 @@ class FeatureCacheWriter:
         keys: optional item names (e.g. image paths), stored in ``meta.json``.
         signature: what the features depend on (backbone, weights hash, input size, …);
             :class:`FeatureCache` compares it to detect a stale cache. Must be JSON-serialisable.
+        resumable: keep the items written so far in ``.<name>.partial`` (recorded every
+            ``checkpoint_every`` items) and continue from there: :attr:`count` says how many
+            items a resumed writer already holds, and the caller appends from that item on.
+            :attr:`keys` is then the list recorded with them.
+        restart: with ``resumable``, drop the items a previous writer left and start over.
+        checkpoint_every: items between progress records (a resumed writer repeats at most as
+            many items).
     """
 
     def __init__(self, directory: str | os.PathLike, dim: int, n_items: int, *,
                  set_size: int | None = None, keys: Sequence[str] | None = None,
-                 signature: dict[str, Any] | None = None) -> None:
+                 signature: dict[str, Any] | None = None, resumable: bool = False,
+                 restart: bool = False, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
         if int(dim) <= 0:
             raise ValueError(f"dim: must be positive, got {dim}")
         if int(n_items) < 0:
@@ -142,17 +160,77 @@ class FeatureCacheWriter:
         self.keys = None if keys is None else [str(k) for k in keys]
         self.signature = _normalise_signature(signature)
         _check_replaceable(self.directory)
+        if int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every: must be positive, got {checkpoint_every}")
+        self.checkpoint_every = int(checkpoint_every)
         # What is there now: a cache that appears there later was published by another process.
         self._found = _identity(self.directory)
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        # A hidden sibling, so the final rename stays on one file system (and is atomic).
+        _remove_orphans(self.directory)
+        self._offsets = [0]
+        self._closed = False
+        self._lock = None
+        self.resumed = 0
+        # Hidden siblings, so the final rename stays on one file system (and is atomic).
+        if resumable and self._take_partial(restart):
+            return
         self._tmp = self.directory.parent / (
-            f".{self.directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            f".{self.directory.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
         self._tmp.mkdir()
         self._file = open(self._tmp / _FEATURES, "wb")
         self._file.write(b"\0" * _HEADER_BYTES)
-        self._offsets = [0]
-        self._closed = False
+
+    def _take_partial(self, restart: bool) -> bool:
+        """Open ``.<name>.partial`` for this writer (resuming what it holds unless ``restart``);
+        False when another process is writing there."""
+        import fcntl
+
+        partial = self.directory.parent / f".{self.directory.name}.partial"
+        partial.mkdir(exist_ok=True)
+        lock = open(partial / _LOCK, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The folder may have been published (renamed away) between our open and our lock.
+            same = os.fstat(lock.fileno()).st_ino == os.stat(partial / _LOCK).st_ino
+        except OSError:
+            same = False
+        if not same:
+            lock.close()
+            return False
+        self._lock, self._tmp = lock, partial
+        record = None if restart else _read_progress(partial)
+        expected = {"dim": self.dim, "n_items": self.n_items, "set_size": self.set_size,
+                    "signature": self.signature}
+        features = partial / _FEATURES
+        if record is not None and all(record.get(k) == v for k, v in expected.items()) and features.is_file():
+            offsets = record.get("offsets")
+            size = _HEADER_BYTES + int(offsets[-1]) * self.dim * 2
+            if features.stat().st_size >= size:
+                self._file = open(features, "r+b")
+                self._file.truncate(size)  # items written after the last record are written again
+                self._file.seek(size)
+                self._offsets = [int(o) for o in offsets]
+                if record.get("keys") is not None:
+                    self.keys = list(record["keys"])
+                self.resumed = self.count
+                return True
+        for leftover in (features, partial / _PROGRESS, partial / _OFFSETS, partial / _META):
+            leftover.unlink(missing_ok=True)
+        self._file = open(features, "wb")
+        self._file.write(b"\0" * _HEADER_BYTES)
+        return True
+
+    def checkpoint(self) -> None:
+        """Record the items written so far (resumable writers; called every ``checkpoint_every`` items)."""
+        if self._lock is None or self._closed:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        record = {"dim": self.dim, "n_items": self.n_items, "set_size": self.set_size,
+                  "signature": self.signature, "offsets": self._offsets, "keys": self.keys}
+        tmp = self._tmp / (_PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, self._tmp / _PROGRESS)
 
     @property
     def count(self) -> int:
@@ -179,6 +257,8 @@ class FeatureCacheWriter:
                              "float16 range (±65504)")
         self._file.write(half.tobytes())
         self._offsets.append(self._offsets[-1] + x.shape[0])
+        if self._lock is not None and self.count % self.checkpoint_every == 0 and self.count < self.n_items:
+            self.checkpoint()
 
     def append_batch(self, features: np.ndarray | torch.Tensor,
                      lengths: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> None:
@@ -218,10 +298,18 @@ class FeatureCacheWriter:
         FeatureCache(self._tmp)  # reads back every check before anything is published
         self._closed = True
         try:
-            return self._publish()
+            cache = self._publish()
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            self._release()
             raise
+        if self._lock is not None:
+            # Held until the folder has moved, so no other writer resumes from it meanwhile; the
+            # progress record and the lock file are not part of a cache.
+            self._release()
+            for name in (_PROGRESS, _LOCK):
+                (self.directory / name).unlink(missing_ok=True)
+        return cache
 
     def _publish(self) -> FeatureCache:
         # Several processes may build the same cache at once (a sweep of runs, every machine of a
@@ -263,12 +351,21 @@ class FeatureCacheWriter:
             return None
 
     def abort(self) -> None:
-        """Discards everything written so far (nothing at ``directory`` changes)."""
+        """Stops writing; nothing at ``directory`` changes. A resumable writer keeps the items up to
+        its last progress record for the next writer; any other discards everything."""
         if self._closed:
             return
         self._closed = True
         self._file.close()
+        if self._lock is not None:
+            self._release()
+            return
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the lock
+            self._lock = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -282,6 +379,46 @@ class FeatureCacheWriter:
             self.close()
         else:
             self.abort()
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Remove the private temporary folders of ``directory``'s writers that were killed on this
+    machine (their process is gone). Folders of other machines (a shared file system) are kept."""
+    prefix = f".{directory.name}.tmp-{_HOST}-"
+    try:
+        candidates = [p for p in directory.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in candidates:
+        pid = path.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _read_progress(partial: Path) -> dict | None:
+    try:
+        record = json.loads((partial / _PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    offsets = record.get("offsets") if isinstance(record, dict) else None
+    if not isinstance(offsets, list) or not offsets or offsets[0] != 0 or \
+            not all(isinstance(o, int) for o in offsets) or any(b < a for a, b in zip(offsets, offsets[1:])):
+        return None
+    return record
 
 
 def _identity(directory: Path) -> tuple[int, int] | None:

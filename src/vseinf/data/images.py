@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .splits import CaptionSplit
+from .splits import CaptionSplit, DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,9 @@ class ImageDataset(Dataset):
     lives in shared memory, so it is complete with ``num_workers > 0`` too; read it with
     :attr:`skipped` or :meth:`skipped_report`.
 
+    A split none of whose image files exists is an error naming them: the image folder (or the
+    paths in the captions file) is wrong, and every batch would otherwise come out empty.
+
     Args:
         source: a :class:`CaptionSplit` with image files, or a sequence of image paths.
         transform: turns a PIL image into a tensor, e.g. :class:`ImageTransform`.
@@ -223,6 +226,7 @@ class ImageDataset(Dataset):
                 raise ValueError(f"{source.name}: a split of precomputed features has no image "
                                  "files to load")
             self.paths = [source.image_path(i) for i in range(source.n_images)]
+            _check_some_image_exists(source, self.paths)
         else:
             self.paths = [Path(p) for p in source]
         self.transform = transform
@@ -267,6 +271,15 @@ class ImageDataset(Dataset):
         more = f", … and {len(files) - limit} more" if len(files) > limit else ""
         noun = "image" if len(files) == 1 else "images"
         return f"skipped {len(files)} unreadable {noun}: {names}{more}"
+
+
+def _check_some_image_exists(split: CaptionSplit, paths: Sequence[Path]) -> None:
+    """Raise when not one of ``paths`` exists (stops at the first that does: one stat, usually)."""
+    if not paths or any(p.exists() for p in paths):
+        return
+    names = ", ".join(split.image_keys[:3]) + (", …" if len(paths) > 3 else "")
+    raise DataFormatError(split.image_root, f"none of the {len(paths)} images of {split.name} is here "
+                                            f"({names}); is the image folder right?")
 
 
 def collate_skip_broken(batch: Sequence[object]) -> object | None:

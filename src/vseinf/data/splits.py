@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,14 +202,25 @@ def _group(name: str, pairs: Sequence[tuple[str, str]], image_root: Path | None,
                         caption_to_image=np.asarray(owners, dtype=np.int64))
 
 
-def _read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (a BOM and Windows line ends are tolerated)."""
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 are reported by line."""
     if not path.is_file():
         raise DataFormatError(path, "file not found")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        # A byte offset is no help in a text editor: give the line and the column within it.
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[line_start:e.start].decode("utf-8", errors="replace")) + 1
+        raise DataFormatError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} in column {column}: "
+                                    f"{e.reason}); save the file as UTF-8",
+                              line=data.count(b"\n", 0, e.start) + 1) from None
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM and Windows line ends are tolerated)."""
+    text = _read_text(path)
     # Split on "\n" only: str.splitlines() also breaks on characters such as U+0085 or U+2028
     # that do turn up inside captions, and would shift every later line number.
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
@@ -224,6 +236,49 @@ _SPLIT_ALIASES = {"val": "dev", "valid": "dev", "validation": "dev"}
 def _canonical_split(split: str) -> str:
     s = str(split).strip().lower()
     return _SPLIT_ALIASES.get(s, s)
+
+
+# The split names datasets use (after the aliases above). A row whose split is none of these, nor
+# the split asked for, is most likely a typo ("trian") or a damaged cell: it would be in no split.
+KNOWN_SPLITS = frozenset({"train", "dev", "test", "restval", "testall"})
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def rows_of_split(path: Path, splits: Sequence[str | None], split: str, has_column: bool,
+                  canonical=_canonical_split, what: str = "(image, caption)") -> list[int]:
+    """Which rows (indices) belong to ``split``, given each row's split value.
+
+    Rows whose value names no known split are in none: a warning gives their count and values.
+
+    Args:
+        path: the file, for messages.
+        splits: each row's split value (``None``: the row has none).
+        split: the split asked for.
+        has_column: whether the file has a split column / field at all (an error otherwise).
+        canonical: maps a split value to its canonical name (aliases of "dev" …).
+        what: what a row is, for messages.
+    """
+    if not has_column:
+        raise DataFormatError(path, f"split {split!r} requested, but the file has no 'split' column; "
+                                    "pass split=None to use every row", field="split")
+    want = canonical(split)
+    known = KNOWN_SPLITS | {want}
+    unknown = Counter(v for v in splits if v is None or canonical(v) not in known)
+    if unknown:
+        shown = ", ".join(f"{'no split' if v is None else repr(v)} ({_plural(c, 'row')})"
+                          for v, c in unknown.most_common(5))
+        more = f", and {len(unknown) - 5} more values" if len(unknown) > 5 else ""
+        log.warning("%s: %s left out of every split, for a split value that is none of %s: %s%s", path,
+                    _plural(sum(unknown.values()), "row"), ", ".join(sorted(known)), shown, more)
+    keep = [i for i, v in enumerate(splits) if v is not None and canonical(v) == want]
+    if not keep:
+        have = sorted({str(v) for v in splits if v is not None})
+        raise DataFormatError(path, f"no {what} rows in split {split!r} (the file's split values: "
+                                    f"{', '.join(have) or 'none'})")
+    return keep
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +409,7 @@ def read_karpathy_json(json_path: str | os.PathLike, image_root: str | os.PathLi
     if not json_path.is_file():
         raise DataFormatError(json_path, "file not found")
     try:
-        doc = json.loads(json_path.read_text(encoding="utf-8-sig"))
+        doc = json.loads(_read_text(json_path))
     except json.JSONDecodeError as e:
         raise DataFormatError(json_path, f"invalid JSON: {e.msg}", line=e.lineno) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
@@ -529,7 +584,8 @@ def _normalise_key(key: str) -> str:
     return os.path.normpath(key.strip()).replace(os.sep, "/")
 
 
-def _pairs_from_csv(path: Path, lines: list[str]) -> list[tuple[str, str, str | None, int]]:
+def _pairs_from_csv(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, str | None, int]], bool]:
+    """The rows (image, caption, split or None, line) and whether the header has a split column."""
     reader = csv.reader([ln + "\n" for ln in lines])
     try:
         header = next(reader)
@@ -564,10 +620,12 @@ def _pairs_from_csv(path: Path, lines: list[str]) -> list[tuple[str, str, str | 
             rows.append((image, caption, row[si].strip() if si is not None else None, start))
     except csv.Error as e:
         raise DataFormatError(path, f"malformed CSV ({e})", line=reader.line_num) from None
-    return rows
+    if not rows:
+        raise DataFormatError(path, "no (image, caption) rows below the header")
+    return rows, si is not None
 
 
-def _pairs_from_jsonl(path: Path, lines: list[str]) -> list[tuple[str, str, str | None, int]]:
+def _pairs_from_jsonl(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, str | None, int]], bool]:
     rows = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -592,12 +650,12 @@ def _pairs_from_jsonl(path: Path, lines: list[str]) -> list[tuple[str, str, str 
         if split is not None and not isinstance(split, str):
             raise DataFormatError(path, "'split' must be a string", line=lineno)
         rows.extend((image.strip(), c.strip(), split, lineno) for c in caps)
-    return rows
+    return rows, any(r[2] is not None for r in rows)
 
 
-def _pairs_from_tsv(path: Path, lines: list[str]) -> list[tuple[str, str, str | None, int]]:
+def _pairs_from_tsv(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, str | None, int]], bool]:
     return [(*_parse_token_line(path, lineno, line, require_number=False), None, lineno)
-            for lineno, line in enumerate(lines, 1) if line.strip()]
+            for lineno, line in enumerate(lines, 1) if line.strip()], False
 
 
 def read_pairs_file(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
@@ -626,23 +684,18 @@ def read_pairs_file(path: str | os.PathLike, image_root: str | os.PathLike | Non
     lines = _read_lines(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = _pairs_from_jsonl(path, lines)
+        rows, has_split = _pairs_from_jsonl(path, lines)
     elif suffix == ".csv":
-        rows = _pairs_from_csv(path, lines)
+        rows, has_split = _pairs_from_csv(path, lines)
     elif suffix in (".txt", ".tsv"):
         first = next((ln for ln in lines if ln.strip()), "")
-        rows = (_pairs_from_tsv if "\t" in first else _pairs_from_csv)(path, lines)
+        rows, has_split = (_pairs_from_tsv if "\t" in first else _pairs_from_csv)(path, lines)
     else:
         raise DataFormatError(path, "unknown pairs format (use .csv, .jsonl, .txt or .tsv)")
-    if split is not None:
-        if not any(r[2] is not None for r in rows):
-            raise DataFormatError(path, f"split {split!r} requested, but the file has no 'split' "
-                                        "column; pass split=None to use every row", field="split")
-        want = _canonical_split(split)
-        rows = [r for r in rows if r[2] is not None and _canonical_split(r[2]) == want]
     if not rows:
-        raise DataFormatError(path, "no (image, caption) rows" +
-                              (f" in split {split!r}" if split is not None else ""))
+        raise DataFormatError(path, "no (image, caption) rows")
+    if split is not None:
+        rows = [rows[i] for i in rows_of_split(path, [r[2] for r in rows], split, has_split)]
     root = Path(image_root) if image_root is not None else path.parent
     name = f"{path.name}/{_canonical_split(split)}" if split is not None else path.name
     return _group(name, [(_normalise_key(img), cap) for img, cap, _, _ in rows], root)

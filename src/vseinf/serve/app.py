@@ -597,12 +597,14 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
 
 
 def add_serve_parser(sub):
+    from ..argtypes import port_number
+
     p = sub.add_parser("serve", help="web page + JSON API to search an index",
                        description="Serve INDEX_DIR: a search page at /, the GPO coefficient plot at /gpo, "
                                    "and GET /api/search?q=TEXT&k=K.")
     p.add_argument("index_dir", help="index directory made by `vseinf encode` (or `vseinf demo`)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
     p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
     add_engine_settings(p)

