@@ -172,7 +172,7 @@ def test_ivfpq_index_saved_and_loaded_with_the_gallery(glove_sample, tmp_path):
     gallery, queries = glove_sample
     out = tmp_path / "index"
     meta = {"kind": "captions", "root": str(tmp_path / "words.txt"), "model": {"name": "test"},
-            "items": [{"caption": f"word {i}"} for i in range(len(gallery))]}
+            "items": [{"caption": f"word {i}", "path": f"words.txt:{i + 1}"} for i in range(len(gallery))]}
     engine = IVFPQIndex.build(gallery)
     meta["engine"] = engine.describe()
     vindex._write_index(out, meta, gallery, engine)

@@ -1705,8 +1705,8 @@ def meta_schema():
     class ModelInfo(Open):
         checkpoint: Optional[StrictStr] = None
         bundled: StrictBool = False
-        config_hash: StrictStr
-        weights_hash: StrictStr
+        config_hash: Optional[StrictStr] = None  # without them the index matches no model: search says so
+        weights_hash: Optional[StrictStr] = None
         embed_dim: Optional[StrictInt] = positive
 
     class Item(Open):
@@ -1909,7 +1909,8 @@ class Gallery:
                 with faiss_fh:
                     try:
                         index = IVFPQIndex(_read_faiss(faiss_fh, path / FAISS_FILE), emb,
-                                           saved_engine.get("nprobe", IVF_NPROBE), saved_engine.get("rerank", IVF_RERANK))
+                                           saved_engine.get("nprobe", IVF_NPROBE),
+                                           saved_engine.get("rerank", IVF_RERANK))
                     except IndexFormatError as exc:
                         raise IndexFormatError(f"{path / FAISS_FILE}: {exc}") from None
             elif want in ("hnsw", "ivfpq") and not faiss_available() and engine is None:
@@ -2316,7 +2317,7 @@ def _search_many(gallery: Gallery, model, queries: list[tuple[int, str]], k: int
         chunk = queries[start:start + QUERY_CHUNK]
         vectors = encode_texts_np(model, [q for _, q in chunk])
         for (line, query), results in zip(chunk, gallery.search(vectors, k, absolute=True)):
-            print(json.dumps({"line": line, "query": query, "results": results}, ensure_ascii=False))
+            print(json_text({"line": line, "query": query, "results": results}))
         sys.stdout.flush()
 
 
