@@ -241,7 +241,9 @@ def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path,
                    ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1", "--json"]) == 0
     printed = capsys.readouterr().out
     printed.encode("utf-8")  # printable on a UTF-8 terminal
-    assert json.loads(printed)["results"][0]["path"] == str(latin1)  # and the exact name, for programs
+    first = json.loads(printed)["results"][0]
+    # the exact name, for programs: relative to the gallery in "path" (as /api/search), in full in "file"
+    assert first["path"] == latin1.name and first["file"] == str(latin1)
     assert run_cli(vindex.add_search_parser, vindex.run_search,
                    ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("caf\\xe9.png")
