@@ -53,6 +53,9 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
+    p.add_argument("--weight", type=float, action="append",
+                   help="an ensemble's weight of each --checkpoint's similarities, in the same order "
+                        "(default: equal weights, the average)")
     p.add_argument("--data", help="dataset folder or file (default: the checkpoint's data.path)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
@@ -69,7 +72,7 @@ def _cmd_eval(args, extra):
     if extra:
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
     metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
-                                   device=args.device, max_images=args.max_images)
+                                   device=args.device, max_images=args.max_images, weights=args.weight)
     print(format_table(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
