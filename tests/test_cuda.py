@@ -121,6 +121,16 @@ def test_rank_routine_on_cuda_equals_the_reference(chunk_size):
     assert_same_details(rank_details_from_embeddings(img.to(CUDA), txt.to(CUDA), t2i, chunk_size=chunk_size), ref)
 
 
+def test_rank_routine_on_cuda_breaks_ties_like_the_reference():
+    from test_evaluation import assert_same_details, tie_heavy
+
+    from vseinf.evaluation import rank_details, rank_details_reference
+
+    sims, t2i = tie_heavy(np.random.default_rng(0), 300)
+    ref = rank_details_reference(sims, t2i)
+    assert_same_details(rank_details(torch.from_numpy(sims).to(CUDA), t2i, chunk_size=64), ref)
+
+
 def test_exact_index_on_cuda_equals_the_reference():
     from vseinf.index import ExactIndex, exact_search_reference
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from vseinf import evaluation
 from vseinf.evaluation import (
     METRIC_KEYS,
+    ensemble_embeddings,
     ensemble_sims,
     evaluate_protocol,
     evaluate_protocol_from_embeddings,
@@ -357,6 +358,42 @@ def test_ensemble_averages_and_checks_shapes():
         ensemble_sims([a, rng.random((3, 5))])
     with pytest.raises(ValueError, match="list_of_sims"):
         ensemble_sims([])
+
+
+def test_ensemble_embeddings_rank_like_the_weighted_summed_similarities():
+    # Two "models" of different widths; integer-valued embeddings make every dot product exact,
+    # so the concatenation's scores equal the weighted sum of the matrices bit for bit, ties and all.
+    rng = np.random.default_rng(2)
+    t2i = random_captions(rng, 30)
+    img = [rng.integers(-2, 3, size=(30, d)).astype(np.float32) for d in (3, 5)]
+    txt = [rng.integers(-2, 3, size=(t2i.size, d)).astype(np.float32) for d in (3, 5)]
+    sims = [i @ t.T for i, t in zip(img, txt)]
+    for weights, combined in ((None, ensemble_sims(sims)), ([1.0, 2.0], sims[0] + 2 * sims[1])):
+        ens_img, ens_txt = ensemble_embeddings(img, txt, weights)
+        assert ens_img.shape == (30, 8) and ens_txt.shape == (t2i.size, 8)
+        np.testing.assert_array_equal((ens_img @ ens_txt.T).numpy(), combined)
+        assert_same_details(
+            rank_details_from_embeddings(ens_img, ens_txt, t2i, chunk_size=7),
+            rank_details_reference(combined, t2i),
+        )
+    one_img, one_txt = ensemble_embeddings([torch.from_numpy(img[0])], [txt[0]])
+    np.testing.assert_array_equal(one_img.numpy(), img[0])
+
+
+def test_ensemble_embeddings_errors_name_the_field():
+    a, t = np.ones((4, 3)), np.ones((6, 3))
+    with pytest.raises(ValueError, match="image_embs: is empty"):
+        ensemble_embeddings([], [])
+    with pytest.raises(ValueError, match="text_embs: has 1 models' embeddings but image_embs has 2"):
+        ensemble_embeddings([a, a], [t])
+    with pytest.raises(ValueError, match=r"image_embs\[1\]: has 5 images"):
+        ensemble_embeddings([a, np.ones((5, 3))], [t, t])
+    with pytest.raises(ValueError, match=r"text_embs\[1\]: has dimension 2 but image_embs\[1\] has dimension 3"):
+        ensemble_embeddings([a, a], [t, np.ones((6, 2))])
+    with pytest.raises(ValueError, match="weights: has 1 entries for 2 models"):
+        ensemble_embeddings([a, a], [t, t], [1.0])
+    with pytest.raises(ValueError, match="weights: must be finite"):
+        ensemble_embeddings([a, a], [t, t], [1.0, float("nan")])
 
 
 def test_format_table_rows_columns_and_values():

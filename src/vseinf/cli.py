@@ -92,6 +92,9 @@ def _add_eval(sub):
                                    "frozen (extracted first when missing).")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="checkpoint or run directory; repeat to evaluate an ensemble (averaged similarities)")
+    p.add_argument("--weight", type=float, action="append",
+                   help="an ensemble's weight of each --checkpoint's similarities, in the same order "
+                        "(default: equal weights, the average)")
     p.add_argument("--data", help="dataset folder or file (default: the checkpoint's data.path)")
     p.add_argument("--split", default=None, help="split to evaluate (default: the run's val split)")
     p.add_argument("--protocol", default="all", help="all | coco1k | coco5k | folds=N")
@@ -118,7 +121,7 @@ def _cmd_eval(args, extra):
     if extra:
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
     metrics = evaluate_checkpoints(args.checkpoint, data=args.data, split=args.split, protocol=args.protocol,
-                                   device=args.device, max_images=args.max_images)
+                                   device=args.device, max_images=args.max_images, weights=args.weight)
     print(format_table(metrics, _gallery_items(metrics["checkpoints"][0])))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")

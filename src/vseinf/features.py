@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import RunConfig
 from .data.cache import FeatureCache, FeatureCacheWriter, cache_path, open_cache
 from .data.splits import CaptionSplit
 
@@ -102,6 +103,16 @@ def _captions_id(split: CaptionSplit) -> str:
     for c in split.captions:
         h.update(c.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def uses_image_cache(cfg: RunConfig) -> bool:
+    """Grid features come from the cache when the CNN never trains (or the data is precomputed)."""
+    return cfg.model.image_encoder != "grid" or (cfg.data.use_cache and not cfg.train.finetune_backbone)
+
+
+def uses_text_cache(cfg: RunConfig) -> bool:
+    """Token outputs come from the cache when a transformer text encoder never trains."""
+    return cfg.model.text_encoder == "transformer" and cfg.data.use_cache and not cfg.train.finetune_text
 
 
 def image_sets(model, split: CaptionSplit, batch_size: int = 32, num_workers: int = 0,

@@ -40,9 +40,10 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import (load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat,
                          upgrade_state_dict)
 from .config import RunConfig, config_from_dict
-from .data.splits import CaptionSplit, open_split
+from .data.splits import CaptionSplit, open_split, resolve_data_path
 from .distributed import World, in_turns, init_distributed
-from .evaluation import retrieval_metrics, round_metrics
+from .evaluate import evaluate_split
+from .features import uses_image_cache, uses_text_cache
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
 from .precision import autocast, resolve_precision
@@ -58,16 +59,6 @@ def _device(world: World) -> torch.device:
 # Data
 
 
-def resolve_data_path(path: str, source: str = "data.path") -> str:
-    """``path`` made absolute (a run can then be evaluated or resumed from any folder); a path that
-    does not exist is an error that shows both the path as given and where it was looked for."""
-    full = Path(path).expanduser().resolve()
-    if not full.exists():
-        shown = path if str(full) == path else f"{path} (= {full})"
-        raise FileNotFoundError(f"{source} {shown}: no such file or folder; pass --data DIR")
-    return str(full)
-
-
 def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
     if not cfg.data.path:
         raise ValueError("data.path is not set: pass --data DIR or set data.path in the config")
@@ -78,15 +69,6 @@ def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
     if cfg.data.max_val_images:
         val = val.subset(range(min(cfg.data.max_val_images, val.n_images)))
     return train, val
-
-
-def uses_image_cache(cfg: RunConfig) -> bool:
-    """Grid features come from the cache when the CNN never trains (or the data is precomputed)."""
-    return cfg.model.image_encoder != "grid" or (cfg.data.use_cache and not cfg.train.finetune_backbone)
-
-
-def uses_text_cache(cfg: RunConfig) -> bool:
-    return cfg.model.text_encoder == "transformer" and cfg.data.use_cache and not cfg.train.finetune_text
 
 
 class Side:
@@ -174,64 +156,6 @@ def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment
                    rng: random.Random | None = None, generator: torch.Generator | None = None):
     return model.embed_texts(*caption_inputs(model, side, caption_indices, device, augment, rng, generator))
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation on a split
-
-
-@torch.no_grad()
-def encode_split(model: VSEModel, image: Side, text: Side, batch_size: int = 256, device="cpu",
-                 num_workers: int = 0):
-    """Embed every image once and every caption once; returns (image_emb, text_emb, usable-image mask)."""
-    model.eval()
-    split = image.split
-    starts = range(0, split.n_images, batch_size)
-    live = None
-    if image.kind == "images":
-        batches = [range(s, min(s + batch_size, split.n_images)) for s in starts]
-        live = live_images(model, split, False, batches, num_workers, device)
-    img_rows = []
-    usable = np.ones(split.n_images, dtype=bool)
-    for start in starts:
-        idx = list(range(start, min(start + batch_size, split.n_images)))
-        emb, keep = embed_images(model, image, idx, device, live)
-        full = torch.zeros(len(idx), model.embed_dim, device=device)
-        if emb is not None:
-            full[torch.tensor(keep, dtype=torch.long)] = emb.float()
-        dropped = sorted(set(range(len(idx))) - set(keep))
-        usable[[idx[d] for d in dropped]] = False
-        img_rows.append(full)
-    if image.kind == "sets" and getattr(image.source, "broken", None) is not None:
-        usable &= ~image.source.broken
-    txt_rows = []
-    for start in range(0, split.n_captions, batch_size):
-        idx = list(range(start, min(start + batch_size, split.n_captions)))
-        txt_rows.append(embed_captions(model, text, idx, device, augment=False).float())
-    return torch.cat(img_rows), torch.cat(txt_rows), usable
-
-
-def drop_unusable(img, txt, text_to_image, usable):
-    """Leave out images (or clips) that could not be read, and their captions; renumber the rest."""
-    if usable.all():
-        return img, txt, text_to_image
-    keep_img = np.flatnonzero(usable)
-    remap = -np.ones(len(usable), dtype=np.int64)
-    remap[keep_img] = np.arange(len(keep_img))
-    keep_txt = np.flatnonzero(usable[text_to_image])
-    return (img[torch.from_numpy(keep_img)], txt[torch.from_numpy(keep_txt)],
-            remap[text_to_image[keep_txt]])
-
-
-def evaluate_split(model: VSEModel, image: Side, text: Side, device="cpu", num_workers: int = 0) -> dict:
-    """Recall@K table of ``model`` on a split (images that could not be read are left out)."""
-    img, txt, usable = encode_split(model, image, text, device=device, num_workers=num_workers)
-    img, txt, t2i = drop_unusable(img, txt, image.split.caption_to_image, usable)
-    sims = img @ txt.T
-    metrics = round_metrics(retrieval_metrics(sims.cpu(), t2i))
-    metrics["n_images"] = int(len(img))
-    metrics["n_captions"] = int(len(txt))
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

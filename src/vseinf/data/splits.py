@@ -760,3 +760,13 @@ def open_split(path: str | os.PathLike, split: str | None = None, **kwargs) -> C
             return read_pairs_file(p / name, split=split, **kwargs)
     raise DataFormatError(p, "cannot tell the layout: expected Flickr8k_text/, *_ims.npy, "
                              "precomp/, or a captions.csv/.jsonl/.txt inside")
+
+
+def resolve_data_path(path: str, source: str = "data.path") -> str:
+    """``path`` made absolute (a run can then be evaluated or resumed from any folder); a path that
+    does not exist is an error that shows both the path as given and where it was looked for."""
+    full = Path(path).expanduser().resolve()
+    if not full.exists():
+        shown = path if str(full) == path else f"{path} (= {full})"
+        raise FileNotFoundError(f"{source} {shown}: no such file or folder; pass --data DIR")
+    return str(full)
