@@ -13,8 +13,9 @@ Training imports this module (validation each epoch); it imports nothing from tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,11 @@ import torch
 from .config import RunConfig
 from .data.images import ImageBatches, ImageDataset, image_batch_loader
 from .data.splits import CaptionSplit, open_split
-from .evaluation import ensemble_embeddings, evaluate_protocol_from_embeddings, retrieval_metrics_from_embeddings
+from .evaluation import (
+    ensemble_embeddings,
+    evaluate_protocol_from_embeddings,
+    retrieval_metrics_from_embeddings,
+)
 from .features import image_sets, text_sets, uses_image_cache, uses_text_cache
 from .model import VSEModel, load_model
 
