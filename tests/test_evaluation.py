@@ -376,7 +376,7 @@ def test_ensemble_embeddings_rank_like_the_weighted_summed_similarities():
             rank_details_from_embeddings(ens_img, ens_txt, t2i, chunk_size=7),
             rank_details_reference(combined, t2i),
         )
-    one_img, one_txt = ensemble_embeddings([torch.from_numpy(img[0])], [txt[0]])
+    one_img, _ = ensemble_embeddings([torch.from_numpy(img[0])], [txt[0]])
     np.testing.assert_array_equal(one_img.numpy(), img[0])
 
 
