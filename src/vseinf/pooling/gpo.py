@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .functional import check_set_batch, valid_mask
-from .kernels import bigru_over_positions, rank_weighted_sum
+from .kernels import bigru_over_positions, on_one_thread, rank_weighted_sum
 from .registry import register_pooling
 
 __all__ = ["positional_encoding", "RankWeightedPool", "GPO"]
@@ -63,9 +63,10 @@ class RankWeightedPool(nn.Module):
         """θ for each size in ``sizes`` (U × n_max): softmax(score / T) over the valid positions, 0 after."""
         sizes = torch.as_tensor(sizes, dtype=torch.long)
         n_max = int(sizes.max()) if n_max is None else n_max
-        # The generator is tiny and its softmax is sharp (T = 0.1): keep it in fp32 under autocast.
+        # The generator is tiny and its softmax is sharp (T = 0.1): keep it in fp32 under autocast,
+        # and on one thread (hundreds of kernels on a few numbers each).
         with torch.autocast(sizes.device.type, enabled=False):
-            scores = self.size_scores(sizes, n_max)
+            scores = on_one_thread(lambda: self.size_scores(sizes, n_max), self.parameters())
         scores = scores.float().masked_fill(~valid_mask(sizes.to(scores.device), n_max), float("-inf"))
         return torch.softmax(scores / self.temperature, dim=1)
 

@@ -10,6 +10,11 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .functional import valid_mask
 
-__all__ = ["rank_weighted_sum", "rank_weighted_sum_reference", "bigru_over_positions", "packed_bigru"]
+__all__ = ["rank_weighted_sum", "rank_weighted_sum_reference", "bigru_over_positions", "packed_bigru", "on_one_thread"]
 
 
 def rank_weighted_sum_reference(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -37,7 +42,8 @@ class _SortedWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weights, mask):
-        xt = features.detach().transpose(1, 2).contiguous()  # B × D × N, sortable rows
+        # B × D × N, sortable rows; a copy even when the transpose is a no-op (D = 1): it is written to
+        xt = features.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format)
         xt.masked_fill_(~mask.unsqueeze(1), float("-inf"))
         values, order = xt.sort(dim=2, descending=True)
         values.masked_fill_(~mask.unsqueeze(1), 0.0)  # padding sorted last; -inf would give NaN
@@ -54,6 +60,86 @@ class _SortedWeightedSum(torch.autograd.Function):
             grad_features = torch.empty_like(per_rank).scatter_(2, order, per_rank).transpose(1, 2)
         if ctx.needs_input_grad[1]:
             grad_weights = torch.bmm(grad_out.unsqueeze(1).to(values.dtype), values).squeeze(1)
+        return grad_features, grad_weights, None
+
+
+# A float32 v at set position n is sorted as one float64 key: high word the bits of v, low word n.
+_NEG_INF_BITS = -0x800000  # float32 -inf as int32: the key of padding, sorted before every valid value
+_sort_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): pools do not survive fork
+
+
+def _sort_rows_inplace(rows: np.ndarray) -> None:
+    """Sort each row of a 2-D float64 array in place (numpy's SIMD sort), split over torch's threads."""
+    global _sort_pool
+    threads = min(torch.get_num_threads(), max(1, rows.shape[0] // 4096))
+    if threads == 1:
+        rows.sort(axis=1)
+        return
+    if _sort_pool is None or _sort_pool[0] != os.getpid() or _sort_pool[1]._max_workers < threads:
+        _sort_pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="vseinf-sort"))
+    chunks = np.array_split(rows, threads)  # views; numpy releases the GIL while sorting
+    list(_sort_pool[1].map(lambda chunk: chunk.sort(axis=1), chunks))
+
+
+def _transpose_sets(x: torch.Tensor) -> torch.Tensor:
+    """B × N × D → D × B × N, a new contiguous tensor, as one 2-D transpose, which torch copies in
+    cache-sized blocks; a batched transpose B × N × D → B × D × N is copied element by element,
+    3–4× slower."""
+    batch, n_max, dim = x.shape
+    out = x.new_empty(dim, batch, n_max)  # always a copy: the caller writes into it
+    return out.view(dim, batch * n_max).copy_(x.reshape(batch * n_max, dim).t()).view(dim, batch, n_max)
+
+
+class _PackedSortWeightedSum(torch.autograd.Function):
+    """Σ_k w[b,k] · sort_desc(x[b, :, d])[k] for float32 CPU tensors, sorting with numpy.
+
+    Every (dimension, set) row is sorted as float64 keys: a float32 v at set position n becomes one
+    64-bit word, high half the bits of v, low half n. Read as a float64, that word has v's sign and
+    a magnitude that orders like |v| and then n (an IEEE float's bits order like its magnitude), so
+    sorting the words sorts the values, ties by position, and carries each position along. numpy
+    sorts float64 rows with x86-simd-sort's vectorised networks, several times faster than
+    torch.sort, which also writes an int64 index array beside the values. Padding is keyed -inf
+    with its position, larger than any valid one: it sorts first, before a valid -inf, and a NaN
+    (numpy sorts it last) stays among the valid values, as with torch.sort. So the value of
+    descending rank k sits at ascending position N-1-k whatever the set's size, and w is zero at
+    the ranks past it.
+
+    The backward pass sends g[b,d] · w[b, rank] to each element's position (a scatter by the
+    positions the sort carried, no second sort) and contracts the sorted values with g for w's
+    gradient. Large scratch tensors are reused: on the CPU a fresh one costs its page faults.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weights, mask):
+        batch, n_max, dim = features.shape
+        xt = _transpose_sets(features.detach())  # D × B × N
+        keys = torch.empty(dim, batch, n_max, 2, dtype=torch.int32)
+        keys[..., 0] = torch.arange(n_max, dtype=torch.int32)
+        padding = torch.tensor(_NEG_INF_BITS, dtype=torch.int32)
+        torch.where(mask, xt.view(torch.int32), padding, out=keys[..., 1])
+        _sort_rows_inplace(keys.view(torch.float64).view(dim * batch, n_max).numpy())
+        values = xt.view(batch, dim, n_max)  # xt's memory, now free: B × D × N for the products
+        valid = mask.flip(1).unsqueeze(1)  # B × 1 × N: padding sorted first
+        torch.where(valid, keys[..., 1].view(torch.float32).transpose(0, 1), values.new_zeros(()), out=values)
+        w_asc = weights.detach().flip(1)  # B × N, weight of each ascending position
+        positions = None
+        if ctx.needs_input_grad[0]:
+            positions = keys.view(torch.int64).squeeze(3).bitwise_and_(0xFFFFFFFF)  # D × B × N
+        ctx.save_for_backward(positions, values, w_asc)
+        return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        positions, values, w_asc = ctx.saved_tensors
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            batch, dim, n_max = values.shape
+            # D × B × N like the keys, so that one 2-D transpose gives the B × N × D gradient
+            grad_t = values.new_empty(dim, batch, n_max).scatter_(2, positions, w_asc.expand(dim, -1, -1))
+            grad_t.mul_(grad_out.t().unsqueeze(2))
+            grad_features = grad_t.view(dim, batch * n_max).t().contiguous().view(batch, n_max, dim)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(grad_out.unsqueeze(1), values).squeeze(1).flip(1)
         return grad_features, grad_weights, None
 
 
@@ -75,6 +161,8 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
             tail = 1.0 - weights.detach().float().cumsum(1)  # mass beyond positions 0..k
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
     if k > n_max // 4:
+        if features.device.type == "cpu" and features.dtype == torch.float32 and weights.dtype == torch.float32:
+            return _PackedSortWeightedSum.apply(features, weights, mask)
         return _SortedWeightedSum.apply(features, weights, mask)
     if k <= _REPEATED_MAX_K:
         return _TopWeightedSum.apply(features, weights, lengths, mask, k)
@@ -130,6 +218,59 @@ class _TopWeightedSum(torch.autograd.Function):
         return grad_features, grad_weights, None, None, None
 
 
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run a loop of tiny CPU kernels on one intra-op thread. Threads cannot speed up a product of a
+    few hundred numbers, yet MKL still hands each one to a second thread, and on a busy machine the
+    wait for that thread costs milliseconds a step (measured: 50x the single-threaded scan)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _OnOneThread(torch.autograd.Function):
+    """fn() built and differentiated under :func:`_one_thread`. ``params`` are the leaves fn's graph
+    reaches; the engine routes the gradients this returns for them as if fn had run directly."""
+
+    @staticmethod
+    def forward(ctx, fn, *params):
+        with torch.enable_grad(), _one_thread(params[0].device):
+            out = fn()
+        ctx.graph, ctx.params = out, params
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        wanted = ctx.needs_input_grad[1:]
+        params = [p for p, need in zip(ctx.params, wanted) if need]
+        with _one_thread(grad.device):
+            grads = iter(torch.autograd.grad(ctx.graph, params, grad, retain_graph=True, allow_unused=True))
+        return (None, *[next(grads) if need else None for need in wanted])
+
+
+def on_one_thread(fn, params) -> torch.Tensor:
+    """fn() — a small computation of many tiny kernels, such as GPO's θ generator — with its forward
+    and its backward pass on one intra-op thread (see :func:`_one_thread`).
+
+    Args:
+        fn: computes a tensor from ``params`` (and constants).
+        params: the tensors fn differentiates with respect to (a module's parameters).
+    """
+    params = tuple(params)
+    if not params or params[0].device.type != "cpu":
+        return fn()
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        with _one_thread(params[0].device):
+            return fn()
+    return _OnOneThread.apply(fn, *params)
+
+
 def packed_bigru(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Run a bidirectional GRU on U × n_max inputs with valid lengths ``sizes``; average directions."""
     packed = pack_padded_sequence(inputs, sizes.cpu(), batch_first=True, enforce_sorted=False)
@@ -145,8 +286,10 @@ class _GRUScan(torch.autograd.Function):
 
     Rows of the batch may use different recurrent weights (``row_weight`` picks one of the stacked
     sets), so GPO's forward direction (shared by all set sizes) and its reverse direction (one row per
-    size) run in one loop. Autograd through ``nn.GRU`` on the CPU costs several small kernels per step
-    in the backward pass; here the parameter gradients are two contractions after the loop.
+    size) run in one loop. The loops are what costs here (T steps of kernels on a few hundred
+    numbers each), so they hold as few kernels as possible: six a step forward, writing straight
+    into the buffers the backward pass reads; two a step backward, because everything that does not
+    depend on the incoming gradient is computed for all steps at once before the loop.
 
     Inputs: gi (R × T × 3H, input projections incl. bias, gate order r, z, n as in ``nn.GRU``),
     w_hh (S × 3H × H), b_hh (S × 3H), row_weight (R, long). Output: hidden states R × T × H (h0 = 0).
@@ -154,55 +297,72 @@ class _GRUScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gi, w_hh, b_hh, row_weight):
+        with _one_thread(gi.device):
+            return _GRUScan._forward(ctx, gi, w_hh, b_hh, row_weight)
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        with _one_thread(grad_hs.device):
+            return _GRUScan._backward(ctx, grad_hs)
+
+    @staticmethod
+    def _forward(ctx, gi, w_hh, b_hh, row_weight):
         rows, steps, three_h = gi.shape
         hid = three_h // 3
         w_rows = w_hh[row_weight]  # R × 3H × H
         w_rows_t = w_rows.transpose(1, 2)  # R × H × 3H
         b_rows = b_hh[row_weight].unsqueeze(1)  # R × 1 × 3H
-        h = gi.new_zeros(rows, hid)
-        hs = gi.new_empty(steps, rows, hid)
-        h_prev = gi.new_empty(steps, rows, hid)
-        gates = gi.new_empty(steps, rows, three_h)  # r, z, n
-        gh_n = gi.new_empty(steps, rows, hid)
+        gi_steps = gi.transpose(0, 1)  # T × R × 3H
+        gi_rz, gi_n = gi_steps[..., :2 * hid].contiguous(), gi_steps[..., 2 * hid:].contiguous()
+        hs = gi.new_zeros(steps + 1, rows, hid)  # hs[t + 1] = h_t, hs[0] = h0 = 0
+        gh = gi.new_empty(steps, rows, 1, three_h)  # W_hh h_{t-1} + b_hh
+        rz = gi.new_empty(steps, rows, 2 * hid)  # reset and update gates
+        n = gi.new_empty(steps, rows, hid)  # candidate state
+        # Per-step views made once: building them in the loop costs as much as the kernels.
+        h, h_col, gh_t = hs.unbind(0), hs.unsqueeze(2).unbind(0), gh.unbind(0)
+        gh_rz, gh_n = gh[:, :, 0, :2 * hid].unbind(0), gh[:, :, 0, 2 * hid:].unbind(0)
+        rz_t, r_t, z_t, n_t = rz.unbind(0), rz[..., :hid].unbind(0), rz[..., hid:].unbind(0), n.unbind(0)
+        gi_rz_t, gi_n_t = gi_rz.unbind(0), gi_n.unbind(0)
         for t in range(steps):
-            gh = torch.baddbmm(b_rows, h.unsqueeze(1), w_rows_t).squeeze(1)
-            g = gi[:, t]
-            rz = torch.sigmoid(g[:, :2 * hid] + gh[:, :2 * hid])
-            r, z = rz[:, :hid], rz[:, hid:]
-            n = torch.tanh(g[:, 2 * hid:] + r * gh[:, 2 * hid:])
-            h_prev[t] = h
-            h = n + z * (h - n)
-            hs[t] = h
-            gates[t, :, :2 * hid] = rz
-            gates[t, :, 2 * hid:] = n
-            gh_n[t] = gh[:, 2 * hid:]
-        ctx.save_for_backward(w_rows, h_prev, gates, gh_n, row_weight)
+            torch.baddbmm(b_rows, h_col[t], w_rows_t, out=gh_t[t])
+            torch.add(gi_rz_t[t], gh_rz[t], out=rz_t[t]).sigmoid_()
+            torch.addcmul(gi_n_t[t], r_t[t], gh_n[t], out=n_t[t]).tanh_()
+            torch.lerp(n_t[t], h[t], z_t[t], out=h[t + 1])  # h_t = (1 - z) n + z h_{t-1}
+        gates = torch.cat([rz, n], dim=2)  # T × R × 3H: r, z, n
+        ctx.save_for_backward(w_rows, hs, gates, gh, row_weight)
         ctx.n_sets = w_hh.shape[0]
-        return hs.transpose(0, 1)
+        return hs[1:].transpose(0, 1)
 
     @staticmethod
-    def backward(ctx, grad_hs):
-        w_rows, h_prev, gates, gh_n, row_weight = ctx.saved_tensors
-        steps, rows, hid = h_prev.shape
-        grad_hs = grad_hs.transpose(0, 1)  # T × R × H
-        d_gi = grad_hs.new_empty(steps, rows, 3 * hid)
-        d_gh = grad_hs.new_empty(steps, rows, 3 * hid)
-        dh = grad_hs.new_zeros(rows, hid)
-        for t in range(steps - 1, -1, -1):
-            dh = dh + grad_hs[t]
-            r, z, n = gates[t, :, :hid], gates[t, :, hid:2 * hid], gates[t, :, 2 * hid:]
-            da_n = dh * (1 - z) * (1 - n * n)
-            da_z = dh * (h_prev[t] - n) * z * (1 - z)
-            da_r = da_n * gh_n[t] * r * (1 - r)
-            d_gi[t, :, :hid] = da_r
-            d_gi[t, :, hid:2 * hid] = da_z
-            d_gi[t, :, 2 * hid:] = da_n
-            d_gh[t, :, :2 * hid] = d_gi[t, :, :2 * hid]
-            d_gh[t, :, 2 * hid:] = da_n * r
-            dh = dh * z + torch.bmm(d_gh[t].unsqueeze(1), w_rows).squeeze(1)
+    def _backward(ctx, grad_hs):
+        w_rows, hs, gates, gh, row_weight = ctx.saved_tensors
+        steps, rows, three_h = gates.shape
+        hid = three_h // 3
+        grad_steps = grad_hs.transpose(0, 1).contiguous()  # T × R × H
+        r, z, n = gates.split(hid, dim=2)
+        h_prev = hs[:-1]
+        # With c_t = dL/dh_t, the gate pre-activations get c_t times these (all steps at once):
+        d_n = (1 - z) * (1 - n * n)
+        d_z = (h_prev - n) * z * (1 - z)
+        d_r = d_n * gh[:, :, 0, 2 * hid:] * r * (1 - r)
+        # u_t = c_t * [d_r, d_z, d_n r, z] holds dL/d(W_hh h_{t-1}) and the direct path z, so one
+        # batched product with [W_hh; I] gives c_{t-1} = grad_{t-1} + u_t [W_hh; I].
+        factors = torch.stack([d_r, d_z, d_n * r, z], dim=2)  # T × R × 4 × H
+        eye = torch.eye(hid, dtype=w_rows.dtype, device=w_rows.device).expand(rows, hid, hid)
+        w_ext = torch.cat([w_rows, eye], dim=1)  # R × 4H × H
+        c = torch.empty_like(grad_steps)
+        c[steps - 1] = grad_steps[steps - 1]
+        u = factors.new_empty(rows, 4, hid)
+        u_row = u.view(rows, 1, 4 * hid)
+        c_t, g_t, f_t = c.unsqueeze(2).unbind(0), grad_steps.unsqueeze(2).unbind(0), factors.unbind(0)  # R × 1 × H
+        for t in range(steps - 1, 0, -1):
+            torch.mul(c_t[t], f_t[t], out=u)
+            torch.baddbmm(g_t[t - 1], u_row, w_ext, out=c_t[t - 1])
+        d_gh = (c.unsqueeze(2) * factors[:, :, :3]).reshape(steps, rows, three_h)
+        d_gi = torch.cat([d_gh[:, :, :2 * hid], c * d_n], dim=2)
         d_w_rows = torch.einsum("trg,trh->rgh", d_gh, h_prev)
         d_w = d_w_rows.new_zeros(ctx.n_sets, *d_w_rows.shape[1:]).index_add_(0, row_weight, d_w_rows)
-        d_b = d_gh.new_zeros(ctx.n_sets, 3 * hid).index_add_(0, row_weight, d_gh.sum(0))
+        d_b = d_gh.new_zeros(ctx.n_sets, three_h).index_add_(0, row_weight, d_gh.sum(0))
         return d_gi.transpose(0, 1), d_w, d_b, None
 
 
