@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -63,37 +64,51 @@ class _SortedWeightedSum(torch.autograd.Function):
         return grad_features, grad_weights, None
 
 
-# A float32 v at set position n is sorted as one float64 key: high word the bits of v, low word n.
 _NEG_INF_BITS = -0x800000  # float32 -inf as int32: the key of padding, sorted before every valid value
-_sort_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): pools do not survive fork
+_TASK_ELEMENTS = 1 << 18  # elements of the sets one task handles: its buffers stay in the cache
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive fork
+_scratch = threading.local()
+_SCRATCH_LIMIT = 1 << 26  # bytes: larger buffers are not kept
 
 
-def _sort_rows_inplace(rows: np.ndarray) -> None:
-    """Sort each row of a 2-D float64 array in place (numpy's SIMD sort), split over torch's threads."""
-    global _sort_pool
-    threads = min(torch.get_num_threads(), max(1, rows.shape[0] // 4096))
-    if threads == 1:
-        rows.sort(axis=1)
+def _in_tasks(work, batch: int, set_elements: int) -> None:
+    """work(lo, hi) for consecutive ranges of sets covering 0..batch-1, on torch's number of threads.
+
+    The tasks use numpy and torch's single-threaded 2-D transpose, which release the GIL, so the
+    threads run in parallel without intra-op thread pools (whose barriers cost milliseconds each
+    on a busy machine), and each task's buffers stay in the cache from one step to the next.
+    """
+    global _pool
+    per_task = max(1, _TASK_ELEMENTS // max(1, set_elements))
+    ranges = [(lo, min(lo + per_task, batch)) for lo in range(0, batch, per_task)]
+    threads = min(torch.get_num_threads(), len(ranges))
+    if threads <= 1:
+        for lo, hi in ranges:
+            work(lo, hi)
         return
-    if _sort_pool is None or _sort_pool[0] != os.getpid() or _sort_pool[1]._max_workers < threads:
-        _sort_pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="vseinf-sort"))
-    chunks = np.array_split(rows, threads)  # views; numpy releases the GIL while sorting
-    list(_sort_pool[1].map(lambda chunk: chunk.sort(axis=1), chunks))
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads:
+        _pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="vseinf-pooling"))
+    for task in [_pool[1].submit(work, lo, hi) for lo, hi in ranges]:
+        task.result()  # re-raises a task's exception
 
 
-def _transpose_sets(x: torch.Tensor) -> torch.Tensor:
-    """B × N × D → D × B × N, a new contiguous tensor, as one 2-D transpose, which torch copies in
-    cache-sized blocks; a batched transpose B × N × D → B × D × N is copied element by element,
-    3–4× slower."""
-    batch, n_max, dim = x.shape
-    out = x.new_empty(dim, batch, n_max)  # always a copy: the caller writes into it
-    return out.view(dim, batch * n_max).copy_(x.reshape(batch * n_max, dim).t()).view(dim, batch, n_max)
+def _scratch_array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A buffer of this thread's, reused from call to call: on the CPU a fresh large array costs
+    more in page faults than the work done in it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes > _SCRATCH_LIMIT:
+        return np.empty(shape, dtype)  # a huge set: not worth holding on to
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, np.uint8)
+        setattr(_scratch, name, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 class _PackedSortWeightedSum(torch.autograd.Function):
     """Σ_k w[b,k] · sort_desc(x[b, :, d])[k] for float32 CPU tensors, sorting with numpy.
 
-    Every (dimension, set) row is sorted as float64 keys: a float32 v at set position n becomes one
+    Every (set, dimension) row is sorted as float64 keys: a float32 v at set position n becomes one
     64-bit word, high half the bits of v, low half n. Read as a float64, that word has v's sign and
     a magnitude that orders like |v| and then n (an IEEE float's bits order like its magnitude), so
     sorting the words sorts the values, ties by position, and carries each position along. numpy
@@ -106,38 +121,61 @@ class _PackedSortWeightedSum(torch.autograd.Function):
 
     The backward pass sends g[b,d] · w[b, rank] to each element's position (a scatter by the
     positions the sort carried, no second sort) and contracts the sorted values with g for w's
-    gradient. Large scratch tensors are reused: on the CPU a fresh one costs its page faults.
+    gradient. Sets are transposed, keyed, sorted and scattered a few at a time in worker threads.
     """
 
     @staticmethod
-    def forward(ctx, features, weights, mask):
-        batch, n_max, dim = features.shape
-        xt = _transpose_sets(features.detach())  # D × B × N
-        keys = torch.empty(dim, batch, n_max, 2, dtype=torch.int32)
-        keys[..., 0] = torch.arange(n_max, dtype=torch.int32)
-        padding = torch.tensor(_NEG_INF_BITS, dtype=torch.int32)
-        torch.where(mask, xt.view(torch.int32), padding, out=keys[..., 1])
-        _sort_rows_inplace(keys.view(torch.float64).view(dim * batch, n_max).numpy())
-        values = xt.view(batch, dim, n_max)  # xt's memory, now free: B × D × N for the products
-        valid = mask.flip(1).unsqueeze(1)  # B × 1 × N: padding sorted first
-        torch.where(valid, keys[..., 1].view(torch.float32).transpose(0, 1), values.new_zeros(()), out=values)
-        w_asc = weights.detach().flip(1)  # B × N, weight of each ascending position
-        positions = None
-        if ctx.needs_input_grad[0]:
-            positions = keys.view(torch.int64).squeeze(3).bitwise_and_(0xFFFFFFFF)  # D × B × N
-        ctx.save_for_backward(positions, values, w_asc)
+    def forward(ctx, features, weights, lengths):
+        x = features.detach().contiguous()
+        batch, n_max, dim = x.shape
+        values = x.new_empty(batch, dim, n_max)  # the sets transposed, then their sorted values
+        position_type = np.uint8 if n_max <= 1 << 8 else np.int16 if n_max <= 1 << 15 else np.int32
+        positions = np.empty((batch, dim, n_max), position_type) if ctx.needs_input_grad[0] else None
+        values_np, sizes = values.numpy(), lengths.tolist()
+
+        def sort_sets(lo: int, hi: int) -> None:
+            for b in range(lo, hi):
+                values[b].copy_(x[b].t())  # D × N
+            v = values_np[lo:hi]
+            keys = _scratch_array("keys", (hi - lo, dim, n_max, 2), np.int32)
+            keys[..., 0] = np.arange(n_max, dtype=np.int32)
+            keys[..., 1] = v.view(np.int32)
+            for b in range(lo, hi):
+                keys[b - lo, :, sizes[b]:, 1] = _NEG_INF_BITS
+            keys.view(np.float64).reshape(-1, n_max).sort(axis=1)
+            v.view(np.int32)[...] = keys[..., 1]
+            for b in range(lo, hi):
+                v[b - lo, :, :n_max - sizes[b]] = 0.0  # the padding, sorted first
+            if positions is not None:
+                positions[lo:hi] = keys[..., 0]
+
+        _in_tasks(sort_sets, batch, n_max * dim)
+        w_asc = weights.detach().flip(1).contiguous()  # B × N, the weight of each ascending position
+        ctx.positions = positions  # numpy: not a tensor autograd could save
+        ctx.save_for_backward(values, w_asc)
         return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        positions, values, w_asc = ctx.saved_tensors
+        values, w_asc = ctx.saved_tensors
         grad_features = grad_weights = None
         if ctx.needs_input_grad[0]:
             batch, dim, n_max = values.shape
-            # D × B × N like the keys, so that one 2-D transpose gives the B × N × D gradient
-            grad_t = values.new_empty(dim, batch, n_max).scatter_(2, positions, w_asc.expand(dim, -1, -1))
-            grad_t.mul_(grad_out.t().unsqueeze(2))
-            grad_features = grad_t.view(dim, batch * n_max).t().contiguous().view(batch, n_max, dim)
+            grad_features = values.new_empty(batch, n_max, dim)
+            g_np, w_np, positions = grad_out.detach().contiguous().numpy(), w_asc.numpy(), ctx.positions
+            row_start = np.arange(0, dim * n_max, n_max, dtype=np.int64).reshape(dim, 1)
+
+            def scatter_sets(lo: int, hi: int) -> None:
+                index = _scratch_array("index", (dim, n_max), np.int64)
+                per_rank = _scratch_array("per_rank", (dim, n_max), np.float32)
+                block = _scratch_array("block", (dim, n_max), np.float32)
+                for b in range(lo, hi):
+                    np.add(positions[b], row_start, out=index)  # flat index in the D × N block
+                    np.multiply(g_np[b][:, None], w_np[b], out=per_rank)
+                    block.reshape(-1)[index.reshape(-1)] = per_rank.reshape(-1)
+                    grad_features[b].copy_(torch.from_numpy(block).t())
+
+            _in_tasks(scatter_sets, batch, n_max * dim)
         if ctx.needs_input_grad[1]:
             grad_weights = torch.bmm(grad_out.unsqueeze(1), values).squeeze(1).flip(1)
         return grad_features, grad_weights, None
@@ -162,7 +200,7 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
     if k > n_max // 4:
         if features.device.type == "cpu" and features.dtype == torch.float32 and weights.dtype == torch.float32:
-            return _PackedSortWeightedSum.apply(features, weights, mask)
+            return _PackedSortWeightedSum.apply(features, weights, lengths)
         return _SortedWeightedSum.apply(features, weights, mask)
     if k <= _REPEATED_MAX_K:
         return _TopWeightedSum.apply(features, weights, lengths, mask, k)
