@@ -1,11 +1,14 @@
 """The fast paths GPO calls, each with a hand-written backward pass, and their slow twins.
 
-* :func:`rank_weighted_sum` — Σ_k w[b, k] · (k-th largest of each dimension of a padded set): one
-  contiguous sort with a scatter backward, or for weights concentrated on the top K ≤ 4 ranks, K
-  rounds of "max, knock the winner out". :func:`rank_weighted_sum_reference` is its obvious twin.
+* :func:`rank_weighted_sum` — Σ_k w[b, k] · (k-th largest of each dimension of a padded set): on
+  the CPU one numpy sort of float64 words that carry each value with its position, and a scatter
+  by those positions backward; ``torch.sort`` elsewhere; for weights concentrated on the top K ≤ 4
+  ranks, K rounds of "max, knock the winner out". :func:`rank_weighted_sum_reference` is its twin.
 * :func:`bigru_over_positions` — GPO's BiGRU over the rank encodings for every set size at once:
   the forward direction is shared by all sizes, and the recurrence runs in one hand-written scan.
   :func:`packed_bigru` (``nn.GRU`` on packed sequences) is the plain version.
+* :func:`on_one_thread` — runs a small computation of many tiny kernels (θ's generator) and its
+  backward pass on one intra-op thread.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .functional import valid_mask
@@ -188,8 +192,9 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
     ``weights`` is B × N, zero at padded positions, each row summing to 1. When all but ``tail_eps`` of
     every row's mass sits on the first K positions (a trained GPO on region features is close to max
     pooling), only the top K values are selected instead of fully sorting: the neglected part of the
-    sum is at most ``tail_eps`` × max|feature|. With spread weights it sorts once along a contiguous
-    axis and contracts with one batched matrix product.
+    sum is at most ``tail_eps`` × max|feature|. Otherwise every (set, dimension) row is sorted once
+    (float32 on the CPU: :class:`_PackedSortWeightedSum`; else ``torch.sort``) and contracted with
+    the weights in one batched matrix product; the backward pass reuses the sort's permutation.
     """
     batch, n_max, dim = features.shape
     mask = valid_mask(lengths, n_max)
@@ -260,7 +265,8 @@ class _TopWeightedSum(torch.autograd.Function):
 def _one_thread(device: torch.device):
     """Run a loop of tiny CPU kernels on one intra-op thread. Threads cannot speed up a product of a
     few hundred numbers, yet MKL still hands each one to a second thread, and on a busy machine the
-    wait for that thread costs milliseconds a step (measured: 50x the single-threaded scan)."""
+    wait for that thread costs milliseconds a step (measured: 50x the single-threaded scan).
+    ``torch.set_num_threads`` is process-wide for threads that start meanwhile: keep the block short."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
@@ -284,9 +290,12 @@ class _OnOneThread(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         wanted = ctx.needs_input_grad[1:]
         params = [p for p, need in zip(ctx.params, wanted) if need]
+        if not ctx.graph.requires_grad:  # fn did not use the parameters
+            return (None,) * (1 + len(wanted))
         with _one_thread(grad.device):
             grads = iter(torch.autograd.grad(ctx.graph, params, grad, retain_graph=True, allow_unused=True))
         return (None, *[next(grads) if need else None for need in wanted])
@@ -392,7 +401,8 @@ class _GRUScan(torch.autograd.Function):
         c[steps - 1] = grad_steps[steps - 1]
         u = factors.new_empty(rows, 4, hid)
         u_row = u.view(rows, 1, 4 * hid)
-        c_t, g_t, f_t = c.unsqueeze(2).unbind(0), grad_steps.unsqueeze(2).unbind(0), factors.unbind(0)  # R × 1 × H
+        c_t, g_t = c.unsqueeze(2).unbind(0), grad_steps.unsqueeze(2).unbind(0)  # R × 1 × H each
+        f_t = factors.unbind(0)
         for t in range(steps - 1, 0, -1):
             torch.mul(c_t[t], f_t[t], out=u)
             torch.baddbmm(g_t[t - 1], u_row, w_ext, out=c_t[t - 1])
