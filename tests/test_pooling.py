@@ -653,3 +653,21 @@ def test_rank_weighted_sum_never_writes_into_its_input(shape, dtype):
     x = features.clone().requires_grad_(True)
     rank_weighted_sum(x, lengths, weights).sum().backward()
     assert torch.equal(x.detach(), features)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sets_are_sorted_exactly_and_keep_their_dtype(dtype):
+    """Under autocast the sets arrive in bf16/fp16: the CPU path sorts them exactly (as float32) and
+    returns outputs and gradients in the input's dtype, equal to the reference up to that rounding."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(5, 30, 16, generator=gen).to(dtype)
+    lengths = torch.tensor([30, 12, 1, 29, 8])
+    weights = torch.softmax(torch.randn(5, 30, generator=gen).masked_fill(padding_mask(lengths, 30), -math.inf), 1)
+    x = features.clone().requires_grad_(True)
+    w = weights.to(dtype).requires_grad_(True)
+    out = rank_weighted_sum(x, lengths, w)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == w.grad.dtype == dtype
+    expected = rank_weighted_sum_reference(features.float(), lengths, w.detach().float())
+    close(out.float(), expected, atol=1e-6, rtol=torch.finfo(dtype).eps)  # one rounding to the dtype
+    close(x.grad.float().sum(1), w.detach().float().sum(1, keepdim=True).expand(5, 16), atol=1e-2, rtol=1e-2)

@@ -68,6 +68,7 @@ class _SortedWeightedSum(torch.autograd.Function):
         return grad_features, grad_weights, None
 
 
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable as float32
 _NEG_INF_BITS = -0x800000  # float32 -inf as int32: the key of padding, sorted before every valid value
 _TASK_ELEMENTS = 1 << 18  # elements of the sets one task handles: its buffers stay in the cache
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive fork
@@ -110,7 +111,7 @@ def _scratch_array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 class _PackedSortWeightedSum(torch.autograd.Function):
-    """Σ_k w[b,k] · sort_desc(x[b, :, d])[k] for float32 CPU tensors, sorting with numpy.
+    """Σ_k w[b,k] · sort_desc(x[b, :, d])[k] for CPU tensors of up to 32 bits, sorting with numpy.
 
     Every (set, dimension) row is sorted as float64 keys: a float32 v at set position n becomes one
     64-bit word, high half the bits of v, low half n. Read as a float64, that word has v's sign and
@@ -130,7 +131,7 @@ class _PackedSortWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weights, lengths):
-        x = features.detach().contiguous()
+        x = features.detach().to(torch.float32).contiguous()  # bf16/fp16 (autocast) convert exactly
         batch, n_max, dim = x.shape
         values = x.new_empty(batch, dim, n_max)  # the sets transposed, then their sorted values
         position_type = np.uint8 if n_max <= 1 << 8 else np.int16 if n_max <= 1 << 15 else np.int32
@@ -154,10 +155,11 @@ class _PackedSortWeightedSum(torch.autograd.Function):
                 positions[lo:hi] = keys[..., 0]
 
         _in_tasks(sort_sets, batch, n_max * dim)
-        w_asc = weights.detach().flip(1).contiguous()  # B × N, the weight of each ascending position
+        w_asc = weights.detach().float().flip(1).contiguous()  # B × N, weight of each ascending position
         ctx.positions = positions  # numpy: not a tensor autograd could save
+        ctx.dtypes = features.dtype, weights.dtype
         ctx.save_for_backward(values, w_asc)
-        return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2)
+        return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2).to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -166,7 +168,7 @@ class _PackedSortWeightedSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             batch, dim, n_max = values.shape
             grad_features = values.new_empty(batch, n_max, dim)
-            g_np, w_np, positions = grad_out.detach().contiguous().numpy(), w_asc.numpy(), ctx.positions
+            g_np, w_np, positions = grad_out.detach().float().contiguous().numpy(), w_asc.numpy(), ctx.positions
             row_start = np.arange(0, dim * n_max, n_max, dtype=np.int64).reshape(dim, 1)
 
             def scatter_sets(lo: int, hi: int) -> None:
@@ -180,8 +182,9 @@ class _PackedSortWeightedSum(torch.autograd.Function):
                     grad_features[b].copy_(torch.from_numpy(block).t())
 
             _in_tasks(scatter_sets, batch, n_max * dim)
+            grad_features = grad_features.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_weights = torch.bmm(grad_out.unsqueeze(1), values).squeeze(1).flip(1)
+            grad_weights = torch.bmm(grad_out.float().unsqueeze(1), values).squeeze(1).flip(1).to(ctx.dtypes[1])
         return grad_features, grad_weights, None
 
 
@@ -193,8 +196,9 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
     every row's mass sits on the first K positions (a trained GPO on region features is close to max
     pooling), only the top K values are selected instead of fully sorting: the neglected part of the
     sum is at most ``tail_eps`` × max|feature|. Otherwise every (set, dimension) row is sorted once
-    (float32 on the CPU: :class:`_PackedSortWeightedSum`; else ``torch.sort``) and contracted with
-    the weights in one batched matrix product; the backward pass reuses the sort's permutation.
+    (floats of up to 32 bits on the CPU: :class:`_PackedSortWeightedSum`; else ``torch.sort``) and
+    contracted with the weights in one batched matrix product; the backward pass reuses the sort's
+    permutation.
     """
     batch, n_max, dim = features.shape
     mask = valid_mask(lengths, n_max)
@@ -204,7 +208,7 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
             tail = 1.0 - weights.detach().float().cumsum(1)  # mass beyond positions 0..k
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
     if k > n_max // 4:
-        if features.device.type == "cpu" and features.dtype == torch.float32 and weights.dtype == torch.float32:
+        if features.device.type == "cpu" and features.dtype in _PACKED_DTYPES:
             return _PackedSortWeightedSum.apply(features, weights, lengths)
         return _SortedWeightedSum.apply(features, weights, mask)
     if k <= _REPEATED_MAX_K:
