@@ -211,7 +211,7 @@ def test_input_gradients_flow_to_valid_elements_only(name):
 
 class SteepGPO(GPO):
     """GPO whose scores fall steeply with the position: θ is concentrated on the top 1–2 positions
-    (the regime of a trained GPO on region features), so the fast path stops sorting fully."""
+    (the regime of a trained GPO on region features), so on a GPU the fast path stops sorting fully."""
 
     steepness = 1.0
 
@@ -612,27 +612,28 @@ def test_build_pooling_builds_every_documented_name():
     assert build_pooling(" KMAX:7 ", 16).k == 7
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes torch's paths on the CPU
 @pytest.mark.parametrize("top", [1, 2, 3, 4, None])
-def test_fast_paths_are_exact_with_ties_and_short_sets(top):
+def test_fast_paths_are_exact_with_ties_and_short_sets(top, dtype):
     """ReLU features are full of ties (zeros). The fast paths — for θ concentrated on the top ranks,
     and the full sort for spread θ (``top`` None) — must count equal values with multiplicity, handle
     sets shorter than ``top``, and route exactly Σ_j θ_j · g to each (b, d) column in the backward pass."""
     gen = torch.Generator().manual_seed(top or 0)
     batch, n_max, dim = 6, 40, 8
-    features = torch.randint(0, 3, (batch, n_max, dim), generator=gen).float()  # values 0, 1, 2
+    features = torch.randint(0, 3, (batch, n_max, dim), generator=gen).to(dtype)  # values 0, 1, 2
     features[:, :, 0] = 1.0  # a column that is all ties
     lengths = torch.tensor([40, 1, 2, 3, 17, 39])
     scores = torch.randn(batch, n_max, generator=gen)
     if top is not None:
         scores[:, top:] -= 40.0
     scores = scores.masked_fill(padding_mask(lengths, n_max), -math.inf)
-    weights = torch.softmax(scores, dim=1)
+    weights = torch.softmax(scores, dim=1).to(dtype)
     features_padded = features.clone()
     features_padded[padding_mask(lengths, n_max)] = float("nan")  # padding must not leak
     x = features_padded.clone().requires_grad_(True)
     out = rank_weighted_sum(x, lengths, weights)
     close(out, rank_weighted_sum_reference(features, lengths, weights))
-    grad_out = torch.arange(1.0, dim + 1).expand(batch, dim)
+    grad_out = torch.arange(1.0, dim + 1, dtype=dtype).expand(batch, dim)
     out.backward(grad_out)
     assert torch.isfinite(x.grad).all()
     assert (x.grad[padding_mask(lengths, n_max)] == 0).all()
