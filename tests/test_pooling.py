@@ -211,7 +211,7 @@ def test_input_gradients_flow_to_valid_elements_only(name):
 
 class SteepGPO(GPO):
     """GPO whose scores fall steeply with the position: θ is concentrated on the top 1–2 positions
-    (the regime of a trained GPO on region features), so the fast path stops sorting fully."""
+    (the regime of a trained GPO on region features), so on a GPU the fast path stops sorting fully."""
 
     steepness = 1.0
 
@@ -612,27 +612,63 @@ def test_build_pooling_builds_every_documented_name():
     assert build_pooling(" KMAX:7 ", 16).k == 7
 
 
-@pytest.mark.parametrize("top", [1, 2, 3, 4])
-def test_concentrated_fast_path_is_exact_with_ties_and_short_sets(top):
-    """ReLU features are full of ties (zeros). The fast path for θ concentrated on the top ranks must
-    count equal values with multiplicity, handle sets shorter than ``top``, and route exactly
-    Σ_j θ_j · g to each (b, d) column in the backward pass."""
-    gen = torch.Generator().manual_seed(top)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes torch's paths on the CPU
+@pytest.mark.parametrize("top", [1, 2, 3, 4, None])
+def test_fast_paths_are_exact_with_ties_and_short_sets(top, dtype):
+    """ReLU features are full of ties (zeros). The fast paths — for θ concentrated on the top ranks,
+    and the full sort for spread θ (``top`` None) — must count equal values with multiplicity, handle
+    sets shorter than ``top``, and route exactly Σ_j θ_j · g to each (b, d) column in the backward pass."""
+    gen = torch.Generator().manual_seed(top or 0)
     batch, n_max, dim = 6, 40, 8
-    features = torch.randint(0, 3, (batch, n_max, dim), generator=gen).float()  # values 0, 1, 2
+    features = torch.randint(0, 3, (batch, n_max, dim), generator=gen).to(dtype)  # values 0, 1, 2
     features[:, :, 0] = 1.0  # a column that is all ties
     lengths = torch.tensor([40, 1, 2, 3, 17, 39])
     scores = torch.randn(batch, n_max, generator=gen)
-    scores[:, top:] -= 40.0
+    if top is not None:
+        scores[:, top:] -= 40.0
     scores = scores.masked_fill(padding_mask(lengths, n_max), -math.inf)
-    weights = torch.softmax(scores, dim=1)
+    weights = torch.softmax(scores, dim=1).to(dtype)
     features_padded = features.clone()
     features_padded[padding_mask(lengths, n_max)] = float("nan")  # padding must not leak
     x = features_padded.clone().requires_grad_(True)
     out = rank_weighted_sum(x, lengths, weights)
     close(out, rank_weighted_sum_reference(features, lengths, weights))
-    grad_out = torch.arange(1.0, dim + 1).expand(batch, dim)
+    grad_out = torch.arange(1.0, dim + 1, dtype=dtype).expand(batch, dim)
     out.backward(grad_out)
     assert torch.isfinite(x.grad).all()
     assert (x.grad[padding_mask(lengths, n_max)] == 0).all()
     close(x.grad.sum(1), grad_out * weights.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 1), (4, 1, 5), (1, 6, 3), (5, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_weighted_sum_never_writes_into_its_input(shape, dtype):
+    """The spread path transposes the features into its own buffer and reuses it; when the transpose
+    is a no-op (one dimension, one element), that buffer must still not be the input."""
+    batch, n_max, dim = shape
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(shape, generator=gen, dtype=dtype)
+    lengths = torch.randint(1, n_max + 1, (batch,), generator=gen)
+    weights = torch.softmax(torch.randn(batch, n_max, generator=gen).masked_fill(padding_mask(lengths, n_max),
+                                                                                 -math.inf), dim=1).to(dtype)
+    x = features.clone().requires_grad_(True)
+    rank_weighted_sum(x, lengths, weights).sum().backward()
+    assert torch.equal(x.detach(), features)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sets_are_sorted_exactly_and_keep_their_dtype(dtype):
+    """Under autocast the sets arrive in bf16/fp16: the CPU path sorts them exactly (as float32) and
+    returns outputs and gradients in the input's dtype, equal to the reference up to that rounding."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(5, 30, 16, generator=gen).to(dtype)
+    lengths = torch.tensor([30, 12, 1, 29, 8])
+    weights = torch.softmax(torch.randn(5, 30, generator=gen).masked_fill(padding_mask(lengths, 30), -math.inf), 1)
+    x = features.clone().requires_grad_(True)
+    w = weights.to(dtype).requires_grad_(True)
+    out = rank_weighted_sum(x, lengths, w)
+    out.float().sum().backward()
+    assert out.dtype == x.grad.dtype == w.grad.dtype == dtype
+    expected = rank_weighted_sum_reference(features.float(), lengths, w.detach().float())
+    close(out.float(), expected, atol=1e-6, rtol=torch.finfo(dtype).eps)  # one rounding to the dtype
+    close(x.grad.float().sum(1), w.detach().float().sum(1, keepdim=True).expand(5, 16), atol=1e-2, rtol=1e-2)

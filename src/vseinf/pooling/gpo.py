@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .functional import check_set_batch, valid_mask
-from .kernels import bigru_over_positions, rank_weighted_sum
+from .kernels import bigru_over_positions, on_one_thread, rank_weighted_sum
 from .registry import register_pooling
 
 __all__ = ["positional_encoding", "RankWeightedPool", "GPO"]
@@ -63,11 +63,15 @@ class RankWeightedPool(nn.Module):
         """θ for each size in ``sizes`` (U × n_max): softmax(score / T) over the valid positions, 0 after."""
         sizes = torch.as_tensor(sizes, dtype=torch.long)
         n_max = int(sizes.max()) if n_max is None else n_max
-        # The generator is tiny and its softmax is sharp (T = 0.1): keep it in fp32 under autocast.
-        with torch.autocast(sizes.device.type, enabled=False):
-            scores = self.size_scores(sizes, n_max)
-        scores = scores.float().masked_fill(~valid_mask(sizes.to(scores.device), n_max), float("-inf"))
-        return torch.softmax(scores / self.temperature, dim=1)
+
+        def theta() -> torch.Tensor:
+            # The generator is tiny and its softmax is sharp (T = 0.1): fp32 even under autocast.
+            with torch.autocast(sizes.device.type, enabled=False):
+                scores = self.size_scores(sizes, n_max).float()
+            scores = scores.masked_fill(~valid_mask(sizes.to(scores.device), n_max), float("-inf"))
+            return torch.softmax(scores / self.temperature, dim=1)
+
+        return on_one_thread(theta, self.parameters())  # hundreds of kernels on a few numbers each
 
     def forward(self, features: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool a padded batch of sets (B × N × D, ``lengths`` B) → (B × D pooled, B × N θ per rank)."""

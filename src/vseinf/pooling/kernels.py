@@ -1,23 +1,33 @@
 """The fast paths GPO calls, each with a hand-written backward pass, and their slow twins.
 
-* :func:`rank_weighted_sum` — Σ_k w[b, k] · (k-th largest of each dimension of a padded set): one
-  contiguous sort with a scatter backward, or for weights concentrated on the top K ≤ 4 ranks, K
-  rounds of "max, knock the winner out". :func:`rank_weighted_sum_reference` is its obvious twin.
+* :func:`rank_weighted_sum` — Σ_k w[b, k] · (k-th largest of each dimension of a padded set): on
+  the CPU one numpy sort of float64 words that carry each value with its position, and a scatter
+  by those positions backward; ``torch.sort`` elsewhere; for weights concentrated on the top K ≤ 4
+  ranks, K rounds of "max, knock the winner out". :func:`rank_weighted_sum_reference` is its twin.
 * :func:`bigru_over_positions` — GPO's BiGRU over the rank encodings for every set size at once:
   the forward direction is shared by all sizes, and the recurrence runs in one hand-written scan.
   :func:`packed_bigru` (``nn.GRU`` on packed sequences) is the plain version.
+* :func:`on_one_thread` — runs a small computation of many tiny kernels (θ's generator) and its
+  backward pass on one intra-op thread.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .functional import valid_mask
 
-__all__ = ["rank_weighted_sum", "rank_weighted_sum_reference", "bigru_over_positions", "packed_bigru"]
+__all__ = ["rank_weighted_sum", "rank_weighted_sum_reference", "bigru_over_positions", "packed_bigru", "on_one_thread"]
 
 
 def rank_weighted_sum_reference(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -37,7 +47,8 @@ class _SortedWeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, weights, mask):
-        xt = features.detach().transpose(1, 2).contiguous()  # B × D × N, sortable rows
+        # B × D × N, sortable rows; a copy even when the transpose is a no-op (D = 1): it is written to
+        xt = features.detach().transpose(1, 2).clone(memory_format=torch.contiguous_format)
         xt.masked_fill_(~mask.unsqueeze(1), float("-inf"))
         values, order = xt.sort(dim=2, descending=True)
         values.masked_fill_(~mask.unsqueeze(1), 0.0)  # padding sorted last; -inf would give NaN
@@ -57,15 +68,137 @@ class _SortedWeightedSum(torch.autograd.Function):
         return grad_features, grad_weights, None
 
 
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable as float32
+_NEG_INF_BITS = -0x800000  # float32 -inf as int32: the key of padding, sorted before every valid value
+_TASK_ELEMENTS = 1 << 18  # elements of the sets one task handles: its buffers stay in the cache
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive fork
+_scratch = threading.local()
+_SCRATCH_LIMIT = 1 << 26  # bytes: larger buffers are not kept
+
+
+def _in_tasks(work, batch: int, set_elements: int) -> None:
+    """work(lo, hi) for consecutive ranges of sets covering 0..batch-1, on torch's number of threads.
+
+    The tasks use numpy and torch's single-threaded 2-D transpose, which release the GIL, so the
+    threads run in parallel without intra-op thread pools (whose barriers cost milliseconds each
+    on a busy machine), and each task's buffers stay in the cache from one step to the next.
+    """
+    global _pool
+    per_task = max(1, _TASK_ELEMENTS // max(1, set_elements))
+    ranges = [(lo, min(lo + per_task, batch)) for lo in range(0, batch, per_task)]
+    threads = min(torch.get_num_threads(), len(ranges))
+    if threads <= 1:
+        for lo, hi in ranges:
+            work(lo, hi)
+        return
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads:
+        _pool = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="vseinf-pooling"))
+    for task in [_pool[1].submit(work, lo, hi) for lo, hi in ranges]:
+        task.result()  # re-raises a task's exception
+
+
+def _scratch_array(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A buffer of this thread's, reused from call to call: on the CPU a fresh large array costs
+    more in page faults than the work done in it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes > _SCRATCH_LIMIT:
+        return np.empty(shape, dtype)  # a huge set: not worth holding on to
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, np.uint8)
+        setattr(_scratch, name, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+class _PackedSortWeightedSum(torch.autograd.Function):
+    """Σ_k w[b,k] · sort_desc(x[b, :, d])[k] for CPU tensors of up to 32 bits, sorting with numpy.
+
+    Every (set, dimension) row is sorted as float64 keys: a float32 v at set position n becomes one
+    64-bit word, high half the bits of v, low half n. Read as a float64, that word has v's sign and
+    a magnitude that orders like |v| and then n (an IEEE float's bits order like its magnitude), so
+    sorting the words sorts the values, ties by position, and carries each position along. numpy
+    sorts float64 rows with x86-simd-sort's vectorised networks, several times faster than
+    torch.sort, which also writes an int64 index array beside the values. Padding is keyed -inf
+    with its position, larger than any valid one: it sorts first, before a valid -inf, and a NaN
+    (numpy sorts it last) stays among the valid values, as with torch.sort. So the value of
+    descending rank k sits at ascending position N-1-k whatever the set's size, and w is zero at
+    the ranks past it.
+
+    The backward pass sends g[b,d] · w[b, rank] to each element's position (a scatter by the
+    positions the sort carried, no second sort) and contracts the sorted values with g for w's
+    gradient. Sets are transposed, keyed, sorted and scattered a few at a time in worker threads.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weights, lengths):
+        x = features.detach().to(torch.float32).contiguous()  # bf16/fp16 (autocast) convert exactly
+        batch, n_max, dim = x.shape
+        values = x.new_empty(batch, dim, n_max)  # the sets transposed, then their sorted values
+        position_type = np.uint8 if n_max <= 1 << 8 else np.int16 if n_max <= 1 << 15 else np.int32
+        positions = np.empty((batch, dim, n_max), position_type) if ctx.needs_input_grad[0] else None
+        values_np, sizes = values.numpy(), lengths.tolist()
+
+        def sort_sets(lo: int, hi: int) -> None:
+            for b in range(lo, hi):
+                values[b].copy_(x[b].t())  # D × N
+            v = values_np[lo:hi]
+            keys = _scratch_array("keys", (hi - lo, dim, n_max, 2), np.int32)
+            keys[..., 0] = np.arange(n_max, dtype=np.int32)
+            keys[..., 1] = v.view(np.int32)
+            for b in range(lo, hi):
+                keys[b - lo, :, sizes[b]:, 1] = _NEG_INF_BITS
+            keys.view(np.float64).reshape(-1, n_max).sort(axis=1)
+            v.view(np.int32)[...] = keys[..., 1]
+            for b in range(lo, hi):
+                v[b - lo, :, :n_max - sizes[b]] = 0.0  # the padding, sorted first
+            if positions is not None:
+                positions[lo:hi] = keys[..., 0]
+
+        _in_tasks(sort_sets, batch, n_max * dim)
+        w_asc = weights.detach().float().flip(1).contiguous()  # B × N, weight of each ascending position
+        ctx.positions = positions  # numpy: not a tensor autograd could save
+        ctx.dtypes = features.dtype, weights.dtype
+        ctx.save_for_backward(values, w_asc)
+        return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2).to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, w_asc = ctx.saved_tensors
+        grad_features = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            batch, dim, n_max = values.shape
+            grad_features = values.new_empty(batch, n_max, dim)
+            g_np, w_np, positions = grad_out.detach().float().contiguous().numpy(), w_asc.numpy(), ctx.positions
+            row_start = np.arange(0, dim * n_max, n_max, dtype=np.int64).reshape(dim, 1)
+
+            def scatter_sets(lo: int, hi: int) -> None:
+                index = _scratch_array("index", (dim, n_max), np.int64)
+                per_rank = _scratch_array("per_rank", (dim, n_max), np.float32)
+                block = _scratch_array("block", (dim, n_max), np.float32)
+                for b in range(lo, hi):
+                    np.add(positions[b], row_start, out=index)  # flat index in the D × N block
+                    np.multiply(g_np[b][:, None], w_np[b], out=per_rank)
+                    block.reshape(-1)[index.reshape(-1)] = per_rank.reshape(-1)
+                    grad_features[b].copy_(torch.from_numpy(block).t())
+
+            _in_tasks(scatter_sets, batch, n_max * dim)
+            grad_features = grad_features.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(grad_out.float().unsqueeze(1), values).squeeze(1).flip(1).to(ctx.dtypes[1])
+        return grad_features, grad_weights, None
+
+
 def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor,
                       tail_eps: float = 1e-6) -> torch.Tensor:
     """Σ_k weights[b, k] · (k-th largest of features[b, :lengths[b], d]) for every b, d.
 
     ``weights`` is B × N, zero at padded positions, each row summing to 1. When all but ``tail_eps`` of
     every row's mass sits on the first K positions (a trained GPO on region features is close to max
-    pooling), only the top K values are selected instead of fully sorting: the neglected part of the
-    sum is at most ``tail_eps`` × max|feature|. With spread weights it sorts once along a contiguous
-    axis and contracts with one batched matrix product.
+    pooling), only the top K values are selected instead of fully sorting (for floats of up to 32
+    bits on the CPU, only when K = 1): the neglected part of the sum is at most ``tail_eps`` ×
+    max|feature|. Otherwise every (set, dimension) row is sorted once (those CPU floats:
+    :class:`_PackedSortWeightedSum`; else ``torch.sort``) and contracted with the weights in one
+    batched matrix product; the backward pass reuses the sort's permutation.
     """
     batch, n_max, dim = features.shape
     mask = valid_mask(lengths, n_max)
@@ -74,7 +207,13 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
         with torch.no_grad():
             tail = 1.0 - weights.detach().float().cumsum(1)  # mass beyond positions 0..k
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
-    if k > n_max // 4:
+    # On the CPU the numpy sort costs about one round of max more than a single round (measured in
+    # benchmarks/pooling.py: 1.6x max pooling against 2.5x for two rounds at B=128, N=36), so it
+    # takes every case but the max-like one, exactly.
+    packed = features.device.type == "cpu" and features.dtype in _PACKED_DTYPES
+    if k > n_max // 4 or (packed and k > 1):
+        if packed:
+            return _PackedSortWeightedSum.apply(features, weights, lengths)
         return _SortedWeightedSum.apply(features, weights, mask)
     if k <= _REPEATED_MAX_K:
         return _TopWeightedSum.apply(features, weights, lengths, mask, k)
@@ -130,6 +269,63 @@ class _TopWeightedSum(torch.autograd.Function):
         return grad_features, grad_weights, None, None, None
 
 
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run a loop of tiny CPU kernels on one intra-op thread. Threads cannot speed up a product of a
+    few hundred numbers, yet MKL still hands each one to a second thread, and on a busy machine the
+    wait for that thread costs milliseconds a step (measured: 50x the single-threaded scan).
+    ``torch.set_num_threads`` is process-wide for threads that start meanwhile: keep the block short."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _OnOneThread(torch.autograd.Function):
+    """fn() built and differentiated under :func:`_one_thread`. ``params`` are the leaves fn's graph
+    reaches; the engine routes the gradients this returns for them as if fn had run directly."""
+
+    @staticmethod
+    def forward(ctx, fn, *params):
+        with torch.enable_grad(), _one_thread(params[0].device):
+            out = fn()
+        ctx.graph, ctx.params = out, params
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        wanted = ctx.needs_input_grad[1:]
+        params = [p for p, need in zip(ctx.params, wanted) if need]
+        if not ctx.graph.requires_grad:  # fn did not use the parameters
+            return (None,) * (1 + len(wanted))
+        with _one_thread(grad.device):
+            grads = iter(torch.autograd.grad(ctx.graph, params, grad, retain_graph=True, allow_unused=True))
+        return (None, *[next(grads) if need else None for need in wanted])
+
+
+def on_one_thread(fn, params) -> torch.Tensor:
+    """fn() — a small computation of many tiny kernels, such as GPO's θ generator — with its forward
+    and its backward pass on one intra-op thread (see :func:`_one_thread`).
+
+    Args:
+        fn: computes a tensor from ``params`` (and constants).
+        params: the tensors fn differentiates with respect to (a module's parameters).
+    """
+    params = tuple(params)
+    if not params or params[0].device.type != "cpu":
+        return fn()
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        with _one_thread(params[0].device):
+            return fn()
+    return _OnOneThread.apply(fn, *params)
+
+
 def packed_bigru(gru: nn.GRU, inputs: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Run a bidirectional GRU on U × n_max inputs with valid lengths ``sizes``; average directions."""
     packed = pack_padded_sequence(inputs, sizes.cpu(), batch_first=True, enforce_sorted=False)
@@ -145,8 +341,10 @@ class _GRUScan(torch.autograd.Function):
 
     Rows of the batch may use different recurrent weights (``row_weight`` picks one of the stacked
     sets), so GPO's forward direction (shared by all set sizes) and its reverse direction (one row per
-    size) run in one loop. Autograd through ``nn.GRU`` on the CPU costs several small kernels per step
-    in the backward pass; here the parameter gradients are two contractions after the loop.
+    size) run in one loop. The loops are what costs here (T steps of kernels on a few hundred
+    numbers each), so they hold as few kernels as possible: six a step forward, writing straight
+    into the buffers the backward pass reads; two a step backward, because everything that does not
+    depend on the incoming gradient is computed for all steps at once before the loop.
 
     Inputs: gi (R × T × 3H, input projections incl. bias, gate order r, z, n as in ``nn.GRU``),
     w_hh (S × 3H × H), b_hh (S × 3H), row_weight (R, long). Output: hidden states R × T × H (h0 = 0).
@@ -154,55 +352,73 @@ class _GRUScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gi, w_hh, b_hh, row_weight):
+        with _one_thread(gi.device):
+            return _GRUScan._forward(ctx, gi, w_hh, b_hh, row_weight)
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        with _one_thread(grad_hs.device):
+            return _GRUScan._backward(ctx, grad_hs)
+
+    @staticmethod
+    def _forward(ctx, gi, w_hh, b_hh, row_weight):
         rows, steps, three_h = gi.shape
         hid = three_h // 3
         w_rows = w_hh[row_weight]  # R × 3H × H
         w_rows_t = w_rows.transpose(1, 2)  # R × H × 3H
         b_rows = b_hh[row_weight].unsqueeze(1)  # R × 1 × 3H
-        h = gi.new_zeros(rows, hid)
-        hs = gi.new_empty(steps, rows, hid)
-        h_prev = gi.new_empty(steps, rows, hid)
-        gates = gi.new_empty(steps, rows, three_h)  # r, z, n
-        gh_n = gi.new_empty(steps, rows, hid)
+        gi_steps = gi.transpose(0, 1)  # T × R × 3H
+        gi_rz, gi_n = gi_steps[..., :2 * hid].contiguous(), gi_steps[..., 2 * hid:].contiguous()
+        hs = gi.new_zeros(steps + 1, rows, hid)  # hs[t + 1] = h_t, hs[0] = h0 = 0
+        gh = gi.new_empty(steps, rows, 1, three_h)  # W_hh h_{t-1} + b_hh
+        rz = gi.new_empty(steps, rows, 2 * hid)  # reset and update gates
+        n = gi.new_empty(steps, rows, hid)  # candidate state
+        # Per-step views made once: building them in the loop costs as much as the kernels.
+        h, h_col, gh_t = hs.unbind(0), hs.unsqueeze(2).unbind(0), gh.unbind(0)
+        gh_rz, gh_n = gh[:, :, 0, :2 * hid].unbind(0), gh[:, :, 0, 2 * hid:].unbind(0)
+        rz_t, r_t, z_t, n_t = rz.unbind(0), rz[..., :hid].unbind(0), rz[..., hid:].unbind(0), n.unbind(0)
+        gi_rz_t, gi_n_t = gi_rz.unbind(0), gi_n.unbind(0)
         for t in range(steps):
-            gh = torch.baddbmm(b_rows, h.unsqueeze(1), w_rows_t).squeeze(1)
-            g = gi[:, t]
-            rz = torch.sigmoid(g[:, :2 * hid] + gh[:, :2 * hid])
-            r, z = rz[:, :hid], rz[:, hid:]
-            n = torch.tanh(g[:, 2 * hid:] + r * gh[:, 2 * hid:])
-            h_prev[t] = h
-            h = n + z * (h - n)
-            hs[t] = h
-            gates[t, :, :2 * hid] = rz
-            gates[t, :, 2 * hid:] = n
-            gh_n[t] = gh[:, 2 * hid:]
-        ctx.save_for_backward(w_rows, h_prev, gates, gh_n, row_weight)
+            torch.baddbmm(b_rows, h_col[t], w_rows_t, out=gh_t[t])
+            torch.add(gi_rz_t[t], gh_rz[t], out=rz_t[t]).sigmoid_()
+            torch.addcmul(gi_n_t[t], r_t[t], gh_n[t], out=n_t[t]).tanh_()
+            torch.lerp(n_t[t], h[t], z_t[t], out=h[t + 1])  # h_t = (1 - z) n + z h_{t-1}
+        gates = torch.cat([rz, n], dim=2)  # T × R × 3H: r, z, n
+        ctx.save_for_backward(w_rows, hs, gates, gh, row_weight)
         ctx.n_sets = w_hh.shape[0]
-        return hs.transpose(0, 1)
+        return hs[1:].transpose(0, 1)
 
     @staticmethod
-    def backward(ctx, grad_hs):
-        w_rows, h_prev, gates, gh_n, row_weight = ctx.saved_tensors
-        steps, rows, hid = h_prev.shape
-        grad_hs = grad_hs.transpose(0, 1)  # T × R × H
-        d_gi = grad_hs.new_empty(steps, rows, 3 * hid)
-        d_gh = grad_hs.new_empty(steps, rows, 3 * hid)
-        dh = grad_hs.new_zeros(rows, hid)
-        for t in range(steps - 1, -1, -1):
-            dh = dh + grad_hs[t]
-            r, z, n = gates[t, :, :hid], gates[t, :, hid:2 * hid], gates[t, :, 2 * hid:]
-            da_n = dh * (1 - z) * (1 - n * n)
-            da_z = dh * (h_prev[t] - n) * z * (1 - z)
-            da_r = da_n * gh_n[t] * r * (1 - r)
-            d_gi[t, :, :hid] = da_r
-            d_gi[t, :, hid:2 * hid] = da_z
-            d_gi[t, :, 2 * hid:] = da_n
-            d_gh[t, :, :2 * hid] = d_gi[t, :, :2 * hid]
-            d_gh[t, :, 2 * hid:] = da_n * r
-            dh = dh * z + torch.bmm(d_gh[t].unsqueeze(1), w_rows).squeeze(1)
+    def _backward(ctx, grad_hs):
+        w_rows, hs, gates, gh, row_weight = ctx.saved_tensors
+        steps, rows, three_h = gates.shape
+        hid = three_h // 3
+        grad_steps = grad_hs.transpose(0, 1).contiguous()  # T × R × H
+        r, z, n = gates.split(hid, dim=2)
+        h_prev = hs[:-1]
+        # With c_t = dL/dh_t, the gate pre-activations get c_t times these (all steps at once):
+        d_n = (1 - z) * (1 - n * n)
+        d_z = (h_prev - n) * z * (1 - z)
+        d_r = d_n * gh[:, :, 0, 2 * hid:] * r * (1 - r)
+        # u_t = c_t * [d_r, d_z, d_n r, z] holds dL/d(W_hh h_{t-1}) and the direct path z, so one
+        # batched product with [W_hh; I] gives c_{t-1} = grad_{t-1} + u_t [W_hh; I].
+        factors = torch.stack([d_r, d_z, d_n * r, z], dim=2)  # T × R × 4 × H
+        eye = torch.eye(hid, dtype=w_rows.dtype, device=w_rows.device).expand(rows, hid, hid)
+        w_ext = torch.cat([w_rows, eye], dim=1)  # R × 4H × H
+        c = torch.empty_like(grad_steps)
+        c[steps - 1] = grad_steps[steps - 1]
+        u = factors.new_empty(rows, 4, hid)
+        u_row = u.view(rows, 1, 4 * hid)
+        c_t, g_t = c.unsqueeze(2).unbind(0), grad_steps.unsqueeze(2).unbind(0)  # R × 1 × H each
+        f_t = factors.unbind(0)
+        for t in range(steps - 1, 0, -1):
+            torch.mul(c_t[t], f_t[t], out=u)
+            torch.baddbmm(g_t[t - 1], u_row, w_ext, out=c_t[t - 1])
+        d_gh = (c.unsqueeze(2) * factors[:, :, :3]).reshape(steps, rows, three_h)
+        d_gi = torch.cat([d_gh[:, :, :2 * hid], c * d_n], dim=2)
         d_w_rows = torch.einsum("trg,trh->rgh", d_gh, h_prev)
         d_w = d_w_rows.new_zeros(ctx.n_sets, *d_w_rows.shape[1:]).index_add_(0, row_weight, d_w_rows)
-        d_b = d_gh.new_zeros(ctx.n_sets, 3 * hid).index_add_(0, row_weight, d_gh.sum(0))
+        d_b = d_gh.new_zeros(ctx.n_sets, three_h).index_add_(0, row_weight, d_gh.sum(0))
         return d_gi.transpose(0, 1), d_w, d_b, None
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .functional import check_set_batch, sorted_values, valid_mask
 from .gpo import RankWeightedPool, positional_encoding
-from .kernels import bigru_over_positions, packed_bigru
+from .kernels import bigru_over_positions, on_one_thread, packed_bigru
 from .registry import register_pooling
 
 __all__ = ["PerDimensionGPO", "FeatureGPO", "TransformerGPO"]
@@ -81,8 +81,12 @@ class PerDimensionGPO(RankWeightedPool):
         """θ for each size in ``sizes``: U × n_max × D."""
         sizes = torch.as_tensor(sizes, dtype=torch.long)
         n_max = int(sizes.max()) if n_max is None else n_max
-        scores = self.size_scores(sizes, n_max)
-        return _masked_softmax(scores, valid_mask(sizes.to(scores.device), n_max), self.temperature)
+
+        def theta() -> torch.Tensor:
+            scores = self.size_scores(sizes, n_max)
+            return _masked_softmax(scores, valid_mask(sizes.to(scores.device), n_max), self.temperature)
+
+        return on_one_thread(theta, self.parameters())
 
     def forward(self, features: torch.Tensor, lengths=None):
         lengths = check_set_batch(features, lengths)
