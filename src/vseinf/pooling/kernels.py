@@ -194,11 +194,11 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
 
     ``weights`` is B × N, zero at padded positions, each row summing to 1. When all but ``tail_eps`` of
     every row's mass sits on the first K positions (a trained GPO on region features is close to max
-    pooling), only the top K values are selected instead of fully sorting (for floats of up to 32
-    bits on the CPU, only when K = 1): the neglected part of the sum is at most ``tail_eps`` ×
-    max|feature|. Otherwise every (set, dimension) row is sorted once (those CPU floats:
-    :class:`_PackedSortWeightedSum`; else ``torch.sort``) and contracted with the weights in one
-    batched matrix product; the backward pass reuses the sort's permutation.
+    pooling), only the top K values are selected instead of fully sorting: the neglected part of the
+    sum is at most ``tail_eps`` × max|feature|. Otherwise every (set, dimension) row is sorted once
+    (floats of up to 32 bits on the CPU: :class:`_PackedSortWeightedSum`; else ``torch.sort``) and
+    contracted with the weights in one batched matrix product; the backward pass reuses the sort's
+    permutation.
     """
     batch, n_max, dim = features.shape
     mask = valid_mask(lengths, n_max)
@@ -207,12 +207,8 @@ def rank_weighted_sum(features: torch.Tensor, lengths: torch.Tensor, weights: to
         with torch.no_grad():
             tail = 1.0 - weights.detach().float().cumsum(1)  # mass beyond positions 0..k
             k = int(min(int(((tail > tail_eps).sum(1) + 1).max()), n_max))
-    # On the CPU the numpy sort costs about one round of max more than a single round (measured in
-    # benchmarks/pooling.py: 1.6x max pooling against 2.5x for two rounds at B=128, N=36), so it
-    # takes every case but the max-like one, exactly.
-    packed = features.device.type == "cpu" and features.dtype in _PACKED_DTYPES
-    if k > n_max // 4 or (packed and k > 1):
-        if packed:
+    if k > n_max // 4:
+        if features.device.type == "cpu" and features.dtype in _PACKED_DTYPES:
             return _PackedSortWeightedSum.apply(features, weights, lengths)
         return _SortedWeightedSum.apply(features, weights, mask)
     if k <= _REPEATED_MAX_K:
