@@ -315,15 +315,17 @@ def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir,
     encode_gallery(photo_dir, clean, model, batch_size=1, progress=False, workers=0)
     monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", flush_every)
     calls, kill_at = [0], [3]
-    forward = model.image.forward
+    from vseinf.encoders.image import InferenceGridTower  # what encode runs the images through
 
-    def counting_forward(*args, **kwargs):
+    forward = InferenceGridTower.forward
+
+    def counting_forward(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == kill_at[0]:
             raise KeyboardInterrupt  # Ctrl-C during the third image
-        return forward(*args, **kwargs)
+        return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(model.image, "forward", counting_forward)
+    monkeypatch.setattr(InferenceGridTower, "forward", counting_forward)
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
