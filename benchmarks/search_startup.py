@@ -77,10 +77,14 @@ def gallery_images(images: Path | None, n: int, workdir: Path) -> tuple[Path, st
     import shutil
 
     folder, note = workdir / f"gallery{n}", workdir / f"gallery{n}.source"
-    if folder.is_dir() and len(list(folder.iterdir())) == n and note.is_file():
+    real = images is not None and images.is_dir()
+    if folder.is_dir() and len(list(folder.iterdir())) == n and note.is_file() and \
+            note.read_text().startswith("Flickr8k") == real:
         return folder, note.read_text()
-    folder.mkdir(parents=True, exist_ok=True)
-    if images is not None and images.is_dir():
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(workdir / f"index{n}", ignore_errors=True)
+    folder.mkdir(parents=True)
+    if real:
         names = sorted(p for p in images.iterdir() if p.suffix.lower() == ".jpg")[:n]
         for p in names:
             shutil.copy(p, folder / p.name)  # a copy: links to files outside a gallery are skipped
@@ -122,8 +126,10 @@ def queries_file(images: Path | None, n: int, workdir: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default=str(REPO.parent / "shared/data/flickr8k/Flicker8k_Dataset"),
-                    help="folder of photos for the gallery (default: Flickr8k)")
+    shared = Path(os.environ.get("VSEINF_SHARED_DATA") or REPO.parent / "shared/data")
+    ap.add_argument("--images", default=str(shared / "flickr8k/Flicker8k_Dataset"),
+                    help="folder of photos for the gallery (default: Flickr8k under $VSEINF_SHARED_DATA "
+                         "or ../shared/data)")
     ap.add_argument("--n-images", type=int, default=200)
     ap.add_argument("--n-queries", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)

@@ -4,6 +4,7 @@ loading and its errors, frozen BatchNorm, feature-map shapes."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -21,6 +23,7 @@ from vseinf.encoders.cnn import (
     build_backbone,
     bundled_weights_path,
     freeze_batchnorm,
+    fuse_conv_bn,
     read_state_dict,
     set_trainable,
 )
@@ -286,6 +289,65 @@ def test_set_trainable(mobilenet):
     assert not any(p.requires_grad for p in model.parameters())
     set_trainable(model, True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm folded into the convolutions (inference copies)
+
+
+def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN layer non-trivial running statistics and affine parameters (a random-init
+    backbone has mean 0, var 1, γ 1, β 0, which would make folding look right by accident)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name,weights", [("mobilenet_v2", "default"), ("efficientnet_lite0", None),
+                                          ("resnet50", None), ("resnet50_v1", None)])
+def test_fused_backbone_equals_the_unfused_reference(name, weights):
+    """fuse_conv_bn folds every BN (none is left) and the feature maps equal the unfused model's
+    in eval mode (cosine ≥ 0.99999 per image, the issue's bar is 1e-4), in both memory layouts;
+    the reference itself is left unchanged."""
+    model = freeze_batchnorm(build_backbone(name, weights)).eval()
+    if weights is None:
+        _random_statistics(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_conv_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        want = model(images)
+        got = fused(images)
+        got_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)(
+            images.contiguous(memory_format=torch.channels_last))
+    for out in (got, got_cl):
+        assert out.shape == want.shape
+        assert F.cosine_similarity(out.flatten(1), want.flatten(1)).min().item() >= 0.99999
+        assert ((out - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+def test_fusing_keeps_a_conv_bias_and_refuses_bn_without_statistics():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    bn = _random_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0]
+    model = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    fused = fuse_conv_bn(model)
+    assert isinstance(fused[1], nn.Identity)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    with pytest.raises(ValueError, match="running statistics"):
+        fuse_conv_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,6 +273,37 @@ def test_encode_gallery_skips_unreadable_files_and_matches_encode_images(photo_d
     assert all(abs(r[0]["score"] - 1) < 1e-4 for r in results)
 
 
+def test_fast_encode_path_equals_the_reference_path(photo_dir, model, monkeypatch):
+    """encode_image_files' default (inference tower, a thread decoding ahead) against
+    reference=True (the model's own tower, decoding in line): the same files kept and skipped, in
+    the same order, embeddings within 1e-5; the decoding thread is gone afterwards, also when the
+    model stops the run with an exception."""
+    import threading
+
+    add_broken_files(photo_dir)
+    paths = sorted(p for p in photo_dir.rglob("*") if p.is_file())
+    want, want_kept, want_skipped = vindex.encode_image_files(model, paths, batch_size=2, reference=True)
+    got, kept, skipped = vindex.encode_image_files(model, paths, batch_size=2)
+    assert kept == want_kept and len(kept) == 4
+    assert [(s.path, s.reason) for s in skipped] == [(s.path, s.reason) for s in want_skipped]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    def decoding_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("vseinf-decode")]
+
+    assert not decoding_threads()
+
+    def broken_forward(self, images):
+        raise RuntimeError("out of memory")
+
+    from vseinf.encoders.image import InferenceGridTower
+
+    monkeypatch.setattr(InferenceGridTower, "forward", broken_forward)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        vindex.encode_image_files(model, paths, batch_size=1)
+    assert not decoding_threads()
+
+
 def test_decoding_workers_give_the_same_index_and_skip_report(photo_dir, tmp_path, model):
     """`vseinf encode --workers N`: processes decode ahead; the vectors, their order and the named
     skipped files are those of decoding in this process (batches of 2 spread them over workers)."""
@@ -316,15 +347,17 @@ def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir,
     monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", flush_every)
     monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", float("inf"))  # by count only, however slow the machine
     calls, kill_at = [0], [3]
-    forward = model.image.forward
+    from vseinf.encoders.image import InferenceGridTower  # what encode runs the images through
 
-    def counting_forward(*args, **kwargs):
+    forward = InferenceGridTower.forward
+
+    def counting_forward(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] == kill_at[0]:
             raise KeyboardInterrupt  # Ctrl-C during the third image
-        return forward(*args, **kwargs)
+        return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(model.image, "forward", counting_forward)
+    monkeypatch.setattr(InferenceGridTower, "forward", counting_forward)
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)

@@ -744,23 +744,62 @@ def default_workers(n_images: int, batch_size: int, device) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
+class _ReadAhead:
+    """The batches of a :class:`_DecodedBatches` in order, each next one decoded by a thread while
+    the caller embeds the current one.
+
+    Besides the overlap, this keeps the per-image tensor work (a few small ops) off the thread that
+    runs the model: there torch splits each op between its intra-op threads, and on a busy 2-core
+    machine every split waits on a descheduled partner — decoding 64 photos cost 2.6 CPU-s that way
+    against 0.1 s on a thread of its own (benchmarks/encode_speed.py measures the whole effect).
+    """
+
+    def __init__(self, batches: "_DecodedBatches"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.batches = batches
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vseinf-decode")
+
+    def __iter__(self):
+        n = len(self.batches)
+        pending = self.pool.submit(self.batches.__getitem__, 0) if n else None
+        for k in range(n):
+            item = pending.result()  # an exception raised while decoding surfaces here
+            if k + 1 < n:
+                pending = self.pool.submit(self.batches.__getitem__, k + 1)
+            yield item
+
+    def close(self) -> None:
+        """Stop reading ahead (waits for a batch being decoded, never starts another)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False,
-                       workers: int | None = None, on_batch=None) -> tuple[np.ndarray, list[int], list[Skipped]]:
+                       workers: int | None = None, on_batch=None,
+                       reference: bool = False) -> tuple[np.ndarray, list[int], list[Skipped]]:
     """Embed image files, skipping unreadable ones → (m × d float32, indices of encoded paths, skipped).
 
     Each image is resized by the model's transform right after decoding, so a batch of large photos
-    costs S×S pixels each, not their full size. Gives the same vectors as ``model.encode_images``.
-    ``workers`` processes decode the next batches while the model embeds this one (None: see
-    :func:`default_workers`; 0: decode here). ``on_batch(embeddings, kept indices)`` is called
-    after every batch (e.g. to save progress).
+    costs S×S pixels each, not their full size. The images go through the tower's inference copy
+    (:meth:`~vseinf.encoders.image.GridImageEncoder.for_inference`: BatchNorm folded, channels-last),
+    which gives ``model.encode_images``' vectors up to float rounding, while a thread decodes the
+    next batch (:class:`_ReadAhead`). ``workers`` processes decode ahead instead (None: see
+    :func:`default_workers`). ``reference=True`` is the plain path the fast one is held to: the
+    model's own tower, images decoded here between batches. ``on_batch(embeddings, kept
+    indices)`` is called after every batch (e.g. to save progress).
     """
     import torch
 
     from .data.images import image_batch_loader
 
     batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
+    fast = not reference and hasattr(model.image, "for_inference")
+    tower = model.image.for_inference() if fast else model.image
     workers = default_workers(len(paths), batch_size, model.device) if workers is None else max(0, int(workers))
-    loader = image_batch_loader(batches, workers, pin_memory=model.device.type == "cuda")
+    if workers == 0 and fast:
+        loader = _ReadAhead(batches)
+    else:
+        loader = image_batch_loader(batches, workers, pin_memory=model.device.type == "cuda")
     out: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[Skipped] = []
@@ -771,8 +810,8 @@ def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: in
         for pixels, batch_kept, batch_skipped in loader:
             skipped.extend(Skipped(str(paths[i]), reason) for i, reason in batch_skipped)
             if pixels is not None:
-                with torch.no_grad():
-                    emb, _ = model.image(pixels.to(model.device, non_blocking=True))
+                with torch.inference_mode() if fast else torch.no_grad():
+                    emb, _ = tower(pixels.to(model.device, non_blocking=True))
                 out.append(emb.float().cpu().numpy())
                 kept.extend(batch_kept)
                 if on_batch is not None:
@@ -780,6 +819,8 @@ def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: in
             if bar is not None:
                 bar.update(len(batch_kept) + len(batch_skipped))
     finally:
+        if isinstance(loader, _ReadAhead):
+            loader.close()
         model.train(was_training)
         if bar is not None:
             bar.close()
@@ -2321,6 +2362,20 @@ def _search_many(gallery: Gallery, model, queries: list[tuple[int, str]], k: int
         sys.stdout.flush()
 
 
+def _embed_one_text(model, text: str) -> np.ndarray:
+    """One text query → 1 × d, computed on one thread. A query is a few tokens: too little work to
+    share between threads, and on a busy machine every op would wait for a descheduled partner
+    thread (one MiniLM query took 5–8 s with 2 threads against 0.3 s with one on a loaded 2-core CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return encode_texts_np(model, [text])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_search(args, extra) -> int:
     video_query = getattr(args, "video", None)
     queries_file = getattr(args, "queries", None)
@@ -2349,7 +2404,7 @@ def run_search(args, extra) -> int:
     elif video_query is not None:
         query = embed_query_video(gallery, model, video_query)
     else:
-        query = encode_texts_np(model, [args.query])
+        query = _embed_one_text(model, args.query)
     results = gallery.search(query, args.k, absolute=True)[0]
     if args.json:
         print(json_text({"results": results}))

@@ -19,11 +19,12 @@ _CNN = (
     "build_backbone",
     "bundled_weights_path",
     "freeze_batchnorm",
+    "fuse_conv_bn",
     "load_backbone_weights",
     "read_state_dict",
     "set_trainable",
 )
-_IMAGE = ("GridHead", "GridImageEncoder", "RegionEncoder", "RegionMLP")
+_IMAGE = ("GridHead", "GridImageEncoder", "InferenceGridTower", "RegionEncoder", "RegionMLP")
 
 __all__ = [*_CNN, *_IMAGE]
 

@@ -207,12 +207,18 @@ class BertLite(nn.Module):
         config = BertLiteConfig.from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
         model = cls(config)
         state = {k.removeprefix("bert."): v for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-        model.load_weights(state, str(path / WEIGHTS_FILE))
+        model.load_weights(state, str(path / WEIGHTS_FILE), assign=True)
         return model.eval()
 
-    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Copy a transformers ``BertModel`` state dict in; every weight must be there, or ValueError."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict", assign: bool = False) -> None:
+        """Load a transformers ``BertModel`` state dict; every weight must be there, or ValueError.
+
+        ``assign``: take the tensors themselves instead of copying them in (for tensors nothing else
+        holds, e.g. just read from a file: saves a copy of every weight at start-up).
+        """
+        if assign:  # the parameters become these tensors: keep the module's float32
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=assign)
         if missing or unexpected:
             raise ValueError(f"{source}: not a BERT of this shape: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

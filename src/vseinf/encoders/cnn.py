@@ -21,6 +21,7 @@ what TensorFlow's edge-model recipe trained them with.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "read_state_dict",
     "load_backbone_weights",
     "freeze_batchnorm",
+    "fuse_conv_bn",
     "set_trainable",
 ]
 
@@ -105,6 +107,7 @@ class Bottleneck(nn.Module):
     """1×1 reduce → 3×3 (grouped for ResNeXt; carries the stride, "ResNet v1.5") → 1×1 expand, + skip."""
 
     expansion = 4
+    conv_bn = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # for fuse_conv_bn
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, groups: int = 1, base_width: int = 64,
                  stride_in_1x1: bool = False):
@@ -150,6 +153,7 @@ class ResNet(Backbone):
     """
 
     out_channels = 2048
+    conv_bn = (("conv1", "bn1"),)
 
     def __init__(self, layers: list[int], groups: int = 1, width_per_group: int = 64,
                  num_classes: int = 1000, name: str = "resnet", v1: bool = False,
@@ -292,6 +296,8 @@ class MBConvBlock(nn.Module):
     """EfficientNet-Lite block: 1×1 expand (skipped when t = 1) → k×k depthwise → 1×1 project, ReLU6,
     no squeeze-excitation (the Lite variants drop it), identity skip when shape is kept."""
 
+    conv_bn = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand_ratio: int):
         super().__init__()
         hidden = cin * expand_ratio
@@ -324,6 +330,7 @@ class EfficientNetLite0(Backbone):
 
     name = "efficientnet_lite0"
     out_channels = 1280
+    conv_bn = (("_conv_stem", "_bn0"), ("_conv_head", "_bn1"))
     mean = INCEPTION_MEAN
     std = INCEPTION_STD
     # (repeats, kernel, first stride, expansion, input channels, output channels): EfficientNet-B0's
@@ -406,6 +413,53 @@ def set_trainable(module: nn.Module, trainable: bool) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(trainable)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: BatchNorm folded into the convolutions
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` computing ``bn(conv(x))`` with BN's running statistics (eval mode).
+
+    BN is a per-channel affine map y = γ (z − μ) / √(σ² + ε) + β, so it folds into the conv's
+    weights (scaled per output channel) and bias. Computed in float64, stored in the conv's dtype.
+    """
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    fused = copy.deepcopy(conv)
+    dtype = conv.weight.dtype
+    fused.weight = nn.Parameter((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype), requires_grad=False)
+    fused.bias = nn.Parameter((bn.bias.double() + (bias - bn.running_mean.double()) * scale).to(dtype),
+                              requires_grad=False)
+    return fused
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    Pairs are the adjacent (Conv2d, BatchNorm2d) children of ``nn.Sequential`` containers and the
+    attribute pairs a module lists in ``conv_bn`` (blocks whose forward calls them by name); each BN
+    becomes ``nn.Identity``. Saves a pass over every feature map; the output equals ``model``'s in
+    eval mode up to float rounding (tests/test_cnn.py). ``model`` itself is left unchanged. The copy
+    is for inference only: its BN layers are gone, so it cannot train.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        pairs = [(a, b) for a, b in getattr(module, "conv_bn", ()) if hasattr(module, a)]
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            pairs += [(a, b) for a, b in zip(names, names[1:])
+                      if isinstance(module._modules[a], nn.Conv2d) and isinstance(module._modules[b], nn.BatchNorm2d)]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or not bn.affine:
+                raise ValueError(f"{bn_name}: BatchNorm without running statistics or affine parameters cannot be folded")
+            setattr(module, conv_name, _folded(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+    return fused.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
