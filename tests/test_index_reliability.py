@@ -334,6 +334,7 @@ def test_rows_are_on_disk_before_a_kill_that_no_handler_sees(photo_dir, tmp_path
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.image, "forward", forward_that_looks)
+    monkeypatch.setattr(model.image, "for_inference", lambda: model.image)  # encode's fast copy: this one
     encode_gallery(photo_dir, tmp_path / "index", model, batch_size=1, progress=False, workers=0)
     assert on_disk[2] == 0  # default: every 1,024 images or 30 s
     on_disk.clear()
@@ -418,6 +419,7 @@ def test_a_file_whose_embedding_is_not_finite_is_named_and_skipped(photo_dir, tm
         return (torch.full_like(emb, float("nan")) if calls[0] == 2 else emb), rest
 
     monkeypatch.setattr(model.image, "forward", nan_for_the_second)
+    monkeypatch.setattr(model.image, "for_inference", lambda: model.image)  # encode's fast copy: this one
     out = tmp_path / "index"
     report = encode_gallery(photo_dir, out, model, batch_size=1, progress=False, workers=0)
     assert (report.total, report.encoded) == (3, 3)

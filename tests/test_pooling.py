@@ -282,6 +282,27 @@ def test_gpo_fast_path_equals_reference_outputs_weights_and_gradients(regime):
         close(gp_f[name], gp_r[name], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_gpo_pools_under_inference_mode_and_no_grad_like_the_reference(grad_mode):
+    # Users call plug-in GPO inside torch.inference_mode(); the sort runs in worker threads,
+    # which do not inherit the caller's (thread-local) mode.
+    fast, ref, features, lengths = _fast_and_reference("fresh")
+    big = torch.randn(64, 40, 300, generator=torch.Generator().manual_seed(9))  # several worker tasks
+    big_lengths = torch.randint(1, 41, (64,), generator=torch.Generator().manual_seed(3))
+    context = torch.inference_mode if grad_mode == "inference_mode" else torch.no_grad
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the sort's worker threads run only with more than one torch thread
+    try:
+        for x, n in ((features, lengths), (big, big_lengths)):
+            with context():
+                out_f, w_f = fast(x, n)
+                out_r, w_r = ref(x, n)
+            close(out_f, out_r, atol=1e-5, rtol=0)
+            close(w_f, w_r, atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class DesignedGPO(GPO):
     """GPO with θ chosen by the test: 0.7 / (0.3 − m) on the top two positions and the small mass
     m spread evenly over the rest, where m is below the fast path's ``tail_eps``."""

@@ -84,6 +84,13 @@ def _in_tasks(work, batch: int, set_elements: int) -> None:
     on a busy machine), and each task's buffers stay in the cache from one step to the next.
     """
     global _pool
+    if torch.is_inference_mode_enabled():  # thread-local: the workers must write inference tensors too
+        caller_work = work
+
+        def work(lo: int, hi: int) -> None:
+            with torch.inference_mode():
+                caller_work(lo, hi)
+
     per_task = max(1, _TASK_ELEMENTS // max(1, set_elements))
     ranges = [(lo, min(lo + per_task, batch)) for lo in range(0, batch, per_task)]
     threads = min(torch.get_num_threads(), len(ranges))
