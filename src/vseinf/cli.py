@@ -144,7 +144,7 @@ def _add_extract(sub):
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
     p.add_argument("--rebuild", action="store_true", help="recompute even if a valid cache exists")
-    from .video import add_extract_video_arguments
+    from .video.extract import add_extract_video_arguments
 
     add_extract_video_arguments(p)
     return p
@@ -165,7 +165,7 @@ def _interrupt_on_sigterm() -> None:
 def _cmd_extract(args, extra):
     _interrupt_on_sigterm()
     if args.videos:
-        from .video import run_extract_video
+        from .video.extract import run_extract_video
 
         return run_extract_video(args, extra)
     from .config import load_config, parse_overrides
