@@ -237,7 +237,7 @@ def test_metrics_json_is_rounded(video_run, tmp_path):
 
 
 def test_plot_pooling_on_a_video_model_draws_its_frame_counts(video_run, tmp_path, monkeypatch):
-    import vseinf.plots as plots
+    import vseinf.studies.plots as plots
     from vseinf.model import load_model
 
     run, _, _ = video_run

@@ -358,7 +358,7 @@ def test_rows_with_an_unknown_split_value_are_counted_and_named(tmp_path, caplog
     path = _write(tmp_path / "p.csv", "image,caption,split\n"
                                       "a.jpg,one,train\nb.jpg,two,trian\nc.jpg,three,trian\n"
                                       "d.jpg,four,\ne.jpg,five,val\nf.jpg,six,test\n")
-    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.records"):
         train = read_pairs_file(path, split="train")
     assert train.image_keys == ["a.jpg"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -366,7 +366,7 @@ def test_rows_with_an_unknown_split_value_are_counted_and_named(tmp_path, caplog
     assert "p.csv" in warnings[0] and "3 rows" in warnings[0]
     assert "'trian' (2 rows)" in warnings[0] and "'' (1 row)" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.records"):
         assert read_pairs_file(path).n_images == 6  # every row: nothing is left out, nothing to say
         assert read_pairs_file(path, split="dev").image_keys == ["e.jpg"]
     assert len([r for r in caplog.records if "trian" in r.getMessage()]) == 1
@@ -374,7 +374,7 @@ def test_rows_with_an_unknown_split_value_are_counted_and_named(tmp_path, caplog
                                          '{"image": "b.jpg", "caption": "y", "split": "tset"}\n'
                                          '{"image": "c.jpg", "caption": "z"}\n')
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.records"):
         read_pairs_file(jsonl, split="train")
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "2 rows" in message and "'tset' (1 row)" in message and "no split (1 row)" in message
@@ -382,7 +382,7 @@ def test_rows_with_an_unknown_split_value_are_counted_and_named(tmp_path, caplog
 
 def test_a_split_of_its_own_name_is_not_unknown(tmp_path, caplog):
     path = _write(tmp_path / "p.csv", "image,caption,split\na.jpg,one,train\nb.jpg,two,holdout\n")
-    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.records"):
         assert read_pairs_file(path, split="holdout").image_keys == ["b.jpg"]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 

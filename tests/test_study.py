@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-import vseinf.train
-from vseinf.plots import add_plot_pooling_parser, default_sizes, pooling_coefficients, run_plot_pooling
-from vseinf.pooling import build_pooling
-from vseinf.study import (
+import vseinf.studies.pooling
+from vseinf.pooling import build_pooling, pooling_coefficients
+from vseinf.studies.plots import add_plot_pooling_parser, default_sizes, run_plot_pooling
+from vseinf.studies.pooling import (
     Cell,
     add_study_parser,
     cell_dir,
@@ -154,7 +154,7 @@ def test_study_trains_each_cell_writes_json_and_pictures_and_resumes(config_file
     def no_training(*a, **k):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr(vseinf.train, "train", no_training)
+    monkeypatch.setattr(vseinf.studies.pooling, "train", no_training)
     again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool", "--plots", str(tmp_path / "d" / "p"))
     assert [c["rsum"] for c in again["cells"]] == [c["rsum"] for c in result["cells"]]
     assert (tmp_path / "d" / "p_grid.png").is_file() and (tmp_path / "d" / "p_aggregators.png").is_file()
@@ -164,14 +164,14 @@ def test_study_trains_each_cell_writes_json_and_pictures_and_resumes(config_file
     (killed / "metrics.json").unlink()
     (killed / "study_cell.json").unlink()
     calls = []
-    monkeypatch.setattr(vseinf.train, "train", lambda cfg, run_dir, resume=False, progress=True:
+    monkeypatch.setattr(vseinf.studies.pooling, "train", lambda cfg, run_dir, resume=False, progress=True:
                         (calls.append((Path(run_dir), resume)), real_train(cfg, run_dir, resume, progress))[1])
     again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool")
     assert calls == [(killed, True)]
     assert again["cells"][2]["rsum"] == result["cells"][2]["rsum"]
 
 
-real_train = vseinf.train.train
+real_train = vseinf.studies.pooling.train
 
 
 def test_a_changed_recipe_gets_new_run_directories(config_file):

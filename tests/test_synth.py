@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vseinf.pooling import AvgPool, InterpolatedIndexPool, KMaxPool, MaxPool, build_pooling
-from vseinf.synth import (
+from vseinf.studies.synth import (
     PAPER_SEEN,
     PATTERNS,
     SIZE_RANGES,
@@ -24,7 +24,7 @@ from vseinf.synth import (
     run,
     run_synth,
 )
-from vseinf.synth import _pattern_table
+from vseinf.studies.synth import _pattern_table
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -281,7 +281,7 @@ def test_video_pairs_unknown_split_values_and_header_only(tmp_path, caplog):
     _features(tmp_path / "features", {"a": 3, "b": 4})
     path = tmp_path / "captions.csv"
     path.write_text("video,caption,split\na,one,train\nb,two,trian\n")
-    with caplog.at_level(logging.WARNING, logger="vseinf.data.splits"):
+    with caplog.at_level(logging.WARNING, logger="vseinf.data.records"):
         assert read_video_pairs(path, "train", features=tmp_path / "features").image_keys == ["a"]
     assert any("'trian' (1 row)" in r.getMessage() for r in caplog.records)
     path.write_text("video,caption,split\n")

@@ -144,7 +144,7 @@ def _add_extract(sub):
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
     p.add_argument("--rebuild", action="store_true", help="recompute even if a valid cache exists")
-    from .video import add_extract_video_arguments
+    from .video.extract import add_extract_video_arguments
 
     add_extract_video_arguments(p)
     return p
@@ -165,7 +165,7 @@ def _interrupt_on_sigterm() -> None:
 def _cmd_extract(args, extra):
     _interrupt_on_sigterm()
     if args.videos:
-        from .video import run_extract_video
+        from .video.extract import run_extract_video
 
         return run_extract_video(args, extra)
     from .config import load_config, parse_overrides
@@ -202,7 +202,7 @@ def _add_synth(sub):
                                    "and unseen set sizes (supplementary Table 6). About 5 minutes on 2 cores; "
                                    "--quick in under one.")
     try:
-        from .synth import add_arguments
+        from .studies.synth import add_arguments
     except ImportError:  # pragma: no cover
         return p
     add_arguments(p)
@@ -210,7 +210,7 @@ def _add_synth(sub):
 
 
 def _cmd_synth(args, extra):
-    from .synth import run
+    from .studies.synth import run
 
     if extra:
         raise ValueError(f"synth: unknown arguments {' '.join(extra)}")
@@ -252,8 +252,8 @@ COMMANDS = {
     "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
     "convert": (_add_convert, _cmd_convert),
     "synth": (_add_synth, _cmd_synth),
-    "study": _lazy(".study", "add_study_parser", "run_study"),
-    "plot-pooling": _lazy(".plots", "add_plot_pooling_parser", "run_plot_pooling"),
+    "study": _lazy(".studies.pooling", "add_study_parser", "run_study"),
+    "plot-pooling": _lazy(".studies.plots", "add_plot_pooling_parser", "run_plot_pooling"),
 }
 
 # Commands whose unknown --key value arguments are config overrides.

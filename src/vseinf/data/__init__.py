@@ -1,5 +1,11 @@
 """Data: caption-dataset readers, image loading and transforms, and feature caches.
 
+Modules: ``records`` (the :class:`CaptionSplit` record every reader returns, :class:`DataFormatError`,
+what readers share), ``splits`` (image-caption datasets, and :func:`open_split`, which tells every
+layout apart), ``video`` (video-caption datasets and their frame features), ``jsonl`` (JSONL pair
+files, images and videos alike), ``images`` (loading, transforms, datasets), ``cache`` (feature
+caches).
+
 The package sits low in the import graph: it depends on numpy, PIL and torch only, never on
 the model or the training loop.
 
@@ -28,9 +34,8 @@ from .images import (
     sample_crop,
     to_tensor,
 )
+from .records import CaptionSplit, DataFormatError
 from .splits import (
-    CaptionSplit,
-    DataFormatError,
     open_split,
     read_flickr8k,
     read_flickr_token_file,

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .splits import CaptionSplit, DataFormatError
+from .records import CaptionSplit, DataFormatError
 
 log = logging.getLogger(__name__)
 

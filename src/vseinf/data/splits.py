@@ -1,14 +1,15 @@
-"""Caption datasets: one record (:class:`CaptionSplit`) and a reader for each layout users have.
+"""Image-caption datasets: a reader for each layout users have, and :func:`open_split`.
 
-Every reader returns the same record, so the rest of the library never cares where the
-captions came from:
+Every reader returns the same record, :class:`~vseinf.data.records.CaptionSplit`, so the rest of
+the library never cares where the captions came from:
 
 - :func:`read_flickr8k` — the Flickr8k distribution (``Flickr8k_text/`` + ``Flicker8k_Dataset/``);
 - :func:`read_flickr_token_file` — any ``<image>#<n>\\t<caption>`` file (Flickr8k, Flickr30k);
 - :func:`read_karpathy_json` — Karpathy's ``dataset_{coco,flickr30k,flickr8k}.json`` splits;
 - :func:`read_precomp` — the SCAN / VSE++ "precomp" layout of precomputed region features;
 - :func:`read_pairs_file` — a CSV / JSONL / TSV list of (image, caption) pairs;
-- :func:`open_split` — guesses the layout from a path and calls one of the above.
+- :func:`open_split` — guesses the layout from a path and calls one of the above (or, for a
+  video dataset, :func:`vseinf.data.video.open_video_split`).
 
 Readers never assume five captions per image: an image may have any number of captions, and
 images without any caption are dropped (with a log line). Captions are grouped by image, in
@@ -25,12 +26,22 @@ import csv
 import json
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from .jsonl import parse_jsonl_pairs
+from .records import (
+    CaptionSplit,
+    DataFormatError,
+    canonical_split,
+    group_pairs,
+    read_lines,
+    read_text,
+    rows_of_split,
+)
+from .video import is_video_dataset, open_video_split
 
 log = logging.getLogger(__name__)
 
@@ -44,241 +55,6 @@ __all__ = [
     "read_pairs_file",
     "read_precomp",
 ]
-
-
-class DataFormatError(ValueError):
-    """A data file is missing or malformed; the message names the file and the line or field.
-
-    Args:
-        path: the offending file (or folder).
-        message: what is wrong, in words.
-        line: 1-based line number, when the format has lines.
-        field: the offending field (e.g. ``images[3].sentences``), when it has fields.
-    """
-
-    def __init__(self, path: str | os.PathLike, message: str, *, line: int | None = None,
-                 field: str | None = None) -> None:
-        self.path = Path(path)
-        self.line = line
-        self.field = field
-        where = str(path)
-        if line is not None:
-            where += f":{line}"
-        if field is not None:
-            where += f": field {field!r}"
-        super().__init__(f"{where}: {message}")
-
-
-# --------------------------------------------------------------------------------------------
-# The record
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CaptionSplit:
-    """One split of a caption dataset: images (as files or precomputed features) and captions.
-
-    Args:
-        name: a label for logs and reports, e.g. ``"flickr8k/train"``.
-        image_keys: one entry per image: its file path relative to ``image_root``, or an id.
-        image_root: the folder the keys are relative to; ``None`` for precomputed features.
-        captions: every caption, grouped by image.
-        caption_to_image: int64 ``[n_captions]``, the index into ``image_keys`` of each caption.
-        features: precomputed features only: an ``N×R×D`` array, normally a read-only
-            ``np.memmap`` (never loaded whole).
-    """
-
-    name: str
-    image_keys: list[str]
-    image_root: Path | None
-    captions: list[str]
-    caption_to_image: np.ndarray
-    features: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.image_keys = list(self.image_keys)
-        self.captions = list(self.captions)
-        self.caption_to_image = np.asarray(self.caption_to_image, dtype=np.int64).reshape(-1)
-        if self.image_root is not None:
-            self.image_root = Path(self.image_root)
-        n_images = len(self.image_keys)
-        if len(self.caption_to_image) != len(self.captions):
-            raise ValueError(f"{self.name}: {len(self.captions)} captions but "
-                             f"{len(self.caption_to_image)} caption_to_image entries")
-        if len(self.caption_to_image) and (self.caption_to_image.min() < 0
-                                           or self.caption_to_image.max() >= n_images):
-            raise ValueError(f"{self.name}: caption_to_image points outside the "
-                             f"{n_images} images")
-        counts = np.bincount(self.caption_to_image, minlength=n_images)
-        if n_images and counts.min() == 0:
-            first = int(np.argmin(counts))
-            raise ValueError(f"{self.name}: image {self.image_keys[first]!r} has no caption "
-                             "(readers drop such images; do the same when building a split)")
-        if self.features is not None and len(self.features) != n_images:
-            raise ValueError(f"{self.name}: {len(self.features)} feature rows for "
-                             f"{n_images} images")
-
-    @property
-    def n_images(self) -> int:
-        return len(self.image_keys)
-
-    @property
-    def n_captions(self) -> int:
-        return len(self.captions)
-
-    @property
-    def captions_per_image(self) -> np.ndarray:
-        """int64 ``[n_images]``: how many captions each image has."""
-        return np.bincount(self.caption_to_image, minlength=self.n_images)
-
-    def caption_indices(self, image: int) -> np.ndarray:
-        """The indices (into ``captions``) of image ``image``'s captions."""
-        return np.flatnonzero(self.caption_to_image == image)
-
-    def image_path(self, i: int) -> Path:
-        """The file of image ``i``; a ``ValueError`` for precomputed-feature splits."""
-        if self.image_root is None:
-            raise ValueError(f"{self.name}: a split of precomputed features has no image files")
-        return self.image_root / self.image_keys[i]
-
-    def subset(self, image_indices: Iterable[int], name: str | None = None) -> CaptionSplit:
-        """A split with only the given images (in the given order) and their captions.
-
-        A contiguous ascending range keeps ``features`` memory-mapped; any other selection
-        copies the selected feature rows into memory.
-        """
-        idx = np.asarray(list(image_indices), dtype=np.int64)
-        if len(idx) and (idx.min() < -self.n_images or idx.max() >= self.n_images):
-            raise IndexError(f"{self.name}: image index out of range for {self.n_images} images")
-        idx = idx % max(self.n_images, 1)
-        if len(np.unique(idx)) != len(idx):
-            raise ValueError(f"{self.name}: subset() got repeated image indices")
-        per_image = [self.caption_indices(int(i)) for i in idx] if len(idx) < 64 else None
-        if per_image is None:  # one stable sort instead of a scan per image
-            order = np.argsort(self.caption_to_image, kind="stable")
-            starts = np.searchsorted(self.caption_to_image[order], np.arange(self.n_images + 1))
-            per_image = [order[starts[i]:starts[i + 1]] for i in idx]
-        captions, owners = [], []
-        for new, caps in enumerate(per_image):
-            captions.extend(self.captions[c] for c in caps)
-            owners.extend([new] * len(caps))
-        features = None
-        if self.features is not None:
-            contiguous = len(idx) > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
-            features = (self.features[idx[0]:idx[0] + len(idx)] if contiguous
-                        else np.asarray(self.features[idx]))
-        return CaptionSplit(
-            name=name or f"{self.name}[{len(idx)} images]",
-            image_keys=[self.image_keys[i] for i in idx],
-            image_root=self.image_root,
-            captions=captions,
-            caption_to_image=np.asarray(owners, dtype=np.int64),
-            features=features,
-        )
-
-
-def _group(name: str, pairs: Sequence[tuple[str, str]], image_root: Path | None,
-           image_order: Sequence[str] | None = None) -> CaptionSplit:
-    """Builds a split from (image key, caption) pairs, grouping captions by image.
-
-    Images are ordered by ``image_order`` when given (images in it without captions are
-    dropped), else by first appearance.
-    """
-    by_image: dict[str, list[str]] = {}
-    for key, caption in pairs:
-        by_image.setdefault(key, []).append(caption)
-    order = list(image_order) if image_order is not None else list(by_image)
-    dropped = [k for k in order if k not in by_image]
-    if dropped:
-        log.warning("%s: dropped %d image(s) without captions, e.g. %s", name, len(dropped),
-                    ", ".join(dropped[:3]))
-    keys = [k for k in order if k in by_image]
-    captions: list[str] = []
-    owners: list[int] = []
-    for i, key in enumerate(keys):
-        captions.extend(by_image[key])
-        owners.extend([i] * len(by_image[key]))
-    return CaptionSplit(name=name, image_keys=keys, image_root=image_root, captions=captions,
-                        caption_to_image=np.asarray(owners, dtype=np.int64))
-
-
-def _read_text(path: Path) -> str:
-    """A UTF-8 text file (a BOM is dropped); bytes that are not UTF-8 are reported by line."""
-    if not path.is_file():
-        raise DataFormatError(path, "file not found")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        # A byte offset is no help in a text editor: give the line and the column within it.
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        column = len(data[line_start:e.start].decode("utf-8", errors="replace")) + 1
-        raise DataFormatError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} in column {column}: "
-                                    f"{e.reason}); save the file as UTF-8",
-                              line=data.count(b"\n", 0, e.start) + 1) from None
-
-
-def _read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (a BOM and Windows line ends are tolerated)."""
-    text = _read_text(path)
-    # Split on "\n" only: str.splitlines() also breaks on characters such as U+0085 or U+2028
-    # that do turn up inside captions, and would shift every later line number.
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
-# Split names differ between layouts ("dev" in Flickr8k and precomp, "val" in Karpathy's JSON).
-_SPLIT_ALIASES = {"val": "dev", "valid": "dev", "validation": "dev"}
-
-
-def _canonical_split(split: str) -> str:
-    s = str(split).strip().lower()
-    return _SPLIT_ALIASES.get(s, s)
-
-
-# The split names datasets use (after the aliases above). A row whose split is none of these, nor
-# the split asked for, is most likely a typo ("trian") or a damaged cell: it would be in no split.
-KNOWN_SPLITS = frozenset({"train", "dev", "test", "restval", "testall"})
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def rows_of_split(path: Path, splits: Sequence[str | None], split: str, has_column: bool,
-                  canonical=_canonical_split, what: str = "(image, caption)") -> list[int]:
-    """Which rows (indices) belong to ``split``, given each row's split value.
-
-    Rows whose value names no known split are in none: a warning gives their count and values.
-
-    Args:
-        path: the file, for messages.
-        splits: each row's split value (``None``: the row has none).
-        split: the split asked for.
-        has_column: whether the file has a split column / field at all (an error otherwise).
-        canonical: maps a split value to its canonical name (aliases of "dev" …).
-        what: what a row is, for messages.
-    """
-    if not has_column:
-        raise DataFormatError(path, f"split {split!r} requested, but the file has no 'split' column; "
-                                    "pass split=None to use every row", field="split")
-    want = canonical(split)
-    known = KNOWN_SPLITS | {want}
-    unknown = Counter(v for v in splits if v is None or canonical(v) not in known)
-    if unknown:
-        shown = ", ".join(f"{'no split' if v is None else repr(v)} ({_plural(c, 'row')})"
-                          for v, c in unknown.most_common(5))
-        more = f", and {len(unknown) - 5} more values" if len(unknown) > 5 else ""
-        log.warning("%s: %s left out of every split, for a split value that is none of %s: %s%s", path,
-                    _plural(sum(unknown.values()), "row"), ", ".join(sorted(known)), shown, more)
-    keep = [i for i, v in enumerate(splits) if v is not None and canonical(v) == want]
-    if not keep:
-        have = sorted({str(v) for v in splits if v is not None})
-        raise DataFormatError(path, f"no {what} rows in split {split!r} (the file's split values: "
-                                    f"{', '.join(have) or 'none'})")
-    return keep
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +86,7 @@ def _parse_token_line(path: Path, lineno: int, line: str, require_number: bool) 
 def _read_image_list(path: Path) -> list[str]:
     names: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(_read_lines(path), 1):
+    for lineno, raw in enumerate(read_lines(path), 1):
         name = raw.strip()
         if not name:
             continue
@@ -337,7 +113,7 @@ def read_flickr_token_file(token_path: str | os.PathLike, image_root: str | os.P
     """
     token_path = Path(token_path)
     pairs = []
-    for lineno, line in enumerate(_read_lines(token_path), 1):
+    for lineno, line in enumerate(read_lines(token_path), 1):
         if line.strip():
             pairs.append(_parse_token_line(token_path, lineno, line, require_number=True))
     if not pairs:
@@ -349,7 +125,7 @@ def read_flickr_token_file(token_path: str | os.PathLike, image_root: str | os.P
         wanted = set(order)
         pairs = [p for p in pairs if p[0] in wanted]
     root = Path(image_root) if image_root is not None else token_path.parent
-    split = _group(name or token_path.name, pairs, root, order)
+    split = group_pairs(name or token_path.name, pairs, root, order)
     if split.n_images == 0:
         raise DataFormatError(Path(image_list) if isinstance(image_list, (str, os.PathLike))
                               else token_path, "none of the listed images has a caption")
@@ -372,7 +148,7 @@ def read_flickr8k(root: str | os.PathLike, split: str) -> CaptionSplit:
         split: ``"train"``, ``"dev"`` (alias ``"val"``) or ``"test"``.
     """
     root = Path(root)
-    s = _canonical_split(split)
+    s = canonical_split(split)
     if s not in _FLICKR8K_SPLIT_FILES:
         raise ValueError(f"{root}: unknown Flickr8k split {split!r} (use train, dev/val or test)")
     text = root / "Flickr8k_text"
@@ -409,12 +185,12 @@ def read_karpathy_json(json_path: str | os.PathLike, image_root: str | os.PathLi
     if not json_path.is_file():
         raise DataFormatError(json_path, "file not found")
     try:
-        doc = json.loads(_read_text(json_path))
+        doc = json.loads(read_text(json_path))
     except json.JSONDecodeError as e:
         raise DataFormatError(json_path, f"invalid JSON: {e.msg}", line=e.lineno) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataFormatError(json_path, "expected an object with an 'images' list", field="images")
-    wanted = {"dev": "val"}.get(_canonical_split(split), _canonical_split(split))
+    wanted = {"dev": "val"}.get(canonical_split(split), canonical_split(split))
     if wanted not in {"train", "val", "test", "restval"}:
         raise ValueError(f"{json_path}: unknown split {split!r} (use train, val, test or restval)")
     accept = {"train", "restval"} if wanted == "train" and restval_into_train else {wanted}
@@ -453,7 +229,7 @@ def read_karpathy_json(json_path: str | os.PathLike, image_root: str | os.PathLi
             pairs.append((key, raw.strip()))
     keys_in_order = list(dict.fromkeys(k for k, _ in pairs))
     root = Path(image_root) if image_root is not None else json_path.parent
-    split_rec = _group(f"{json_path.stem}/{wanted}", pairs, root, keys_in_order)
+    split_rec = group_pairs(f"{json_path.stem}/{wanted}", pairs, root, keys_in_order)
     if split_rec.n_images == 0:
         raise DataFormatError(json_path, f"no captioned images in split {wanted!r}", field="images")
     return split_rec
@@ -473,7 +249,7 @@ def _precomp_dir(root: Path) -> Path:
 
 
 def _precomp_split_name(folder: Path, split: str) -> str:
-    s = _canonical_split(split)
+    s = canonical_split(split)
     candidates = [s] + (["val"] if s == "dev" else [])
     for c in candidates:
         if (folder / f"{c}_ims.npy").is_file():
@@ -521,7 +297,7 @@ def read_precomp(root: str | os.PathLike, split: str,
     if features.ndim != 3:
         raise DataFormatError(ims_path, f"expected an N×R×D array of region features, "
                                         f"got shape {features.shape}")
-    lines = _read_lines(caps_path)
+    lines = read_lines(caps_path)
     while lines and not lines[-1].strip():  # a trailing blank line is not a caption
         lines.pop()
     captions = [ln.strip() for ln in lines]
@@ -536,7 +312,7 @@ def read_precomp(root: str | os.PathLike, split: str,
         raise DataFormatError(caps_path, f"{n_caps} captions do not divide evenly over the "
                                          f"{n_images} images of {ims_path.name}")
     ids_path = folder / f"{s}_ids.txt"
-    ids = [x.strip() for x in _read_lines(ids_path) if x.strip()] if ids_path.is_file() else None
+    ids = [x.strip() for x in read_lines(ids_path) if x.strip()] if ids_path.is_file() else None
 
     stride = 1
     if n_images == n_caps and n_images > 1:
@@ -625,34 +401,6 @@ def _pairs_from_csv(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, 
     return rows, si is not None
 
 
-def _pairs_from_jsonl(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, str | None, int]], bool]:
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, f"invalid JSON ({e.msg})", line=lineno) from None
-        if not isinstance(obj, dict):
-            raise DataFormatError(path, "expected a JSON object", line=lineno)
-        image = obj.get("image")
-        if not isinstance(image, str) or not image.strip():
-            raise DataFormatError(path, "missing or empty 'image' string", line=lineno)
-        # One caption per row is the format; a list of captions on one row is accepted too.
-        caps = obj.get("caption", obj.get("captions"))
-        caps = [caps] if isinstance(caps, str) else caps
-        if not isinstance(caps, list) or not caps or not all(
-                isinstance(c, str) and c.strip() for c in caps):
-            raise DataFormatError(path, "missing or empty 'caption' (a string, or a list of "
-                                        "strings)", line=lineno)
-        split = obj.get("split")
-        if split is not None and not isinstance(split, str):
-            raise DataFormatError(path, "'split' must be a string", line=lineno)
-        rows.extend((image.strip(), c.strip(), split, lineno) for c in caps)
-    return rows, any(r[2] is not None for r in rows)
-
-
 def _pairs_from_tsv(path: Path, lines: list[str]) -> tuple[list[tuple[str, str, str | None, int]], bool]:
     return [(*_parse_token_line(path, lineno, line, require_number=False), None, lineno)
             for lineno, line in enumerate(lines, 1) if line.strip()], False
@@ -681,10 +429,10 @@ def read_pairs_file(path: str | os.PathLike, image_root: str | os.PathLike | Non
             is an error, so train and test are never silently the same rows.
     """
     path = Path(path)
-    lines = _read_lines(path)
+    lines = read_lines(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows, has_split = _pairs_from_jsonl(path, lines)
+        rows, has_split = parse_jsonl_pairs(path, lines)
     elif suffix == ".csv":
         rows, has_split = _pairs_from_csv(path, lines)
     elif suffix in (".txt", ".tsv"):
@@ -697,8 +445,8 @@ def read_pairs_file(path: str | os.PathLike, image_root: str | os.PathLike | Non
     if split is not None:
         rows = [rows[i] for i in rows_of_split(path, [r[2] for r in rows], split, has_split)]
     root = Path(image_root) if image_root is not None else path.parent
-    name = f"{path.name}/{_canonical_split(split)}" if split is not None else path.name
-    return _group(name, [(_normalise_key(img), cap) for img, cap, _, _ in rows], root)
+    name = f"{path.name}/{canonical_split(split)}" if split is not None else path.name
+    return group_pairs(name, [(_normalise_key(img), cap) for img, cap, _, _ in rows], root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,8 +478,6 @@ def open_split(path: str | os.PathLike, split: str | None = None, **kwargs) -> C
     p = Path(path)
     if not p.exists():
         raise DataFormatError(p, "no such file or folder")
-    from .video import is_video_dataset, open_video_split  # here: video imports this module
-
     if is_video_dataset(p):  # MSR-VTT / VaTeX JSON, or video,caption pairs + frame features
         return open_video_split(p, split, **kwargs)
 

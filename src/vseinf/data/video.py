@@ -40,7 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .splits import CaptionSplit, DataFormatError, _group, _read_lines, rows_of_split
+from .jsonl import parse_jsonl_pairs
+from .records import (
+    CaptionSplit,
+    DataFormatError,
+    group_pairs,
+    read_lines,
+    rows_of_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +422,7 @@ def _video_split(name: str, pairs: Sequence[tuple[str, str]], order: Sequence[st
                  features: str | os.PathLike | FrameFeatures | None, dim: int | None,
                  origin: Path) -> VideoSplit:
     """Groups (video, caption) pairs and attaches the frame features of the resulting videos."""
-    grouped = _group(name, pairs, None, order)
+    grouped = group_pairs(name, pairs, None, order)
     if grouped.n_images == 0:
         raise DataFormatError(origin, f"{name}: no video with a caption")
     source = None
@@ -459,7 +466,7 @@ def _pick(header: Sequence[str], choices: Sequence[str]) -> int | None:
 
 def _csv_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and the non-blank rows (with their line numbers) of a CSV file."""
-    lines = _read_lines(path)
+    lines = read_lines(path)
     reader = csv.reader([ln + "\n" for ln in lines])
     try:
         header = next(reader)
@@ -487,9 +494,9 @@ def read_id_list(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, st
         (ids in file order without repeats, pairs or ``None``).
     """
     path = Path(path)
-    first = next((ln for ln in _read_lines(path) if ln.strip()), "")
+    first = next((ln for ln in read_lines(path) if ln.strip()), "")
     if path.suffix.lower() != ".csv" and "," not in first:
-        ids = [ln.strip() for ln in _read_lines(path) if ln.strip()]
+        ids = [ln.strip() for ln in read_lines(path) if ln.strip()]
         if not ids:
             raise DataFormatError(path, "no video ids in file")
         return list(dict.fromkeys(ids)), None
@@ -693,25 +700,8 @@ def read_video_pairs(path: str | os.PathLike, split: str | None = None,
     rows: list[tuple[str, str, str | None]] = []
     has_split, below = False, ""
     if path.suffix.lower() == ".jsonl":
-        for line, text in enumerate(_read_lines(path), 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"invalid JSON ({e.msg})", line=line) from None
-            vid = obj.get("video", obj.get("video_id")) if isinstance(obj, dict) else None
-            if not isinstance(vid, str) or not vid.strip():
-                raise DataFormatError(path, "missing or empty 'video' string", line=line)
-            caps = obj.get("caption", obj.get("captions"))
-            caps = [caps] if isinstance(caps, str) else caps
-            if not isinstance(caps, list) or not caps or not all(
-                    isinstance(c, str) and c.strip() for c in caps):
-                raise DataFormatError(path, "missing or empty 'caption' (a string or a list of "
-                                            "strings)", line=line)
-            s = obj.get("split")
-            rows.extend((vid.strip(), c.strip(), None if s is None else str(s)) for c in caps)
-        has_split = any(r[2] is not None for r in rows)
+        pairs, has_split = parse_jsonl_pairs(path, read_lines(path), ("video", "video_id"))
+        rows = [(video, caption, s) for video, caption, s, _ in pairs]
     elif path.suffix.lower() in (".csv", ".txt"):
         header, csv_rows = _csv_rows(path)
         vi, ci = _pick(header, _VIDEO_COLUMNS), _pick(header, _CAPTION_COLUMNS)

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "BACKBONE_NAMES",
     "Backbone",
@@ -47,8 +49,6 @@ __all__ = [
     "set_trainable",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # TensorFlow's EfficientNet-Lite ("edge") models take (pixel - 127) / 128 on 0..255 pixels.
 INCEPTION_MEAN = (127.0 / 255.0,) * 3
 INCEPTION_STD = (128.0 / 255.0,) * 3

@@ -14,13 +14,15 @@ Modules: ``gpo`` (the paper's GPO, one screen), ``kernels`` (the sort-and-sum an
 it calls, beside their slow twins), ``reference`` (``GPOReference``, the test oracle), ``variants``
 (GPO's supplementary variants), ``fixed`` (avg, max, K-max, first element), ``baselines`` (the
 study's other learned aggregators), ``augment`` (set-size augmentation), ``functional`` (masks,
-checks), ``registry``. The package imports nothing else from vseinf: it is a plug-and-play layer.
+checks), ``registry``, ``coefficients`` (θ over sorted positions for given set sizes, for plots).
+The package imports nothing else from vseinf: it is a plug-and-play layer.
 """
 
 from __future__ import annotations
 
 from .augment import host_rand, size_augment
 from .baselines import FSPool, GeMPool, IndexBiGRUPool, InterpolatedIndexPool, SelfAttentionPool, SinCosMLPPool
+from .coefficients import pooling_coefficients
 from .fixed import AvgPool, ClsPool, KMaxPool, MaxPool
 from .functional import check_set_batch, l2norm, sorted_values, valid_mask
 from .gpo import GPO, RankWeightedPool, positional_encoding
@@ -38,5 +40,5 @@ __all__ = [
     "AvgPool", "MaxPool", "KMaxPool", "ClsPool", "GeMPool", "FSPool", "SelfAttentionPool",
     "InterpolatedIndexPool", "SinCosMLPPool", "IndexBiGRUPool",
     "rank_weighted_sum", "rank_weighted_sum_reference", "host_rand", "size_augment",
-    "register_pooling", "build_pooling", "pooling_names", "POOLING_NAMES",
+    "register_pooling", "build_pooling", "pooling_names", "POOLING_NAMES", "pooling_coefficients",
 ]

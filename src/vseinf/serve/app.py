@@ -55,6 +55,7 @@ import numpy as np
 
 from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
                      engine_settings, load_query_image, printable, tune_engine)
+from ..pooling import pooling_coefficients
 from ..thumbnails import THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name
 from .security import HostPolicy, SecurityMiddleware
 
@@ -239,23 +240,31 @@ def _set_size_of_images(model) -> int:
     return int(feats.shape[1])
 
 
+def _learned_coefficients(pool, sizes: list[int]) -> np.ndarray | None:
+    """θ (len(sizes) × max(sizes)) of a pooling with learned, size-only coefficients; else None."""
+    if pool is None or not hasattr(pool, "coefficients"):
+        return None
+    try:
+        return pooling_coefficients(pool, sizes).numpy()
+    except ValueError:  # gpo-features: θ depends on the feature values, not only on the set size
+        return None
+
+
 def gpo_coefficients(model) -> dict:
     """θ over positions for a few set sizes, per modality: ``{modality: {"pooling", "sizes", "theta"}}``.
 
     ``theta[i]`` has ``sizes[i]`` values (position 1 = the largest value of each dimension). A
-    pooling without learned coefficients (avg, max, …) gets empty lists and its name.
+    pooling without learned coefficients (avg, max, …) or whose weights depend on the feature values
+    gets empty lists and its name.
     """
-    import torch
-
     n_image = _set_size_of_images(model)
     image_sizes = sorted({max(2, round(n_image * f)) for f in (0.25, 0.5, 0.8, 1.0)})
     out = {}
     for modality, pool, sizes in (("image", getattr(model.image_head, "gpool", None), image_sizes),
                                   ("text", getattr(model.text, "gpool", None), list(TEXT_SET_SIZES))):
         entry = {"pooling": type(pool).__name__, "sizes": [], "theta": []}
-        if pool is not None and hasattr(pool, "coefficients"):
-            with torch.no_grad():
-                theta = pool.coefficients(torch.tensor(sizes)).float().cpu().numpy()
+        theta = _learned_coefficients(pool, sizes)
+        if theta is not None:
             entry["sizes"] = sizes
             entry["theta"] = [np.round(theta[i, :n].astype(np.float64), 6).tolist() for i, n in enumerate(sizes)]
         out[modality] = entry

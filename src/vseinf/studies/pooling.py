@@ -19,8 +19,8 @@ Each cell has its own run directory under ``--runs-dir`` (named after the cell a
 config, so a changed recipe never reuses old runs) holding the training config, log and
 checkpoints. A cell whose directory has ``metrics.json`` is finished and skipped when the study is
 re-run; an interrupted one resumes from its ``last/`` checkpoint. ``--out`` is rewritten after every
-cell; at the end a heat map of the grid and a bar chart of the aggregators are drawn (PNG, beside
-the JSON or at ``--plots PREFIX``).
+cell; at the end a heat map of the grid and a bar chart of the aggregators are drawn
+(:mod:`vseinf.studies.plots`; PNG, beside the JSON or at ``--plots PREFIX``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import re
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import RunConfig, apply_override, load_config, parse_overrides
+import torch
+from tqdm.auto import tqdm
+
+from ..argtypes import positive_int
+from ..config import RunConfig, apply_override, load_config, parse_overrides
+from ..pooling import build_pooling
+from ..train import has_checkpoint, train
+from .plots import plot_study
 
 # Aggregators that only make sense on one side.
 TEXT_ONLY = {"cls"}
@@ -103,8 +112,6 @@ def grid_pooling(k: int | str) -> str:
 
 
 def parse_aggregators(text: str) -> list[str]:
-    from .pooling import build_pooling
-
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
     if not names:
         raise ValueError("--aggregators: no names given")
@@ -155,7 +162,6 @@ def cell_dir(runs_dir: Path, cell: Cell, cfg: RunConfig) -> Path:
 
 def run_cell(cell: Cell, base: RunConfig, runs_dir: Path, progress: bool = False) -> dict:
     """Train one cell (or read its finished result) and return its record for the study JSON."""
-    from .train import has_checkpoint, train
 
     cfg = cell.config(base)
     run_dir = cell_dir(runs_dir, cell, cfg)
@@ -197,19 +203,12 @@ def _last_val(run_dir: Path) -> dict:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
 def _run_parallel(cells: list[Cell], cfg: RunConfig, runs_dir: Path, jobs: int, finished) -> None:
     """Train ``jobs`` cells at a time in worker processes, splitting the CPU threads between them (a
     small model on cached features scales better over processes than over threads)."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    import torch
-
     threads = max(1, torch.get_num_threads() // jobs)
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
@@ -233,8 +232,6 @@ def run_pooling_study(cfg: RunConfig, cells: list[Cell], runs_dir: str | Path, o
               **(meta or {}), "cells": []}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(cells), desc="pooling study", unit="cell")
 
     def finished(cell: Cell, record: dict) -> None:
@@ -277,165 +274,11 @@ def write_json(path: Path, data: dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pictures
-
-
-def _grid_value(name: str) -> str | None:
-    if name == "avg":
-        return "N"
-    if name.startswith("kmax:"):
-        return name[5:]
-    return None
-
-
-def grid_table(result: dict) -> tuple[list[str], dict[tuple[str, str], float]]:
-    """(K values in order, {(visual K, text K): rsum}) from the size-augmented K-max cells."""
-    order = result.get("grid") or []
-    table = {}
-    for c in result["cells"]:
-        kv, kt = _grid_value(c["visual"]), _grid_value(c["text"])
-        if kv is not None and kt is not None and c.get("size_augment", True):
-            table[(kv, kt)] = c["rsum"]
-    if not order:
-        keys = {k for pair in table for k in pair}
-        order = sorted(keys, key=lambda k: (k == "N", int(k) if k != "N" else 0))
-    return list(order), table
-
-
-def find_cell(result: dict, visual: str, text: str, size_augment: bool = True) -> dict | None:
-    for c in result["cells"]:
-        if c["visual"] == visual and c["text"] == text and c.get("size_augment", True) == size_augment:
-            return c
-    return None
-
-
-def plot_grid(result: dict, out_png: str | Path) -> Path | None:
-    """Heat map of dev RSUM over (visual K, text K), with GPO/GPO's RSUM marked on the colour bar."""
-    order, table = grid_table(result)
-    if not table:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = np.full((len(order), len(order)), np.nan)
-    for i, kv in enumerate(order):
-        for j, kt in enumerate(order):
-            if (kv, kt) in table:
-                values[i, j] = table[(kv, kt)]
-    gpo = find_cell(result, "gpo", "gpo")
-    lo, hi = np.nanmin(values), np.nanmax(values)
-    if gpo:
-        lo, hi = min(lo, gpo["rsum"]), max(hi, gpo["rsum"])
-    fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2.8, 1.0 * len(order) + 1.6))
-    im = ax.imshow(values, cmap="viridis", vmin=lo, vmax=hi, origin="upper")
-    labels = ["N (avg)" if k == "N" else str(k) for k in order]
-    ax.set_xticks(range(len(order)), labels)
-    ax.set_yticks(range(len(order)), labels)
-    ax.set_xlabel("text: K-max pooling, K")
-    ax.set_ylabel("visual: K-max pooling, K")
-    best = np.unravel_index(np.nanargmax(values), values.shape)
-    for i in range(len(order)):
-        for j in range(len(order)):
-            if not np.isnan(values[i, j]):
-                bright = (values[i, j] - lo) / max(hi - lo, 1e-9) > 0.6
-                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=9,
-                        color="black" if bright else "white", fontweight="bold" if (i, j) == best else None)
-    ax.add_patch(plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, ec="red", lw=2))
-    bar = fig.colorbar(im, ax=ax, label=f"RSUM ({result.get('split', 'val')})")
-    title = f"K-max grid, best {np.nanmax(values):.1f} (red box)"
-    if gpo:
-        bar.ax.axhline(gpo["rsum"], color="red", lw=2)
-        bar.ax.text(1.05, gpo["rsum"], " GPO", color="red", va="center", transform=bar.ax.get_yaxis_transform())
-        title += f"\nGPO on both sides: {gpo['rsum']:.1f} (red line)"
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
-
-
-def aggregator_rows(result: dict, fixed: str = "gpo") -> dict[str, list[dict]]:
-    """Cells of the aggregator comparison per modality: {"visual": [...], "text": [...]}.
-
-    A visual row varies the visual pooling with ``fixed`` text pooling, and the other way round;
-    grid cells other than these (e.g. kmax on both sides) are left out.
-    """
-    rows = {"visual": [], "text": []}
-    for c in result["cells"]:
-        if c["text"] == fixed:
-            rows["visual"].append(c)
-        if c["visual"] == fixed:
-            rows["text"].append(c)
-    return rows
-
-
-def plot_aggregators(result: dict, out_png: str | Path, fixed: str | None = None) -> Path | None:
-    """Bar chart of RSUM per aggregator, one panel per modality, with and without size augmentation."""
-    fixed = fixed or result.get("fixed", "gpo")
-    rows = aggregator_rows(result, fixed)
-    if len(rows["visual"]) + len(rows["text"]) <= 1:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Patch
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    all_values = [c["rsum"] for side in rows.values() for c in side]
-    lo = min(all_values) - 0.15 * (max(all_values) - min(all_values) + 1)
-    for ax, side in zip(axes, ("visual", "text")):
-        cells = rows[side]
-        names = list(dict.fromkeys(c[side] for c in cells))
-        wanted = [n for n in result.get("aggregators") or [] if n in names]
-        names = wanted + [n for n in names if n not in wanted]
-        augs = sorted({c["size_augment"] for c in cells}, reverse=True)
-        width = 0.8 / max(len(augs), 1)
-        for a, aug in enumerate(augs):
-            vals = []
-            for n in names:
-                c = next((c for c in cells if c[side] == n and c["size_augment"] == aug), None)
-                vals.append(c["rsum"] if c else np.nan)
-            xs = np.arange(len(names)) + (a - (len(augs) - 1) / 2) * width
-            colors = ["tab:red" if n.startswith("gpo") else ("tab:blue" if aug else "tab:gray") for n in names]
-            ax.bar(xs, vals, width, color=colors, alpha=1.0 if aug else 0.55)
-            for x, v in zip(xs, vals):
-                if not np.isnan(v):
-                    ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7, rotation=90)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-        ax.set_ylim(lo, max(all_values) + 0.12 * (max(all_values) - lo))
-        ax.set_ylabel(f"RSUM ({result.get('split', 'val')})")
-        other = "text" if side == "visual" else "visual"
-        ax.set_title(f"{side} aggregator ({other}: {fixed})")
-    handles = [Patch(color="tab:blue", label="other aggregators"), Patch(color="tab:red", label="GPO and its variants")]
-    if any(not c["size_augment"] for side in rows.values() for c in side):
-        handles.append(Patch(color="tab:gray", alpha=0.55, label="right bar, paler: without size augmentation"))
-    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return Path(out_png)
-
-
-def plot_study(result: dict, prefix: str | Path) -> list[Path]:
-    """Heat map ``<prefix>_grid.png`` and bar chart ``<prefix>_aggregators.png`` (those that apply)."""
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    made = [plot_grid(result, f"{prefix}_grid.png"), plot_aggregators(result, f"{prefix}_aggregators.png")]
-    return [p for p in made if p is not None]
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def add_study_parser(sub):
     """``vseinf study pooling …`` (register in cli.COMMANDS as "study"; it takes config overrides)."""
-    from .argtypes import positive_int
-
     p = sub.add_parser("study", help="the paper's studies: train one recipe per configuration",
                        description="Studies that train the same recipe once per configuration.")
     studies = p.add_subparsers(dest="study", metavar="STUDY")

@@ -41,8 +41,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .pooling import build_pooling
+from ..argtypes import nonnegative_int, positive_int
+from ..pooling import build_pooling
 
 __all__ = [
     "PATTERNS",
@@ -233,8 +235,6 @@ def train_generator(name: str, pattern: str, config: SynthConfig = FULL, seed: i
 
 
 def _train_and_score(config: SynthConfig, seed: int, patterns, generators, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=config.steps * len(patterns) * len(generators), disable=not progress,
                desc="synth", unit="step")
     rmse: dict = {}
@@ -346,8 +346,6 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``vseinf synth``."""
-    from .argtypes import nonnegative_int, positive_int
-
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: GPO and the interpolated baseline on patterns A and M-1, small budget")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialisation and data (default 0)")
