@@ -25,7 +25,8 @@ except (ImportError, RuntimeError) as exc:  # Starlette raises RuntimeError with
 
 from PIL import Image  # noqa: E402
 
-from vseinf.index import Gallery, encode_gallery, encode_texts_np  # noqa: E402
+from vseinf.search.build import encode_gallery, encode_texts_np  # noqa: E402
+from vseinf.search.gallery import Gallery  # noqa: E402
 from vseinf.serve.app import (BadRequest, QueryWorker, background_server, create_app, gpo_coefficients,  # noqa: E402
                               parse_k, parse_query)
 

@@ -30,12 +30,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..distributed import in_turns, together
 from ..thumbnails import make_image_thumbnails
-from ..video import (
-    VIDEO_SUFFIXES,
-    VideoDecodeError,
-    VideoEmbedder,
-    embed_frame_features,
-)
+from ..video import VIDEO_SUFFIXES, VideoDecodeError, VideoEmbedder, embed_frame_features
 from .engines import IVF_MIN_ITEMS, build_engine
 from .files import (
     FORMAT_VERSION,
@@ -574,11 +569,7 @@ def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, sta
 
 def _encode_feature_clips(path: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
     """Frame-feature files (a folder of ``<id>.npy`` or an ``.h5`` file) → (report, meta, embeddings)."""
-    from ..data.video import (  # (PIL: see _DecodedBatches)
-        H5Frames,
-        find_frame_features,
-        open_frame_features,
-    )
+    from ..data.video import H5Frames, find_frame_features, open_frame_features  # (PIL: see _DecodedBatches)
 
     if model.config.image_encoder == "grid":
         raise ValueError(f"{path}: frame-feature files need a video model (model.image_encoder: frames, "

@@ -345,15 +345,7 @@ def meta_schema():
     """
     from typing import Literal, Optional
 
-    from pydantic import (
-        BaseModel,
-        ConfigDict,
-        Field,
-        StrictBool,
-        StrictInt,
-        StrictStr,
-        model_validator,
-    )
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
     class Open(BaseModel):
         model_config = ConfigDict(extra="allow")

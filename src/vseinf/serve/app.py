@@ -53,8 +53,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
-                     engine_settings, load_query_image, printable, tune_engine)
+from ..cli.search import add_engine_settings
+from ..search.build import encode_texts_np
+from ..search.engines import IndexFormatError, engine_settings, tune_engine
+from ..search.gallery import Gallery, check_model, embed_query_images, load_query_image
+from ..search.sources import printable
 from ..thumbnails import THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name
 from .security import HostPolicy, SecurityMiddleware
 
@@ -119,8 +122,8 @@ class QueryWorker:
     Before each batch it checks the index on disk: an index that ``vseinf encode`` replaced is
     loaded and answers from then on (if it cannot be used, the copy loaded before keeps
     answering), and a memory-mapped embeddings file changed under the server is never read
-    (:meth:`vseinf.index.Gallery.check_files`): the index is reloaded, or the batch fails with
-    :class:`vseinf.index.IndexFormatError` saying why.
+    (:meth:`vseinf.search.gallery.Gallery.check_files`): the index is reloaded, or the batch fails with
+    :class:`vseinf.search.engines.IndexFormatError` saying why.
 
     Args:
         model: the model that encoded the gallery.
@@ -413,7 +416,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 
     Args:
         index_dir: the index directory (or pass ``gallery``).
-        gallery: an already loaded :class:`vseinf.index.Gallery`.
+        gallery: an already loaded :class:`vseinf.search.gallery.Gallery`.
         model: the loaded model (default: the one that built the index, or ``model_path``).
         model_path: checkpoint directory to load instead of the index's own.
         max_upload_bytes: largest accepted image upload.
