@@ -56,6 +56,9 @@ from .sources import (
     scan_videos,
 )
 
+# ---------------------------------------------------------------------------------------------
+# Embedding image files and texts
+
 
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
@@ -182,6 +185,10 @@ def encode_texts_np(model, texts: Sequence[str], batch_size: int = 128, progress
     if not texts:
         return np.zeros((0, model.config.embed_dim), np.float32)
     return model.encode_texts(list(texts), batch_size=batch_size, progress=progress).float().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building or updating an index
 
 
 @dataclass
@@ -384,6 +391,10 @@ def _reuse_plan(root: Path, paths: list[str], old_rows: dict, skipped: list) -> 
     return stats, to_encode, reused, sum(1 for rel in old_rows if rel not in stats)
 
 
+# ---------------------------------------------------------------------------------------------
+# Image folders and captions files
+
+
 def _image_rows(old: "Gallery | None") -> dict:
     """The rows of a previous image index: relative path → (row, size, mtime_ns)."""
     return {} if old is None else {it["path"]: (i, it.get("size"), it.get("mtime_ns"))
@@ -486,6 +497,10 @@ def _encode_captions(path: Path, out: Path, model, identity: dict, progress: boo
     meta["source"] = str(source)
     meta["items"] = [{"caption": c.caption, "path": c.path, "line": c.line} for c in captions]
     return report, meta, emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Video files and frame features
 
 
 def save_thumbnail(frame, path: Path, size: int = THUMB_SIZE) -> None:

@@ -35,6 +35,10 @@ import numpy as np
 from .engines import GalleryIndex, IndexFormatError, _faiss, _FaissEngine
 from .sources import printable
 
+# ---------------------------------------------------------------------------------------------
+# What an index folder holds
+
+
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
 META_FILE = "gallery.json"
@@ -72,6 +76,10 @@ def foreign_files(folder: Path) -> list[str]:
             if not (is_index_file(e.name) and e.is_file(follow_symlinks=False)):
                 found.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
     return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing it: the folder is replaced whole
 
 
 def json_text(obj, **kwargs) -> str:
@@ -153,6 +161,10 @@ def _swap_in(out: Path, new: Path) -> Path | None:
         os.rename(old, out)  # put the previous index back
         raise
     return old
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time
 
 
 class IndexLockedError(ValueError):
@@ -275,6 +287,10 @@ def _write_index(out: Path, meta: dict, embeddings: np.ndarray, engine: GalleryI
         raise
     if previous is not None:
         _remove_index_dir(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading it back
 
 
 # Embeddings files up to this size are read into memory when an index is loaded, so that nothing done

@@ -54,6 +54,10 @@ def _file_id(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+# ---------------------------------------------------------------------------------------------
+# A loaded index
+
+
 class Gallery:
     """An index directory, loaded: items, embeddings (in memory; memory-mapped when large) and a search engine.
 
@@ -358,6 +362,10 @@ class Gallery:
         return model
 
 
+# ---------------------------------------------------------------------------------------------
+# Queries in the gallery's space
+
+
 def check_model(gallery: Gallery, model) -> None:
     """Raise ValueError unless ``model`` is the model whose embeddings fill ``gallery``."""
     info = gallery.meta["model"]
@@ -429,7 +437,3 @@ def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_0
         raise ValueError("not a readable image (not a format PIL can decode)") from None
     except (OSError, SyntaxError, EOFError) as exc:
         raise ValueError(f"not a readable image ({exc})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: vseinf encode / vseinf search
