@@ -1,5 +1,9 @@
 """The ``vseinf`` command line: argument parsing and printing only.
 
+Each command's parser and runner are registered in :data:`COMMANDS`; the larger ones live in their
+own modules (``vseinf encode`` in :mod:`vseinf.cli.encode`, ``vseinf search`` in
+:mod:`vseinf.cli.search`) and are imported only when that command runs.
+
 Errors a user can cause (bad files, bad config keys, bad arguments) print one line on stderr and
 exit with status 2; set VSEINF_DEBUG=1 to see the traceback instead.
 """

@@ -13,8 +13,10 @@ One concept a module, each readable top to bottom:
 - :mod:`.gallery` — a loaded index (:class:`Gallery`) and the queries it answers.
 
 Imports flow one way: ``vseinf.cli`` (``encode``, ``search``) and ``vseinf.serve`` → ``vseinf.search``
-→ ``vseinf.model`` / ``vseinf.encoders`` → ``vseinf.pooling``. Inside the package: engines ← files ←
-journal ← build, and gallery uses engines and files (build uses gallery to reuse a previous index).
+→ ``vseinf.model`` / ``vseinf.encoders`` → ``vseinf.pooling``. Inside the package, each module imports
+only those listed before it: engines and sources stand alone, identity needs the model, files
+builds on engines, journal on identity, gallery on engines and files, and build on all of them
+(it reads a previous index through gallery to reuse its rows).
 """
 
 from .build import EncodeReport, encode_gallery, encode_image_files, encode_texts_np
