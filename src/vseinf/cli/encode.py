@@ -6,13 +6,9 @@ import os
 from pathlib import Path
 
 from ..argtypes import nonnegative_int, positive_int
-from ..checkpoint import CheckpointError
-from ..distributed import init_distributed
-from ..model import load_model
 from ..search.build import encode_gallery
 from ..search.engines import ENGINES, FAISS_THRESHOLD
 from ..search.sources import detect_gallery_kind
-from ..video import VideoEmbedder
 
 
 def add_encode_parser(sub):
@@ -49,6 +45,9 @@ def add_encode_parser(sub):
 
 def load_model_or_explain(path: str | os.PathLike | None = None, device: str = "cpu"):
     """``vseinf.load_model`` with a message that says what to do when the bundled model is missing."""
+    from ..checkpoint import CheckpointError  # lazy: see vseinf.search
+    from ..model import load_model
+
     try:
         return load_model(path, device=device)
     except CheckpointError as exc:
@@ -62,6 +61,9 @@ def run_encode(args, extra) -> int:
     frames = getattr(args, "frames", None)
     if frames is not None and frames < 1:
         raise ValueError(f"encode: --frames must be a positive integer, got {frames}")
+    from ..distributed import init_distributed  # lazy: see vseinf.search
+    from ..video import VideoEmbedder
+
     world = init_distributed()  # under torchrun: each process encodes a share of an image folder
     device = args.device
     if world.size > 1 and str(device).startswith("cuda"):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..argtypes import positive_int
 from ..search.build import encode_texts_np
@@ -80,6 +79,8 @@ def _embed_one_text(model, text: str) -> np.ndarray:
     """One text query → 1 × d, computed on one thread. A query is a few tokens: too little work to
     share between threads, and on a busy machine every op would wait for a descheduled partner
     thread (one MiniLM query took 5–8 s with 2 threads against 0.3 s with one on a loaded 2-core CPU)."""
+    import torch  # lazy: see vseinf.search
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

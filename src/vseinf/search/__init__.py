@@ -17,6 +17,11 @@ Imports flow one way: ``vseinf.cli`` (``encode``, ``search``) and ``vseinf.serve
 only those listed before it: engines and sources stand alone, identity needs the model, files
 builds on engines, journal on identity, gallery on engines and files, and build on all of them
 (it reads a previous index through gallery to reuse its rows).
+
+Importing this package loads numpy and the standard library only: torch, the model, the video code
+and the data package (which loads PIL) are imported by the functions that use them, because they
+take seconds to load and ``vseinf encode --help``, ``vseinf serve --help`` or a text search (no PIL,
+no CNN) need none of them.
 """
 
 from .build import EncodeReport, encode_gallery, encode_image_files, encode_texts_np

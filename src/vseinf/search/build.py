@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..distributed import in_turns, together
 from ..thumbnails import make_image_thumbnails
-from ..video import VIDEO_SUFFIXES, VideoDecodeError, VideoEmbedder, embed_frame_features
 from .engines import IVF_MIN_ITEMS, build_engine
 from .files import (
     FORMAT_VERSION,
@@ -79,8 +76,9 @@ class _DecodedBatches:
         return (len(self.paths) + self.batch_size - 1) // self.batch_size
 
     def __getitem__(self, k: int):
-        # the data package loads PIL: imported here, so that a text search never loads it
-        from ..data.images import BadImageError, load_rgb
+        import torch
+
+        from ..data.images import BadImageError, load_rgb  # lazy: see vseinf.search
 
         pixels, kept, skipped = [], [], []
         for i in range(k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))):
@@ -96,6 +94,8 @@ def default_workers(n_images: int, batch_size: int, device) -> int:
     """Decoding processes for ``encode``: on a GPU, where decoding is the bottleneck, up to 4
     (leaving a core to feed the GPU); none on a CPU, where the model costs ~15× the decoding and
     workers only compete for its cores (benchmarks/live_images.py), nor for a few batches."""
+    import torch  # lazy: see vseinf.search
+
     if n_images <= 4 * batch_size or torch.device(device).type == "cpu":
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -143,7 +143,9 @@ def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: in
     model's own tower, images decoded here between batches. ``on_batch(embeddings, kept
     indices)`` is called after every batch (e.g. to save progress).
     """
-    from ..data.images import image_batch_loader  # (PIL: see _DecodedBatches)
+    import torch
+
+    from ..data.images import image_batch_loader  # lazy: see vseinf.search
 
     batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
     fast = not reference and hasattr(model.image, "for_inference")
@@ -274,6 +276,8 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
                          f"encode this {kind} gallery with one process")
     lock = IndexLock(out)
     if world is not None and world.size > 1:  # rank 0 writes the index; every rank learns if it cannot
+        from ..distributed import together  # lazy: see vseinf.search
+
         together(world, model.device, lock.acquire if world.main else (lambda: None), "taking the index's lock")
     else:
         lock.acquire()
@@ -286,6 +290,8 @@ def encode_gallery(gallery: str | os.PathLike, out: str | os.PathLike, model, en
 def _encode_locked(gallery: Path, out: Path, model, engine: str, batch_size: int, progress: bool, kind: str,
                    video, workers: int | None, world, t0: float) -> EncodeReport | None:
     """:func:`encode_gallery`, once this process holds the index's :class:`IndexLock`."""
+    from ..video import VIDEO_SUFFIXES, VideoEmbedder  # lazy: see vseinf.search
+
     if world is None or world.main:  # the lock holder
         _tidy_leftovers(out)
     _check_out_dir(out)
@@ -410,6 +416,8 @@ def _encode_image_share(gallery: Path, out: Path, model, identity: dict, batch_s
                         workers: int | None, world) -> None:
     """One torchrun process's share of an image folder (every ``world.size``-th file still to encode),
     saved to the encode journal, where rank 0 then finds every share."""
+    from ..distributed import in_turns, together  # lazy: see vseinf.search
+
     root = gallery.resolve()
     paths, skipped = scan_images(root, exclude=[out])
     old, _ = _previous(out, "images", identity, str(root))
@@ -518,6 +526,8 @@ def _decode_reason(exc: Exception, path: Path) -> str:
 
 def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, staging: Path, progress: bool):
     """Video files → (report, meta, embeddings, thumbnails to store: name → file)."""
+    from ..video import VideoDecodeError  # lazy: see vseinf.search
+
     root = gallery.resolve()
     report = EncodeReport(out, "videos")
     paths, skipped = scan_videos(root, exclude=[out, staging])
@@ -584,7 +594,8 @@ def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, sta
 
 def _encode_feature_clips(path: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
     """Frame-feature files (a folder of ``<id>.npy`` or an ``.h5`` file) → (report, meta, embeddings)."""
-    from ..data.video import H5Frames, find_frame_features, open_frame_features  # (PIL: see _DecodedBatches)
+    from ..data.video import H5Frames, find_frame_features, open_frame_features  # lazy: see vseinf.search
+    from ..video import embed_frame_features
 
     if model.config.image_encoder == "grid":
         raise ValueError(f"{path}: frame-feature files need a video model (model.image_encoder: frames, "

@@ -23,7 +23,6 @@ import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
-import torch
 
 # Below this many items an exact scan answers a query in a few milliseconds (10^4 × 1024 floats is
 # 40 MB, one pass over memory), so the approximate engine would only cost recall. Measured with
@@ -87,6 +86,8 @@ def _tensor_rows(vectors: np.ndarray, start: int, stop: int):
     """Rows ``start:stop`` as a CPU tensor without a copy. Scored with torch's matmul, not numpy's:
     numpy takes a slow path for a single query row (~10× slower measured). The rows may be a
     read-only memory map; torch warns about wrapping one, but nothing here writes to it."""
+    import torch  # lazy: see vseinf.search
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(vectors[start:stop])
@@ -131,6 +132,8 @@ class ExactIndex(GalleryIndex):
 
     def __init__(self, vectors: np.ndarray, chunk_rows: int = 65_536, budget_bytes: int = 64 << 20,
                  device: str | None = None):
+        import torch  # lazy: see vseinf.search
+
         if vectors.ndim != 2:
             raise ValueError(f"gallery vectors must be n × d, got shape {vectors.shape}")
         if vectors.dtype != np.float32:
@@ -152,6 +155,8 @@ class ExactIndex(GalleryIndex):
         return int(self.vectors.shape[1])
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch  # lazy: see vseinf.search
+
         q = _as_queries(queries, self.dim)
         k = min(int(k), self.size)
         n_q = len(q)

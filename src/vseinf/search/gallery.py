@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from ..model import load_model
-from ..video import VideoEmbedder
 from .engines import (
     ENGINE_SETTINGS,
     ENGINES,
@@ -327,6 +324,8 @@ class Gallery:
         model get the default (frame by frame). A video model over a feature gallery has no
         frame extractor on record: ValueError.
         """
+        from ..video import VideoEmbedder  # lazy: see vseinf.search
+
         if self._video_embedder is not None and self._video_embedder[0] is model:
             return self._video_embedder[1]
         settings = (self.meta.get("video") or {}).get("embedder")
@@ -347,6 +346,8 @@ class Gallery:
     def load_model(self, model_path: str | os.PathLike | None = None, device: str = "cpu", text_only: bool = False):
         """The model that encoded this gallery (or ``model_path``, checked to be the same model);
         ``text_only``: just its text tower (see :func:`vseinf.model.load_model`)."""
+        from ..model import load_model  # lazy: see vseinf.search
+
         info = self.meta["model"]
         if model_path is None:
             if info.get("bundled"):
@@ -408,16 +409,17 @@ def embed_query_video(gallery: Gallery, model, path: str | os.PathLike) -> np.nd
         feats = feats.astype(np.float32)
         if not np.isfinite(feats).all():
             raise ValueError(f"{path}: non-finite values (NaN or inf) in the frame features")
+        import torch  # lazy: see vseinf.search
+
         return model.encode_image_features([torch.from_numpy(feats)]).float().cpu().numpy()
     return gallery.video_embedder(model).embed_file(path)[0][None, :]
 
 
 def load_query_image(data: bytes | str | os.PathLike, max_pixels: int = 64_000_000):
     """An uploaded or named image as RGB; ValueError (BadImageError for files) if it is not a readable image."""
-    # PIL and the data package (which loads it) only here: a text search never needs them
     from PIL import Image
 
-    from ..data.images import load_rgb
+    from ..data.images import load_rgb  # lazy: see vseinf.search
 
     if not isinstance(data, (bytes, bytearray)):
         return load_rgb(data)

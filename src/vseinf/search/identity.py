@@ -8,8 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..model import BUNDLED_DIR
-
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -21,6 +19,8 @@ def _sha256_file(path: Path) -> str:
 
 def model_identity(model) -> dict:
     """What makes two models' embeddings comparable: config hash + weights hash (+ where it came from)."""
+    from ..model import BUNDLED_DIR  # lazy: see vseinf.search
+
     ckpt = getattr(model, "checkpoint_path", None)
     config = None
     if ckpt is not None and (Path(ckpt) / "config.json").is_file():

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..video import VIDEO_SUFFIXES
-
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 KINDS = ("images", "captions", "videos")
 
@@ -47,6 +45,8 @@ def scan_images(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = 
 
 def scan_videos(root: str | os.PathLike, exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[str], list[Skipped]]:
     """Video files under ``root`` (by extension, see :data:`vseinf.video.VIDEO_SUFFIXES`); as :func:`scan_images`."""
+    from ..video import VIDEO_SUFFIXES  # lazy: see vseinf.search
+
     return _scan_files(root, exclude, frozenset(VIDEO_SUFFIXES), "a video")
 
 
@@ -98,6 +98,8 @@ def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.P
     frame features (``<id>.npy`` files, an ``.h5`` file or a ``features/`` folder of them), is a
     feature gallery. A file is a captions file, or frame features when it is ``.h5``/``.hdf5``.
     """
+    from ..video import VIDEO_SUFFIXES  # lazy: see vseinf.search
+
     path = Path(gallery)
     if not path.is_dir():
         return "features" if path.suffix.lower() in (".h5", ".hdf5", ".hdf") else "captions"
@@ -115,8 +117,7 @@ def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.P
             has_video = has_video or suffix in VIDEO_SUFFIXES
     if has_video:
         return "videos"
-    # imported here: the data package loads PIL, which a text search never needs
-    from ..data.video import find_frame_features
+    from ..data.video import find_frame_features  # lazy: see vseinf.search
 
     try:
         if find_frame_features(path) is not None:
