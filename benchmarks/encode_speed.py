@@ -13,7 +13,7 @@ Sections (one JSON document on stdout, and in --out):
   now), also at twice the batch size.
 - ``bf16``: the fast tower under bf16 autocast, timed once on ``--bf16-images`` photos (on a CPU
   without native bf16 it is a slow fallback: here for its accuracy, and to show how slow).
-- ``encode``: :func:`vseinf.index.encode_image_files` end to end (decoding, resizing, model), as
+- ``encode``: :func:`vseinf.search.build.encode_image_files` end to end (decoding, resizing, model), as
   ``vseinf encode`` runs it on a CPU: ``reference`` (``reference=True``: the model's own tower,
   photos decoded between batches on the model's thread — what encode ran before) against ``fast``
   (the default: the inference copy, a thread decoding the next batch), also at twice the batch
@@ -50,9 +50,9 @@ from _report import emit  # benchmarks/ is on sys.path when run as a script
 from vseinf.data.images import load_rgb
 from vseinf.encoders.cnn import fuse_conv_bn
 from vseinf.encoders.image import GridHead
-from vseinf.index import _DecodedBatches, encode_image_files
 from vseinf.model import load_model
 from vseinf.precision import bf16_is_fast
+from vseinf.search.build import _DecodedBatches, encode_image_files
 
 
 def log(*args):

@@ -31,7 +31,7 @@ import numpy as np
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 from index_search import K, flickr_embeddings, latency_ms, log, normalise, recall_at_k
 
-from vseinf.index import IVF_NPROBE, IVF_RERANK, ExactIndex, HNSWIndex, IVFPQIndex
+from vseinf.search.engines import IVF_NPROBE, IVF_RERANK, ExactIndex, HNSWIndex, IVFPQIndex
 
 
 def index_bytes(engine) -> int:

@@ -19,7 +19,7 @@ Sections (all in one JSON document on stdout, and in --out):
   are extracted if missing, which is slow on a CPU).
 - ``growth``: gallery sizes 10^4 … 10^6 — GloVe subsets, and above 400,000 the GloVe vectors plus
   jittered copies (x + 0.05·noise, renormalised) — with build time, recall@10 and both engines'
-  p50/p99 latency: where the approximate engine starts to pay (``vseinf.index.FAISS_THRESHOLD``).
+  p50/p99 latency: where the approximate engine starts to pay (``vseinf.search.engines.FAISS_THRESHOLD``).
 
 ``--vectors clusters`` replaces GloVe (in ``glove`` and ``growth``) by 400,000 synthetic 50-d unit
 vectors drawn around 4,000 random centres, for machines without the GloVe package.
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 
-from vseinf.index import HNSW_EF_SEARCH, HNSW_M, HNSW_EF_CONSTRUCTION, ExactIndex, HNSWIndex
+from vseinf.search.engines import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ExactIndex, HNSWIndex
 
 K = 10
 

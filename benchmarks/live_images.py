@@ -9,7 +9,7 @@ processes (``vseinf.data.images.image_batch_loader``) which prepare the next bat
 trains on this one. This measures, on the real Flickr8k train photos (cycled when ``--steps`` needs
 more), the decode rate alone and the training rate (MobileNetV2 + GPO head, cached-token text side of
 random features, AdamW, bf16 autocast on CPU), per worker count, against 0 workers in the same run.
-The ``encode`` rows time ``vseinf.index.encode_image_files`` (what ``vseinf encode --workers N``
+The ``encode`` rows time ``vseinf.search.build.encode_image_files`` (what ``vseinf encode --workers N``
 runs) over ``--encode-images`` photos. Where the accelerator is fast (a GPU) decoding is the
 bottleneck and workers pay most; on a 2-core CPU they compete with the model's own threads.
 """
@@ -29,9 +29,9 @@ from _report import emit  # benchmarks/ is on sys.path when run as a script
 from vseinf.config import ModelConfig
 from vseinf.data.images import ImageBatches, ImageDataset, image_batch_loader
 from vseinf.data.splits import open_split
-from vseinf.index import encode_image_files
 from vseinf.losses import VSELoss
 from vseinf.model import VSEModel
+from vseinf.search.build import encode_image_files
 
 
 def sync(device):

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUERY = "a dog runs on the beach"
 FULL_MODEL_SEARCH = """
 import sys
-from vseinf.index import Gallery, encode_texts_np
+from vseinf.search.build import encode_texts_np
+from vseinf.search.gallery import Gallery
 gallery = Gallery.load(sys.argv[1])
 model = gallery.load_model()  # the whole model, as search loaded it before text_only
 print(gallery.search(encode_texts_np(model, [sys.argv[2]]), 10, absolute=True)[0][0])

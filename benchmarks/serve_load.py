@@ -89,8 +89,9 @@ def main(argv=None) -> int:
     workdir = None
     index_dir = args.index_dir
     if index_dir is None:
+        from vseinf.cli.encode import load_model_or_explain
         from vseinf.demo import prepare_sample_gallery
-        from vseinf.index import encode_gallery, load_model_or_explain
+        from vseinf.search.build import encode_gallery
 
         workdir = tempfile.TemporaryDirectory(prefix="vseinf-load-")
         model = load_model_or_explain(args.model)

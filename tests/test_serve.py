@@ -25,9 +25,17 @@ except (ImportError, RuntimeError) as exc:  # Starlette raises RuntimeError with
 
 from PIL import Image  # noqa: E402
 
-from vseinf.index import Gallery, encode_gallery, encode_texts_np  # noqa: E402
-from vseinf.serve.app import (BadRequest, QueryWorker, background_server, create_app, gpo_coefficients,  # noqa: E402
-                              parse_k, parse_query)
+from vseinf.search.build import encode_gallery, encode_texts_np  # noqa: E402
+from vseinf.search.gallery import Gallery  # noqa: E402
+from vseinf.serve.app import (  # noqa: E402
+    BadRequest,
+    QueryWorker,
+    background_server,
+    create_app,
+    gpo_coefficients,
+    parse_k,
+    parse_query,
+)
 
 SAMPLES = Path(skimage.__file__).resolve().parent / "data"
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png"]
@@ -402,7 +410,7 @@ def test_serve_command_tunes_the_engine_and_checks_settings_before_loading_the_m
     import uvicorn
     from test_index import run_cli, save_tiny
 
-    from vseinf.serve.app import add_serve_parser, run_serve
+    from vseinf.cli.serve import add_serve_parser, run_serve
 
     _, gallery, _ = served
     started = {}

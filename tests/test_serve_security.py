@@ -20,8 +20,10 @@ from test_index import run_cli, save_tiny  # noqa: E402
 from test_serve import PHOTOS, SAMPLES, tiny_model  # noqa: E402
 
 import vseinf  # noqa: E402
-from vseinf.index import Gallery, encode_gallery  # noqa: E402
-from vseinf.serve.app import STATIC_DIR, add_serve_parser, background_server, create_app, run_serve  # noqa: E402
+from vseinf.cli.serve import add_serve_parser, run_serve  # noqa: E402
+from vseinf.search.build import encode_gallery  # noqa: E402
+from vseinf.search.gallery import Gallery  # noqa: E402
+from vseinf.serve.app import STATIC_DIR, background_server, create_app  # noqa: E402
 from vseinf.serve.security import HostPolicy, host_name  # noqa: E402
 
 

@@ -184,7 +184,8 @@ def test_encode_stores_a_thumbnail_per_image_and_the_server_reads_it(tmp_path, m
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vseinf.index import Gallery, encode_gallery
+    from vseinf.search.build import encode_gallery
+    from vseinf.search.gallery import Gallery
     from vseinf.serve.app import create_app
 
     root = tmp_path / "photos"
@@ -230,7 +231,8 @@ def test_server_makes_thumbnails_for_an_index_without_them(tmp_path, model):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vseinf.index import Gallery, encode_gallery
+    from vseinf.search.build import encode_gallery
+    from vseinf.search.gallery import Gallery
     from vseinf.serve.app import create_app
 
     root = tmp_path / "photos"

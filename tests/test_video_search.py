@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from vseinf.cli import main
-from vseinf.index import Gallery, encode_gallery, encode_texts_np, thumb_name
 from vseinf.model import BUNDLED_DIR
+from vseinf.search.build import encode_gallery, encode_texts_np
+from vseinf.search.files import thumb_name
+from vseinf.search.gallery import Gallery
 from vseinf.video import FrameExtractor, FrameSampler, VideoEmbedder, embed_video_files, middle_frame
-
 
 
 def _shared(name: str) -> Path:

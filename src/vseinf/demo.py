@@ -111,8 +111,9 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
         limit_example: a ``(query, expected)`` pair the model gets wrong, printed apart with
             :data:`LIMIT_NOTE` (the default demo shows one).
     """
-    from .index import Gallery, encode_gallery, encode_texts_np
     from .model import BUNDLED_DIR
+    from .search.build import encode_gallery, encode_texts_np
+    from .search.gallery import Gallery
 
     workdir = Path(workdir) if workdir is not None else default_demo_dir()
     gallery_dir = Path(images) if images is not None else prepare_sample_gallery(workdir / "images")
@@ -185,7 +186,7 @@ def add_demo_parser(sub):
 
 
 def run_demo(args, extra) -> int:
-    from .index import load_model_or_explain
+    from .cli.encode import load_model_or_explain
 
     if args.k < 1:
         raise ValueError(f"demo: -k must be a positive integer, got {args.k}")

@@ -209,7 +209,7 @@ class VSEModel(nn.Module):
         """Embed images given as paths or PIL images → (n × d) unit vectors on the model's device.
 
         Raises :class:`vseinf.data.BadImageError` naming a file that is not a readable image (use
-        :func:`vseinf.index.encode_image_files` to skip such files instead).
+        :func:`vseinf.search.build.encode_image_files` to skip such files instead).
         """
         from PIL import Image
 

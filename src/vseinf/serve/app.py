@@ -53,9 +53,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..index import (Gallery, IndexFormatError, add_engine_settings, check_model, embed_query_images, encode_texts_np,
-                     engine_settings, load_query_image, printable, tune_engine)
 from ..pooling import pooling_coefficients
+from ..search.build import encode_texts_np
+from ..search.engines import IndexFormatError
+from ..search.gallery import Gallery, check_model, embed_query_images, load_query_image
+from ..search.sources import printable
 from ..thumbnails import THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name
 from .security import HostPolicy, SecurityMiddleware
 
@@ -120,8 +122,8 @@ class QueryWorker:
     Before each batch it checks the index on disk: an index that ``vseinf encode`` replaced is
     loaded and answers from then on (if it cannot be used, the copy loaded before keeps
     answering), and a memory-mapped embeddings file changed under the server is never read
-    (:meth:`vseinf.index.Gallery.check_files`): the index is reloaded, or the batch fails with
-    :class:`vseinf.index.IndexFormatError` saying why.
+    (:meth:`vseinf.search.gallery.Gallery.check_files`): the index is reloaded, or the batch fails with
+    :class:`vseinf.search.engines.IndexFormatError` saying why.
 
     Args:
         model: the model that encoded the gallery.
@@ -422,7 +424,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 
     Args:
         index_dir: the index directory (or pass ``gallery``).
-        gallery: an already loaded :class:`vseinf.index.Gallery`.
+        gallery: an already loaded :class:`vseinf.search.gallery.Gallery`.
         model: the loaded model (default: the one that built the index, or ``model_path``).
         model_path: checkpoint directory to load instead of the index's own.
         max_upload_bytes: largest accepted image upload.
@@ -639,47 +641,3 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: floa
         server.should_exit = True
         thread.join(timeout)
         sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: vseinf serve
-
-
-def add_serve_parser(sub):
-    from ..argtypes import port_number
-
-    p = sub.add_parser("serve", help="web page + JSON API to search an index",
-                       description="Serve INDEX: a search page at /, the GPO coefficient plot at /gpo, "
-                                   "and GET /api/search?q=TEXT&k=K.")
-    p.add_argument("index", help="index directory made by `vseinf encode` (or `vseinf demo`)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--model", help="checkpoint directory (default: the model that built the index)")
-    p.add_argument("--device", default="cpu", help="where the model and the exact engine run (cpu, cuda, cuda:1…)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests for this host name (repeatable; '.example.org' for its "
-                        "subdomains, '*' for any). By default only localhost and the --host address are "
-                        "answered, so other web sites cannot read the index through DNS rebinding")
-    p.add_argument("--api-docs", action="store_true", help="serve the OpenAPI schema (/openapi.json) and "
-                                                           "its page (/docs, which loads scripts from a CDN)")
-    add_engine_settings(p)
-    return p
-
-
-def run_serve(args, extra) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise ValueError("serve needs the web extras: pip install 'vseinf[serve]'") from None
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0..65535, got {args.port}")
-    HostPolicy(args.host, args.allow_host)  # a bad --allow-host fails before the index loads
-    gallery = Gallery.load(args.index, device=args.device)
-    tune_engine(gallery.engine, **engine_settings(args))  # a wrong setting fails before the model loads
-    app = create_app(gallery=gallery, model_path=args.model, device=args.device, host=args.host,
-                     allow_hosts=args.allow_host, api_docs=args.api_docs)
-    print(f"serving {len(gallery)} {gallery.kind} from {gallery.path} at http://{args.host}:{args.port}/ "
-          "(Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0

@@ -1,5 +1,9 @@
 """The ``vseinf`` command line: argument parsing and printing only.
 
+Each command's parser and runner are registered in :data:`COMMANDS`; the larger ones live in their
+own modules (``vseinf encode`` in :mod:`vseinf.cli.encode`, ``search`` in :mod:`vseinf.cli.search`,
+``serve`` in :mod:`vseinf.cli.serve`) and are imported only when that command runs.
+
 Errors a user can cause (bad files, bad config keys, bad arguments) print one line on stderr and
 exit with status 2; set VSEINF_DEBUG=1 to see the traceback instead.
 """
@@ -23,7 +27,7 @@ def config_keys_help(width: int = 100) -> str:
     import re
     import textwrap
 
-    from .config import SECTIONS
+    from ..config import SECTIONS
 
     lines = ["config keys: override any with --SECTION.KEY VALUE (or --KEY VALUE when only one section has",
              "the key); a config file sets them as YAML/JSON sections. Defaults reproduce the paper."]
@@ -63,8 +67,8 @@ def _add_train(sub):
 
 
 def _cmd_train(args, extra):
-    from .config import load_config, parse_overrides
-    from .train import train
+    from ..config import load_config, parse_overrides
+    from ..train import train
 
     overrides = parse_overrides(extra)
     if args.data:
@@ -73,7 +77,7 @@ def _cmd_train(args, extra):
     resume = {"yes": True, "no": False, "auto": "auto"}[args.resume]
     metrics = train(cfg, args.out, resume=resume, progress=not args.no_progress)
     if metrics:
-        from .evaluation import format_table
+        from ..evaluation import format_table
 
         print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
         print(format_table(metrics, "video" if cfg.model.image_encoder == "frames" else "image"))
@@ -81,7 +85,7 @@ def _cmd_train(args, extra):
 
 
 def _add_eval(sub):
-    from .argtypes import nonnegative_int
+    from ..argtypes import nonnegative_int
 
     p = sub.add_parser("eval", help="evaluate checkpoints (Recall@K, medr, meanr, RSUM)",
                        description="Evaluate a checkpoint (or a run directory: its best/) on a split with the "
@@ -115,8 +119,8 @@ def _gallery_items(checkpoint: str) -> str:
 
 
 def _cmd_eval(args, extra):
-    from .evaluation import format_table
-    from .evaluate import evaluate_checkpoints
+    from ..evaluate import evaluate_checkpoints
+    from ..evaluation import format_table
 
     if extra:
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")
@@ -144,7 +148,7 @@ def _add_extract(sub):
     p.add_argument("--data", help="dataset folder or file (overrides data.path)")
     p.add_argument("--split", action="append", help="splits to extract (default: train and val splits)")
     p.add_argument("--rebuild", action="store_true", help="recompute even if a valid cache exists")
-    from .video.extract import add_extract_video_arguments
+    from ..video.extract import add_extract_video_arguments
 
     add_extract_video_arguments(p)
     return p
@@ -165,14 +169,14 @@ def _interrupt_on_sigterm() -> None:
 def _cmd_extract(args, extra):
     _interrupt_on_sigterm()
     if args.videos:
-        from .video.extract import run_extract_video
+        from ..video.extract import run_extract_video
 
         return run_extract_video(args, extra)
-    from .config import load_config, parse_overrides
-    from .data.splits import open_split
-    from .features import image_sets, text_sets
-    from .model import build_model
-    from .train import uses_image_cache, uses_text_cache
+    from ..config import load_config, parse_overrides
+    from ..data.splits import open_split
+    from ..features import image_sets, text_sets
+    from ..model import build_model
+    from ..train import uses_image_cache, uses_text_cache
 
     overrides = parse_overrides(extra)
     if args.data:
@@ -202,7 +206,7 @@ def _add_synth(sub):
                                    "and unseen set sizes (supplementary Table 6). About 5 minutes on 2 cores; "
                                    "--quick in under one.")
     try:
-        from .studies.synth import add_arguments
+        from ..studies.synth import add_arguments
     except ImportError:  # pragma: no cover
         return p
     add_arguments(p)
@@ -210,7 +214,7 @@ def _add_synth(sub):
 
 
 def _cmd_synth(args, extra):
-    from .studies.synth import run
+    from ..studies.synth import run
 
     if extra:
         raise ValueError(f"synth: unknown arguments {' '.join(extra)}")
@@ -218,13 +222,13 @@ def _cmd_synth(args, extra):
 
 
 def _add_convert(sub):
-    from .convert import add_convert_parser
+    from ..convert import add_convert_parser
 
     return add_convert_parser(sub)
 
 
 def _cmd_convert(args, extra):
-    from .convert import run_convert
+    from ..convert import run_convert
 
     return run_convert(args, extra)
 
@@ -246,14 +250,14 @@ COMMANDS = {
     "train": (_add_train, _cmd_train),
     "eval": (_add_eval, _cmd_eval),
     "extract": (_add_extract, _cmd_extract),
-    "encode": _lazy(".index", "add_encode_parser", "run_encode"),
-    "search": _lazy(".index", "add_search_parser", "run_search"),
-    "serve": _lazy(".serve.app", "add_serve_parser", "run_serve"),
-    "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
+    "encode": _lazy(".encode", "add_encode_parser", "run_encode"),
+    "search": _lazy(".search", "add_search_parser", "run_search"),
+    "serve": _lazy(".serve", "add_serve_parser", "run_serve"),
+    "demo": _lazy("..demo", "add_demo_parser", "run_demo"),
     "convert": (_add_convert, _cmd_convert),
     "synth": (_add_synth, _cmd_synth),
-    "study": _lazy(".studies.pooling", "add_study_parser", "run_study"),
-    "plot-pooling": _lazy(".studies.plots", "add_plot_pooling_parser", "run_plot_pooling"),
+    "study": _lazy("..studies.pooling", "add_study_parser", "run_study"),
+    "plot-pooling": _lazy("..studies.plots", "add_plot_pooling_parser", "run_plot_pooling"),
 }
 
 # Commands whose unknown --key value arguments are config overrides.
@@ -262,7 +266,7 @@ TAKES_OVERRIDES = {"train", "extract", "study"}
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; with ``only``, just that command's (so a command imports only its module)."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
     parser.add_argument("--version", action="version", version=f"vseinf {__version__}")
