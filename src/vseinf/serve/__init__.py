@@ -1,5 +1,6 @@
-"""``vseinf serve``: a web page and JSON API over a gallery index (see :mod:`vseinf.serve.app`)."""
+"""The web app over an index (:mod:`vseinf.serve.app`) and its host/CSP policy (:mod:`.security`);
+the ``vseinf serve`` command itself is :mod:`vseinf.cli.serve`."""
 
-from .app import add_serve_parser, background_server, create_app, run_serve
+from .app import background_server, create_app
 
-__all__ = ["add_serve_parser", "background_server", "create_app", "run_serve"]
+__all__ = ["background_server", "create_app"]
