@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vseinf.config import load_config
 from vseinf.data import open_split
-from vseinf.evaluation import retrieval_metrics
+from vseinf.eval.metrics import retrieval_metrics
 from vseinf.features import image_sets, text_sets
 from vseinf.model import build_model
 

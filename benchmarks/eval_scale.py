@@ -6,7 +6,7 @@
 Generates seeded, l2-normalised float32 embeddings chunk by chunk: random images, and captions that
 are noisy copies of their image with a per-caption noise level (log-uniform over ``--noise``), so some
 captions are easy and some hopeless and the recalls are neither 0 nor 100 at any scale. Then runs
-``vseinf.evaluation.rank_details_from_embeddings`` (score blocks of ``--chunk-size``², the full
+``vseinf.eval.metrics.rank_details_from_embeddings`` (score blocks of ``--chunk-size``², the full
 similarity matrix is never built) with a progress bar, and records wall time, peak resident memory
 and the metric table.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 
-from vseinf.evaluation import DEFAULT_EMB_CHUNK, rank_details_from_embeddings, rank_details_reference
+from vseinf.eval.metrics import DEFAULT_EMB_CHUNK, rank_details_from_embeddings, rank_details_reference
 from _procstatus import status_mb  # benchmarks/ is on sys.path when run as a script
 
 TARGET_PAIRS = 100_000 * 500_000  # the scale

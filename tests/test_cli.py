@@ -221,7 +221,7 @@ def test_a_video_model_is_labelled_as_video(video_run, tmp_path):
 def test_metrics_json_is_rounded(video_run, tmp_path):
     import re
 
-    from vseinf.evaluation import round_metrics
+    from vseinf.eval import round_metrics
 
     assert round_metrics({"i2t_r10": 67.30000000000001, "folds": [{"rsum": 0.1 + 0.2}], "n": 5}) == \
         {"i2t_r10": 67.3, "folds": [{"rsum": 0.3}], "n": 5}

@@ -95,7 +95,7 @@ def test_eval_command_reproduces_validation_table(trained_run, tmp_path, use_cac
 
 
 def test_ensemble_of_one_model_twice_equals_the_model(trained_run, use_cache):
-    from vseinf.evaluate import evaluate_checkpoints
+    from vseinf.eval import evaluate_checkpoints
 
     run, _ = trained_run
     one = evaluate_checkpoints([run], split="dev", max_images=100)

@@ -173,7 +173,7 @@ def add_plot_pooling_parser(sub):
 
 
 def run_plot_pooling(args, extra) -> int:
-    from .evaluate import resolve_checkpoint
+    from .eval import resolve_checkpoint
     from .model import load_model
 
     if extra:

@@ -42,7 +42,7 @@ from .checkpoint import (load_checkpoint, load_trainer_state, optimizer_from_fla
 from .config import RunConfig, config_from_dict
 from .data.splits import CaptionSplit, open_split, resolve_data_path
 from .distributed import World, in_turns, init_distributed
-from .evaluate import evaluate_split
+from .eval import evaluate_split
 from .features import uses_image_cache, uses_text_cache
 from .losses import VSELoss, gather_batch
 from .model import VSEModel, build_model, save_model
