@@ -125,7 +125,8 @@ def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run,
 
 def test_logs_of_older_runs_are_read_in_the_same_terms(tmp_path):
     """A run started before the log named its loss (epochs from 0, batch loss only) plots the same way."""
-    from vseinf.train import _read_log, plot_history
+    from vseinf.train import plot_history
+    from vseinf.train.history import _read_log
 
     (tmp_path / "config.json").write_text(json.dumps({"train": {"loss": "hinge", "warmup_epochs": 1,
                                                                 "batch_size": 128}}))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from vseinf.config import load_config
 from vseinf.losses import VSELoss
-from vseinf.train import epoch_order, World, train
+from vseinf.train import World, epoch_order, train
 
 
 def slice_config(root, **overrides):
