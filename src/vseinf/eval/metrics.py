@@ -508,7 +508,8 @@ def rank_details_from_embeddings(
     counter = _RankCounter(pos_np, t2i_np, n_images, device if on_device else None)
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # imported here: the module itself needs only numpy and torch
+        # Imported here: the module itself needs only numpy and torch.
+        from tqdm.auto import tqdm
 
         bar = tqdm(total=n_images * n_texts, desc="ranking", unit="pair", unit_scale=True)
     for a in range(0, n_images, chunk_size):
