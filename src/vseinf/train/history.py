@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def _log(path: Path, record: dict):
+    """Append one record to the log (a JSON object a line)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 

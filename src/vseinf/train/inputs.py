@@ -23,6 +23,8 @@ from ..model import VSEModel
 
 
 def load_splits(cfg: RunConfig) -> tuple[CaptionSplit, CaptionSplit]:
+    """The training and validation splits of ``data.path``, cut to ``max_train_images`` and
+    ``max_val_images`` when those are set."""
     if not cfg.data.path:
         raise ValueError("data.path is not set: pass --data DIR or set data.path in the config")
     train = open_split(cfg.data.path, cfg.data.train_split)
