@@ -22,14 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _report import emit  # benchmarks/_report.py
 
 from vseinf.config import load_config
 from vseinf.data import open_split
-from vseinf.evaluation import retrieval_metrics
+from vseinf.eval.metrics import retrieval_metrics
 from vseinf.features import image_sets, text_sets
 from vseinf.model import build_model
-
-from _report import emit  # benchmarks/_report.py
 
 
 def padded(sets, n: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,7 +130,7 @@ def summarise(times: dict[str, list[tuple[float, float]]], n_images: int, base: 
 
 def dev_rsum(model, root: Path, batch_size: int) -> dict:
     from vseinf.data.splits import open_split
-    from vseinf.evaluation import retrieval_metrics_from_embeddings
+    from vseinf.eval.metrics import retrieval_metrics_from_embeddings
 
     split = open_split(root, "dev")
     paths = [split.image_root / k for k in split.image_keys]

@@ -4,12 +4,12 @@ The shape is COCO 5K's: 5,000 images × 25,000 captions (5 per image, image i's 
 5i … 5i+4), float32 scores, as the community evaluates them. Three evaluations run in one process
 on the same matrix:
 
-* ``fast``: ``vseinf.evaluation.rank_details`` (counts, never sorts);
+* ``fast``: ``vseinf.eval.metrics.rank_details`` (counts, never sorts);
 * ``community``: the evaluation of VSE++, SCAN and VSE∞ (their ``i2t``/``t2i``), re-implemented
   here step for step: for every image, ``numpy.argsort`` of its float32 score row, reversed, then
   the best position among its 5 captions; for every caption, the same on its column of the
   transposed matrix and the position of its image;
-* ``reference``: ``vseinf.evaluation.rank_details_reference`` (stable argsort per query) on the
+* ``reference``: ``vseinf.eval.metrics.rank_details_reference`` (stable argsort per query) on the
   same scores in float64, as the previous version of this benchmark ran it; ``fast`` is timed on
   that float64 matrix too, so each ratio compares one dtype.
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 
-from vseinf.evaluation import metrics_from_ranks, rank_details, rank_details_reference
+from vseinf.eval.metrics import metrics_from_ranks, rank_details, rank_details_reference
 
 CAPTIONS = 5  # the community's functions assume 5 captions an image, in image order
 FIELDS = ("i2t_ranks", "i2t_top1", "t2i_ranks", "t2i_top1")

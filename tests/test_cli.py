@@ -125,7 +125,8 @@ def test_training_plot_draws_the_warm_up_apart_and_marks_the_lr_decay(video_run,
 
 def test_logs_of_older_runs_are_read_in_the_same_terms(tmp_path):
     """A run started before the log named its loss (epochs from 0, batch loss only) plots the same way."""
-    from vseinf.train import _read_log, plot_history
+    from vseinf.train import plot_history
+    from vseinf.train.history import _read_log
 
     (tmp_path / "config.json").write_text(json.dumps({"train": {"loss": "hinge", "warmup_epochs": 1,
                                                                 "batch_size": 128}}))
@@ -221,7 +222,7 @@ def test_a_video_model_is_labelled_as_video(video_run, tmp_path):
 def test_metrics_json_is_rounded(video_run, tmp_path):
     import re
 
-    from vseinf.evaluation import round_metrics
+    from vseinf.eval import round_metrics
 
     assert round_metrics({"i2t_r10": 67.30000000000001, "folds": [{"rsum": 0.1 + 0.2}], "n": 5}) == \
         {"i2t_r10": 67.3, "folds": [{"rsum": 0.3}], "n": 5}
@@ -311,9 +312,9 @@ def _parsers(parser, name="vseinf"):
 
 
 def test_every_command_has_a_description_and_every_flag_help():
-    from vseinf.cli import build_parser
-
     import argparse
+
+    from vseinf.cli import build_parser
 
     seen = []
     for name, parser in _parsers(build_parser()):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from vseinf.encoders.cnn import (
     BACKBONE_NAMES,
     FrozenBatchNorm2d,
+    _SameConv2d,
     build_backbone,
     bundled_weights_path,
     freeze_batchnorm,
@@ -27,7 +28,6 @@ from vseinf.encoders.cnn import (
     read_state_dict,
     set_trainable,
 )
-from vseinf.encoders.cnn import _SameConv2d
 
 # torchvision's parameter counts (classifier included), the numbers its model cards list.
 TORCHVISION_PARAMS = {

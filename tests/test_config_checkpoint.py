@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from vseinf.checkpoint import (
-    CheckpointError, load_checkpoint, load_trainer_state, optimizer_from_flat, optimizer_to_flat,
-    save_checkpoint, save_dir_atomic,
+    CheckpointError,
+    load_checkpoint,
+    load_trainer_state,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+    save_dir_atomic,
 )
 from vseinf.config import ConfigError, RunConfig, load_config, parse_overrides
 

@@ -107,7 +107,7 @@ def test_nccl_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
 def test_rank_routine_on_cuda_equals_the_reference(chunk_size):
     from test_evaluation import assert_same_details, random_captions
 
-    from vseinf.evaluation import rank_details_from_embeddings, rank_details_reference
+    from vseinf.eval.metrics import rank_details_from_embeddings, rank_details_reference
 
     gen = torch.Generator().manual_seed(chunk_size)
     rng = np.random.default_rng(chunk_size)
@@ -124,7 +124,7 @@ def test_rank_routine_on_cuda_equals_the_reference(chunk_size):
 def test_rank_routine_on_cuda_breaks_ties_like_the_reference():
     from test_evaluation import assert_same_details, tie_heavy
 
-    from vseinf.evaluation import rank_details, rank_details_reference
+    from vseinf.eval.metrics import rank_details, rank_details_reference
 
     sims, t2i = tie_heavy(np.random.default_rng(0), 300)
     ref = rank_details_reference(sims, t2i)

@@ -149,20 +149,21 @@ def test_feature_caches_are_built_in_turns_and_a_failure_stops_every_rank(tmp_pa
 # step on both ranks, like a job that is killed as a whole.
 LAUNCHER = '''
 import os, sys
-import vseinf.train as train_mod
+import vseinf.train.loop as train_loop
+import vseinf.train.state as train_state
 from vseinf.losses import VSELoss
 from vseinf.cli import main
 
 rank = os.environ["RANK"]
 saves = os.environ["SAVES_LOG"]
-original_save = train_mod.save_model
+original_save = train_state.save_model  # the loop saves best/, the state module last/
 
 def recording_save(model, path, *args, **kwargs):
     with open(saves, "a") as f:
         f.write(f"{rank} {os.path.basename(str(path))}\\n")
     return original_save(model, path, *args, **kwargs)
 
-train_mod.save_model = recording_save
+train_loop.save_model = train_state.save_model = recording_save
 die_at = int(os.environ.get("VSELOSS_DIE_AT", "0"))
 if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and os.environ.get("DIE_ONCE"):
     die_at = 0  # torchrun restarted the job after the kill: this attempt runs to the end
@@ -180,14 +181,14 @@ VSELoss.forward = dying_forward
 if os.environ.get("WEIGHTS_DIR"):  # each rank's weights at every last/ save, as rank<r>.safetensors
     from safetensors.torch import save_file
 
-    original_save_last = train_mod._save_last
+    original_save_last = train_loop._save_last
 
     def saving_every_rank(run, state):
         weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         save_file(weights, os.path.join(os.environ["WEIGHTS_DIR"], f"rank{rank}.safetensors"))
         return original_save_last(run, state)
 
-    train_mod._save_last = saving_every_rank
+    train_loop._save_last = saving_every_rank
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -273,7 +274,8 @@ def test_the_ranks_stay_identical_after_the_cnn_is_unfrozen(flickr8k_root, tmp_p
 def _skip_worker(rank: int, init_file: str, results) -> None:
     import torch.distributed as dist
 
-    from vseinf.train import World, _any_rank_skips
+    from vseinf.distributed import World
+    from vseinf.train.loop import _any_rank_skips
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -11,11 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vseinf import evaluation
-from vseinf.evaluation import (
+from vseinf.eval import metrics as eval_metrics
+from vseinf.eval.ensemble import ensemble_embeddings, ensemble_sims
+from vseinf.eval.metrics import (
     METRIC_KEYS,
-    ensemble_embeddings,
-    ensemble_sims,
     evaluate_protocol,
     evaluate_protocol_from_embeddings,
     format_table,
@@ -236,8 +235,8 @@ def test_fast_paths_match_oracle_on_tie_heavy_scores(n_images, seed, chunk, tile
     # Small tiles put tile edges between a query and its correct items, where the tie rule
     # switches from ">=" to ">".
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "_TILE_ROWS", tile[0])
-        mp.setattr(evaluation, "_TILE_COLS", tile[1])
+        mp.setattr(eval_metrics, "_TILE_ROWS", tile[0])
+        mp.setattr(eval_metrics, "_TILE_COLS", tile[1])
         check_tie_heavy(n_images, seed, chunk)
 
 
@@ -273,7 +272,7 @@ def test_device_kernel_matches_oracle(exact_positives):
     rng = np.random.default_rng(4)
     sims, t2i = tie_heavy(rng, 37)
     ref = rank_details_reference(sims, t2i)
-    counter = evaluation._RankCounter(
+    counter = eval_metrics._RankCounter(
         sims[t2i, np.arange(t2i.size)], t2i, 37, device=torch.device("cpu")
     )
     for start in range(0, 37, 10):

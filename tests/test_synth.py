@@ -16,6 +16,7 @@ from vseinf.studies.synth import (
     PAPER_SEEN,
     PATTERNS,
     SIZE_RANGES,
+    _pattern_table,
     add_arguments,
     coefficient_rmse,
     format_table,
@@ -24,7 +25,6 @@ from vseinf.studies.synth import (
     run,
     run_synth,
 )
-from vseinf.studies.synth import _pattern_table
 
 
 @pytest.fixture(autouse=True, scope="module")

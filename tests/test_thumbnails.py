@@ -11,8 +11,15 @@ import pytest
 from PIL import Image, ImageFile
 
 from vseinf import thumbnails
-from vseinf.thumbnails import (THUMB_SIZE, ThumbnailError, ThumbnailMaker, image_thumb_name, load_thumbnail,
-                               load_thumbnail_reference, make_image_thumbnails)
+from vseinf.thumbnails import (
+    THUMB_SIZE,
+    ThumbnailError,
+    ThumbnailMaker,
+    image_thumb_name,
+    load_thumbnail,
+    load_thumbnail_reference,
+    make_image_thumbnails,
+)
 
 
 def _gradient(w, h, mode="RGB"):

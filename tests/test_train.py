@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from vseinf.config import load_config
 from vseinf.losses import VSELoss
-from vseinf.train import epoch_order, World, train
+from vseinf.train import World, epoch_order, train
 
 
 def slice_config(root, **overrides):
@@ -95,7 +95,7 @@ def test_eval_command_reproduces_validation_table(trained_run, tmp_path, use_cac
 
 
 def test_ensemble_of_one_model_twice_equals_the_model(trained_run, use_cache):
-    from vseinf.evaluate import evaluate_checkpoints
+    from vseinf.eval import evaluate_checkpoints
 
     run, _ = trained_run
     one = evaluate_checkpoints([run], split="dev", max_images=100)
@@ -379,8 +379,8 @@ def test_live_paths_train_and_save(flickr8k_root, tmp_path, use_cache, overrides
 def test_pooling_lr_mult_puts_the_pooling_layers_in_their_own_group():
     """Default (paper): one head group. With ``pooling_lr_mult`` the GPO generators of both towers
     (and only they) train at lr × the multiplier, and the schedule keeps that ratio."""
-    from vseinf.model import build_model
     from vseinf.encoders.text import Vocabulary
+    from vseinf.model import build_model
     from vseinf.train import build_optimizer
 
     cfg = load_config(None, [("model.image_encoder", "region"), ("model.feature_dim", "16"),

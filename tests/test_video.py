@@ -451,8 +451,7 @@ def test_short_training_run_retrieves_far_above_chance(tmp_path, monkeypatch):
     validate clips. Chance with one caption per clip: R@K = K% each way, so RSUM = 2 × (1 + 5 +
     10) = 32; the paper's recipe reaches about 200 here after 35 epochs."""
     from vseinf.config import load_config
-    from vseinf.evaluate import evaluate_checkpoints
-    from vseinf.evaluation import retrieval_metrics
+    from vseinf.eval import evaluate_checkpoints, retrieval_metrics
     from vseinf.model import load_model
     from vseinf.train import train
 

@@ -77,7 +77,7 @@ def _cmd_train(args, extra):
     resume = {"yes": True, "no": False, "auto": "auto"}[args.resume]
     metrics = train(cfg, args.out, resume=resume, progress=not args.no_progress)
     if metrics:
-        from ..evaluation import format_table
+        from ..eval import format_table
 
         print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
         print(format_table(metrics, "video" if cfg.model.image_encoder == "frames" else "image"))
@@ -119,8 +119,7 @@ def _gallery_items(checkpoint: str) -> str:
 
 
 def _cmd_eval(args, extra):
-    from ..evaluate import evaluate_checkpoints
-    from ..evaluation import format_table
+    from ..eval import evaluate_checkpoints, format_table
 
     if extra:
         raise ValueError(f"eval: unknown arguments {' '.join(extra)}")

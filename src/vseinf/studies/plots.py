@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.splits import open_split
-from ..evaluate import resolve_checkpoint
+from ..eval import resolve_checkpoint
 from ..model import load_model
 from ..pooling import pooling_coefficients
 

@@ -2,7 +2,7 @@
 
 Each image is embedded once (from the feature cache when the backbone is frozen), each caption
 once, and the ranks are counted from the embeddings block by block
-(:func:`vseinf.evaluation.evaluate_protocol_from_embeddings`): the similarity matrix is never
+(:func:`vseinf.eval.metrics.evaluate_protocol_from_embeddings`): the similarity matrix is never
 built, so a split of 100,000 images × 500,000 captions evaluates in bounded memory. An ensemble
 (the paper's "Region+Grid") concatenates its models' embeddings, the image side scaled by the
 model's weight: the dot product of the concatenations is the weighted sum of the models'
@@ -19,13 +19,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .data.images import ImageBatches, ImageDataset, image_batch_loader
-from .data.splits import CaptionSplit, open_split, resolve_data_path
-from .evaluation import (ensemble_embeddings, evaluate_protocol_from_embeddings,
-                         retrieval_metrics_from_embeddings, round_metrics)
-from .features import image_sets, text_sets, uses_image_cache, uses_text_cache
-from .model import VSEModel, load_model
+from ..config import RunConfig
+from ..data.images import ImageBatches, ImageDataset, image_batch_loader
+from ..data.splits import CaptionSplit, open_split, resolve_data_path
+from ..features import image_sets, text_sets, uses_image_cache, uses_text_cache
+from ..model import VSEModel, load_model
+from .ensemble import ensemble_embeddings
+from .metrics import (
+    evaluate_protocol_from_embeddings,
+    retrieval_metrics_from_embeddings,
+    round_metrics,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Embedding a split
