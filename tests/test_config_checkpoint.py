@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from vseinf.checkpoint import (
+from vseinf.config import ConfigError, RunConfig, load_config, parse_overrides
+from vseinf.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_trainer_state,
@@ -16,7 +17,6 @@ from vseinf.checkpoint import (
     save_checkpoint,
     save_dir_atomic,
 )
-from vseinf.config import ConfigError, RunConfig, load_config, parse_overrides
 
 
 def test_defaults_reproduce_the_paper():

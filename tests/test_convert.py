@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vseinf import load_model  # noqa: E402
 from vseinf.cli import main as cli_main  # noqa: E402
-from vseinf.convert import convert_checkpoint, convert_image_state  # noqa: E402
 from vseinf.encoders.cnn import BACKBONE_NAMES  # noqa: E402
+from vseinf.model.convert import convert_checkpoint, convert_image_state  # noqa: E402
 
 TOL = 1e-5
 CAPTIONS = ["a dog runs along the beach", "two children play football in a park",

@@ -86,9 +86,9 @@ def test_demo_on_your_own_folder(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_missing_bundled_model_says_what_to_do(tmp_path, monkeypatch):
-    import vseinf.model
+    import vseinf.model.vse
 
-    monkeypatch.setattr(vseinf.model, "BUNDLED_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(vseinf.model.vse, "BUNDLED_DIR", tmp_path / "not-installed")
     with pytest.raises(ValueError, match="bundled model is not installed.*--model"):
         load_model_or_explain(None)
     with pytest.raises(ValueError, match="--model"):

@@ -221,13 +221,13 @@ def _cmd_synth(args, extra):
 
 
 def _add_convert(sub):
-    from ..convert import add_convert_parser
+    from ..model.convert import add_convert_parser
 
     return add_convert_parser(sub)
 
 
 def _cmd_convert(args, extra):
-    from ..convert import run_convert
+    from ..model.convert import run_convert
 
     return run_convert(args, extra)
 

@@ -45,8 +45,8 @@ def add_encode_parser(sub):
 
 def load_model_or_explain(path: str | os.PathLike | None = None, device: str = "cpu"):
     """``vseinf.load_model`` with a message that says what to do when the bundled model is missing."""
-    from ..checkpoint import CheckpointError  # lazy: see vseinf.search
     from ..model import load_model
+    from ..model.checkpoint import CheckpointError  # lazy: see vseinf.search
 
     try:
         return load_model(path, device=device)

@@ -17,17 +17,17 @@ import torch
 import torch.distributed as dist
 import torch.utils.deterministic as deterministic
 
-from ..checkpoint import (
+from ..config import RunConfig, config_from_dict
+from ..data.splits import resolve_data_path
+from ..distributed import World
+from ..model import save_model
+from ..model.checkpoint import (
     load_checkpoint,
     load_trainer_state,
     optimizer_from_flat,
     optimizer_to_flat,
     upgrade_state_dict,
 )
-from ..config import RunConfig, config_from_dict
-from ..data.splits import resolve_data_path
-from ..distributed import World
-from ..model import save_model
 
 if TYPE_CHECKING:  # a type only: the loop imports this module
     from .loop import TrainingRun

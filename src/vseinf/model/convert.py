@@ -289,7 +289,7 @@ def _resnet_layout(state: dict, where: str) -> tuple[int, int, int]:
 
 
 def _grid_backbone_name(depth: int, groups: int, width_per_group: int, source: str, where: str) -> str:
-    from .encoders.cnn import BACKBONE_NAMES
+    from ..encoders.cnn import BACKBONE_NAMES
 
     if groups > 1:
         if (depth, groups, width_per_group) != (101, 32, 8):
@@ -373,8 +373,8 @@ _IGNORED_BERT_BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_
 
 
 def _convert_bert(sd: dict, where: str) -> tuple[dict, dict, list, list]:
-    from .encoders.text import BERT_BASE_CONFIG
-    from .model import BERT_BASE_FROM_CHECKPOINT
+    from ..encoders.text import BERT_BASE_CONFIG
+    from .vse import BERT_BASE_FROM_CHECKPOINT
 
     state, dropped = {}, []
     for key, value in sd.items():
@@ -527,15 +527,15 @@ def convert_checkpoint(path: str | Path, out: str | Path, *, trust_pickle: bool 
     _check_may_open(path, trust_pickle)
     import torch
 
-    from .config import ModelConfig, RunConfig, TrainConfig
-    from .model import build_model, load_model, save_model
+    from ..config import ModelConfig, RunConfig, TrainConfig
+    from .vse import build_model, load_model, save_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     vocabulary = None
     if vocab is not None:
-        from .encoders.text import Vocabulary
+        from ..encoders.text import Vocabulary
 
         vocabulary = Vocabulary.load(vocab)
     ckpt = read_authors_checkpoint(path, trust_pickle=trust_pickle)

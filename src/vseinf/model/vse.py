@@ -26,11 +26,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..config import ModelConfig, RunConfig, config_from_dict
+from ..losses import DEFAULT_LOGIT_SCALE
 from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
-from .config import ModelConfig, RunConfig, config_from_dict
-from .losses import DEFAULT_LOGIT_SCALE
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "flickr8k_mobilenet_minilm"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "flickr8k_mobilenet_minilm"
 VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
 # model.text_model value meaning "BERT-base built from its config; its weights are in the checkpoint"
 # (the authors' released models, imported by ``vseinf convert``: there is no BERT-base folder here).
@@ -51,7 +51,7 @@ class VSEModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None, pretrained: bool = True,
                  logit_scale: float | None = None):
         super().__init__()
-        from .encoders.image import GridImageEncoder, RegionEncoder
+        from ..encoders.image import GridImageEncoder, RegionEncoder
 
         self.config = config
         kind = config.image_encoder
@@ -69,7 +69,7 @@ class VSEModel(nn.Module):
 
         self.vocab = None
         if config.text_encoder == "transformer":
-            from .encoders.text import TransformerTextEncoder
+            from ..encoders.text import TransformerTextEncoder
 
             if pretrained and config.text_model != BERT_BASE_FROM_CHECKPOINT:
                 self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling,
@@ -78,7 +78,7 @@ class VSEModel(nn.Module):
                 self.text = TransformerTextEncoder.build_from_config(
                     _transformer_config(config.text_model), config.embed_dim, config.text_pooling)
         elif config.text_encoder == "bigru":
-            from .encoders.text import BiGRUTextEncoder, Vocabulary
+            from ..encoders.text import BiGRUTextEncoder, Vocabulary
 
             if vocab is None:
                 raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
@@ -172,7 +172,7 @@ class VSEModel(nn.Module):
             augment: for training, the random stream of the authors' caption augmentation (tokens
                 masked, replaced or deleted; see :func:`vseinf.encoders.text.augment_tokens`).
         """
-        from .encoders.text import augment_tokens, pad_token_ids
+        from ..encoders.text import augment_tokens, pad_token_ids
 
         if augment is None:
             if self.config.text_encoder == "transformer":
@@ -197,7 +197,7 @@ class VSEModel(nn.Module):
     # -- inference API ---------------------------------------------------------------------------
 
     def image_transform(self, train: bool = False):
-        from .data.images import ImageTransform
+        from ..data.images import ImageTransform
 
         if self.config.image_encoder != "grid":
             raise ValueError("this model reads precomputed features, not images")
@@ -213,7 +213,7 @@ class VSEModel(nn.Module):
         """
         from PIL import Image
 
-        from .data.images import load_rgb
+        from ..data.images import load_rgb
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -239,7 +239,7 @@ class VSEModel(nn.Module):
     @torch.no_grad()
     def encode_image_features(self, features: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
         """Embed precomputed sets (a list of N_i × C arrays: regions, grid vectors or video frames)."""
-        from .encoders.text import pad_token_features
+        from ..encoders.text import pad_token_features
 
         was_training = self.training
         self.eval()
@@ -317,7 +317,7 @@ class TextOnlyVSEModel(VSEModel):
         if config.text_encoder == "transformer":
             self.text = _lite_text_encoder(config)
         elif config.text_encoder == "bigru":
-            from .encoders.text import BiGRUTextEncoder, Vocabulary
+            from ..encoders.text import BiGRUTextEncoder, Vocabulary
 
             if vocab is None:
                 raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
@@ -340,11 +340,11 @@ class TextOnlyVSEModel(VSEModel):
 def _lite_text_encoder(config: ModelConfig):
     """The transformer text tower on :mod:`vseinf.encoders.bert_lite` where the transformer is a
     BERT it can read; otherwise (another architecture, weights only as a .bin) on transformers."""
-    from .encoders.bert_lite import lite_transformer_folder, load_lite_transformer
-    from .encoders.text import TransformerTextEncoder, default_transformer_path
+    from ..encoders.bert_lite import lite_transformer_folder, load_lite_transformer
+    from ..encoders.text import TransformerTextEncoder, default_transformer_path
 
     if config.text_model == BERT_BASE_FROM_CHECKPOINT:  # weights come from the checkpoint
-        from .encoders.text import BERT_BASE_CONFIG
+        from ..encoders.text import BERT_BASE_CONFIG
 
         bert, tokenizer = load_lite_transformer(config=BERT_BASE_CONFIG, tokenizer_path=default_transformer_path())
     else:
@@ -363,7 +363,7 @@ def _transformer_config(text_model: str) -> dict | None:
     if text_model and (Path(text_model) / "config.json").is_file():
         return json.loads((Path(text_model) / "config.json").read_text())
     if not text_model:
-        from .encoders.text import default_transformer_path
+        from ..encoders.text import default_transformer_path
 
         return json.loads((default_transformer_path() / "config.json").read_text())
     return None  # BERT-base
@@ -431,6 +431,3 @@ def _string_list(value, path: Path, key: str) -> list[str] | None:
         raise CheckpointError(f"{path / 'config.json'}: {key}: expected a list of strings")
     return value
 
-
-def model_config_dict(model: VSEModel) -> dict:
-    return dataclasses.asdict(model.config)

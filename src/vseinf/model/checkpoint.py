@@ -4,7 +4,7 @@ Writes are atomic: a checkpoint is assembled in a temporary sibling directory an
 renames, so a run killed mid-write leaves the previous checkpoint intact. Training state (optimizer
 moments, step counters, RNG) is stored the same way — tensors in safetensors, the rest in JSON — so
 resuming never unpickles anything. Importing the authors' released checkpoints (pickles) lives in
-:mod:`vseinf.convert` and is only done when the user says they trust the file.
+:mod:`vseinf.model.convert` and is only done when the user says they trust the file.
 """
 
 from __future__ import annotations
