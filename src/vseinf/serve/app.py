@@ -415,6 +415,127 @@ class BodyLimitMiddleware:
 # The app
 
 
+
+def present_results(gallery: Gallery, results: list[dict]) -> list[dict]:
+    """Search results as the API returns them: names that are not UTF-8 as printable text (JSON and
+    URLs need it; /api/thumb takes them back), a video's thumbnail and an original's file as URLs."""
+    results = [{**r, "path": printable(r["path"]), **({"id": printable(r["id"])} if "id" in r else {})}
+               for r in results]
+    if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
+        results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
+                    if r.get("thumb") else None} for r in results]
+    if gallery.kind == "images" or gallery.video_source == "files":  # where to open the original
+        results = [{**r, "file": "/api/file?path=" + urllib.parse.quote(r["path"], safe="")} for r in results]
+    return results
+
+
+def accepts_image_queries(gallery: Gallery, model) -> bool:
+    """Whether an uploaded image can be embedded in this gallery's space."""
+    if model.config.image_encoder == "grid":
+        return True
+    return gallery.kind == "videos" and bool((gallery.meta.get("video") or {}).get("embedder"))
+
+
+def gallery_info(gallery: Gallery, model, max_k: int, max_query_chars: int, max_upload_bytes: int) -> dict:
+    """What /api/info tells the page about the index and the server's limits."""
+    m = gallery.meta["model"]
+    return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
+            "engine_settings": gallery.engine.describe(),
+            "video_source": gallery.video_source, "image_queries": accepts_image_queries(gallery, model),
+            # the checkpoint's folder name only: the page needs no paths of the serving machine
+            "model": {"checkpoint": Path(m["checkpoint"]).name if m.get("checkpoint") else None,
+                      "bundled": m.get("bundled", False), "config_hash": m.get("config_hash")},
+            "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
+            "max_query_chars": max_query_chars, "max_upload_bytes": max_upload_bytes}
+
+
+def thumbnail_bytes(gallery: Gallery, path: str | None, thumbs: ThumbnailMaker) -> bytes:
+    """The JPEG thumbnail of a gallery item named by its result ``path`` (BadRequest if none)."""
+    if gallery.kind == "captions":
+        raise BadRequest("this gallery holds captions, not images", 404)
+    if not path:
+        raise BadRequest("give the image as ?path=… (a path from the search results)")
+    if gallery.kind == "videos":
+        if gallery.video_source == "features":
+            raise BadRequest("this gallery's clips were indexed from frame-feature files: they have no "
+                             "thumbnails", 404)
+        full = gallery.thumb_file(path)
+        if full is None:
+            raise BadRequest(f"{path[:200]!r} is not a clip of this gallery", 404)
+        try:
+            return full.read_bytes()
+        except OSError as exc:  # strerror: the message without the file's full path
+            raise BadRequest(f"{path}: cannot read the thumbnail any more ({exc.strerror})", 410) from None
+    full = gallery.file_path(path)
+    if full is None:
+        raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)
+    try:
+        # The thumbnail `vseinf encode` stored for the file as it is now (its name hashes the
+        # path, size and mtime); else (an older index, a photo changed since) one made here.
+        st = full.stat()
+        stored = gallery.path / image_thumb_name(path, st.st_size, st.st_mtime_ns)
+        return stored.read_bytes() if stored.is_file() else thumbs.get(full)
+    except ThumbnailError as exc:
+        raise BadRequest(f"{path}: {exc}", 415) from None
+    except OSError as exc:
+        raise BadRequest(f"{path}: cannot read the image any more ({exc.strerror})", 410) from None
+
+
+
+async def read_uploaded_image(file, max_upload_bytes: int, too_large: str):
+    """The PIL image of an uploaded query photo (BadRequest: missing, too large or unreadable)."""
+    if file is None:
+        raise BadRequest("send an image in the multipart form field 'file'")
+    data = await file.read(max_upload_bytes + 1)
+    if len(data) > max_upload_bytes:
+        raise BadRequest(too_large, 413)
+    name = file.filename or "upload"
+    try:
+        return await asyncio.to_thread(load_query_image, data)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: {exc}", 415 if "not a readable image" in str(exc) else 400) from None
+
+
+def add_page_routes(app) -> None:
+    """The web page, the GPO plot page and the favicon (static files)."""
+    from fastapi.responses import FileResponse
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/gpo", include_in_schema=False)
+    def gpo_page():
+        return FileResponse(STATIC_DIR / "gpo.html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
+def add_gpo_routes(app, model) -> None:
+    """/api/gpo (the model's learned pooling coefficients as JSON) and /api/gpo.svg (their plot),
+    computed on the first request."""
+    from fastapi.responses import Response
+
+    coefficients: dict = {}
+
+    def get_coefficients() -> dict:
+        if not coefficients:
+            coefficients.update(gpo_coefficients(model))
+        return coefficients
+
+    @app.get("/api/gpo")
+    def gpo_json():
+        return get_coefficients()
+
+    @app.get("/api/gpo.svg")
+    def gpo_plot(modality: str = "image"):
+        if modality not in ("image", "text"):
+            raise BadRequest(f"modality must be 'image' or 'text', got {modality[:40]!r}")
+        return Response(gpo_svg(get_coefficients(), modality), media_type="image/svg+xml")
+
+
 def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None = None, model=None,
                model_path: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_query_chars: int = MAX_QUERY_CHARS, max_k: int = MAX_K, device: str = "cpu",
@@ -479,33 +600,13 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.get("/", include_in_schema=False)
-    def page():
-        return FileResponse(STATIC_DIR / "index.html")
-
-    @app.get("/gpo", include_in_schema=False)
-    def gpo_page():
-        return FileResponse(STATIC_DIR / "gpo.html")
-
-    def image_queries() -> bool:
-        """Whether an uploaded image can be embedded in this gallery's space."""
-        gallery = worker.gallery
-        if model.config.image_encoder == "grid":
-            return True
-        return gallery.kind == "videos" and bool((gallery.meta.get("video") or {}).get("embedder"))
+    add_page_routes(app)
+    add_gpo_routes(app, model)
 
     @app.get("/api/info")
     def info():
-        gallery = worker.gallery  # the index now served (reloaded when `vseinf encode` replaces it)
-        m = gallery.meta["model"]
-        return {"kind": gallery.kind, "size": len(gallery), "engine": gallery.engine.name,
-                "engine_settings": gallery.engine.describe(),
-                "video_source": gallery.video_source, "image_queries": image_queries(),
-                # the checkpoint's folder name only: the page needs no paths of the serving machine
-                "model": {"checkpoint": Path(m["checkpoint"]).name if m.get("checkpoint") else None,
-                          "bundled": m.get("bundled", False), "config_hash": m.get("config_hash")},
-                "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
-                "max_query_chars": max_query_chars, "max_upload_bytes": max_upload_bytes}
+        # the index now served (reloaded when `vseinf encode` replaces it)
+        return gallery_info(worker.gallery, model, max_k, max_query_chars, max_upload_bytes)
 
     async def answer(future) -> dict:
         try:
@@ -514,16 +615,7 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
             raise BadRequest(f"the index cannot be searched now: {exc}", 503) from None
         except ValueError as exc:  # e.g. an image the model cannot take
             raise BadRequest(str(exc)) from None
-        gallery = worker.gallery
-        # names that are not UTF-8 as printable text (JSON and URLs need it); /api/thumb takes them back
-        results = [{**r, "path": printable(r["path"]), **({"id": printable(r["id"])} if "id" in r else {})}
-                   for r in results]
-        if gallery.kind == "videos":  # the thumbnail as a URL the page can load, not a file name
-            results = [{**r, "thumb": "/api/thumb?path=" + urllib.parse.quote(r["path"], safe="")
-                        if r.get("thumb") else None} for r in results]
-        if gallery.kind == "images" or gallery.video_source == "files":  # where to open the original
-            results = [{**r, "file": "/api/file?path=" + urllib.parse.quote(r["path"], safe="")} for r in results]
-        return {"results": results}
+        return {"results": present_results(worker.gallery, results)}
 
     @app.get("/api/search")
     async def search_text(q: str | None = None, k: str | None = None):
@@ -534,50 +626,12 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
     async def search_image(file: UploadFile | None = File(None), k: str | None = Form(None),
                            k_query: str | None = Query(None, alias="k")):
         n = parse_k(k if k is not None else k_query, max_k)
-        if file is None:
-            raise BadRequest("send an image in the multipart form field 'file'")
-        data = await file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise BadRequest(too_large, 413)
-        name = file.filename or "upload"
-        try:
-            image = await asyncio.to_thread(load_query_image, data)
-        except ValueError as exc:
-            raise BadRequest(f"{name}: {exc}", 415 if "not a readable image" in str(exc) else 400) from None
+        image = await read_uploaded_image(file, max_upload_bytes, too_large)
         return await answer(worker.submit_image(image, n))
 
     @app.get("/api/thumb")
     def thumb(path: str | None = None):
-        gallery = worker.gallery
-        if gallery.kind == "captions":
-            raise BadRequest("this gallery holds captions, not images", 404)
-        if not path:
-            raise BadRequest("give the image as ?path=… (a path from the search results)")
-        if gallery.kind == "videos":
-            if gallery.video_source == "features":
-                raise BadRequest("this gallery's clips were indexed from frame-feature files: they have no "
-                                 "thumbnails", 404)
-            full = gallery.thumb_file(path)
-            if full is None:
-                raise BadRequest(f"{path[:200]!r} is not a clip of this gallery", 404)
-            try:
-                data = full.read_bytes()
-            except OSError as exc:  # strerror: the message without the file's full path
-                raise BadRequest(f"{path}: cannot read the thumbnail any more ({exc.strerror})", 410) from None
-            return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-        full = gallery.file_path(path)
-        if full is None:
-            raise BadRequest(f"{path[:200]!r} is not an image of this gallery", 404)
-        try:
-            # The thumbnail `vseinf encode` stored for the file as it is now (its name hashes the
-            # path, size and mtime); else (an older index, a photo changed since) one made here.
-            st = full.stat()
-            stored = gallery.path / image_thumb_name(path, st.st_size, st.st_mtime_ns)
-            data = stored.read_bytes() if stored.is_file() else thumbs.get(full)
-        except ThumbnailError as exc:
-            raise BadRequest(f"{path}: {exc}", 415) from None
-        except OSError as exc:
-            raise BadRequest(f"{path}: cannot read the image any more ({exc.strerror})", 410) from None
+        data = thumbnail_bytes(worker.gallery, path, thumbs)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/file")
@@ -589,27 +643,6 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
             raise BadRequest(f"{path[:200]!r} is not a file of this gallery", 404)
         # Only indexed images and video files get here; nosniff keeps browsers to the declared type.
         return FileResponse(full, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
-
-    @app.get("/favicon.ico", include_in_schema=False)
-    def favicon():
-        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
-
-    coefficients: dict = {}
-
-    def get_coefficients() -> dict:
-        if not coefficients:
-            coefficients.update(gpo_coefficients(model))
-        return coefficients
-
-    @app.get("/api/gpo")
-    def gpo_json():
-        return get_coefficients()
-
-    @app.get("/api/gpo.svg")
-    def gpo_plot(modality: str = "image"):
-        if modality not in ("image", "text"):
-            raise BadRequest(f"modality must be 'image' or 'text', got {modality[:40]!r}")
-        return Response(gpo_svg(get_coefficients(), modality), media_type="image/svg+xml")
 
     return app
 
