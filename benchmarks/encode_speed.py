@@ -47,12 +47,12 @@ import numpy as np
 import torch
 from _report import emit  # benchmarks/ is on sys.path when run as a script
 
-from vseinf.data.images import load_rgb
+from vseinf.data.images import DecodedImageBatches, load_rgb
 from vseinf.encoders.cnn import fuse_conv_bn
 from vseinf.encoders.image import GridHead
 from vseinf.model import load_model
 from vseinf.precision import bf16_is_fast
-from vseinf.search.build import _DecodedBatches, encode_image_files
+from vseinf.search.build import encode_image_files
 
 
 def log(*args):
@@ -100,7 +100,7 @@ def run_batches(tower, pixels: torch.Tensor, batch: int, context=torch.inference
 
 def encode_decode_inline(model, paths, batch_size: int) -> np.ndarray:
     """The fast tower with each batch decoded on the model's thread, between batches."""
-    batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
+    batches = DecodedImageBatches(paths, model.image_transform(train=False), batch_size)
     tower = model.image.for_inference()
     out = []
     for k in range(len(batches)):

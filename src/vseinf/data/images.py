@@ -19,6 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,77 @@ def image_batch_loader(batches: Dataset, num_workers: int = 0, pin_memory: bool 
     return DataLoader(batches, batch_size=None, shuffle=False, num_workers=max(0, int(num_workers)),
                       pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(0))
+
+
+class DecodedImageBatches(Dataset):
+    """Item k = batch k of ``images`` (paths or PIL images) decoded and transformed: ``(pixels |
+    None, kept positions, skipped as (position, reason))``. Each image is resized by ``transform``
+    right after decoding, so a batch of large photos costs S×S pixels each, not their full size.
+
+    Args:
+        images: file paths or PIL images.
+        transform: e.g. an eval :class:`ImageTransform`.
+        batch_size: images per item.
+        skip_unreadable: report a file that is not a readable image in ``skipped`` (else raise
+            :class:`BadImageError` naming it).
+    """
+
+    def __init__(self, images: Sequence, transform, batch_size: int, skip_unreadable: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.images, self.transform, self.batch_size = list(images), transform, batch_size
+        self.skip_unreadable = skip_unreadable
+
+    def __len__(self) -> int:
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, k: int):
+        pixels, kept, skipped = [], [], []
+        for i in range(k * self.batch_size, min((k + 1) * self.batch_size, len(self.images))):
+            item = self.images[i]
+            try:
+                image = item.convert("RGB") if isinstance(item, Image.Image) else load_rgb(item)
+                pixels.append(self.transform(image))
+                kept.append(i)
+            except BadImageError as exc:
+                if not self.skip_unreadable:
+                    raise
+                skipped.append((i, exc.reason))
+        return (torch.stack(pixels) if pixels else None), kept, skipped
+
+
+class ReadAhead:
+    """The items of a batch dataset in order, each next one decoded by a thread while the caller
+    embeds the current one.
+
+    Besides the overlap, this keeps the per-image tensor work (a few small ops) off the thread that
+    runs the model: there torch splits each op between its intra-op threads, and on a busy 2-core
+    machine every split waits on a descheduled partner — decoding 64 photos cost 2.6 CPU-s that way
+    against 0.1 s on a thread of its own (benchmarks/encode_speed.py measures the whole effect).
+    """
+
+    def __init__(self, batches: Dataset):
+        self.batches = batches
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vseinf-decode")
+
+    def __iter__(self):
+        n = len(self.batches)
+        pending = self.pool.submit(self.batches.__getitem__, 0) if n else None
+        for k in range(n):
+            item = pending.result()  # an exception raised while decoding surfaces here
+            if k + 1 < n:
+                pending = self.pool.submit(self.batches.__getitem__, k + 1)
+            yield item
+
+    def close(self) -> None:
+        """Stop reading ahead (waits for a batch being decoded, never starts another)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_decode_workers(n_images: int, batch_size: int, device) -> int:
+    """Decoding processes for embedding images: on a GPU, where decoding is the bottleneck, up to 4
+    (leaving a core to feed the GPU); none on a CPU, where the model costs ~15× the decoding and
+    workers only compete for its cores (benchmarks/live_images.py), nor for a few batches."""
+    if n_images <= 4 * batch_size or torch.device(device).type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))

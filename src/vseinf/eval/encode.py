@@ -13,6 +13,7 @@ Training imports this module (validation each epoch); it imports nothing from tr
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data.images import ImageBatches, ImageDataset, image_batch_loader
+from ..data.images import BadImageError, ImageDataset
 from ..data.splits import CaptionSplit, open_split, resolve_data_path
 from ..features import image_sets, text_sets, uses_image_cache, uses_text_cache
 from ..model import VSEModel, load_model
@@ -30,6 +31,8 @@ from .metrics import (
     retrieval_metrics_from_embeddings,
     round_metrics,
 )
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Embedding a split
@@ -79,16 +82,13 @@ def encode_split(model: VSEModel, split: CaptionSplit, image_source=None, text_s
         if broken is not None:
             usable &= ~broken
     else:
-        dataset = ImageDataset(split, model.image_transform(train=False))
-        loader = image_batch_loader(ImageBatches(dataset, batches), num_workers,
-                                    pin_memory=torch.device(device).type == "cuda")
-        for idx, (pixels, keep) in zip(batches, loader):
-            usable[idx.start:idx.stop] = False  # unreadable images were dropped from the batch
-            kept = torch.tensor([idx[k] for k in keep], dtype=torch.long)
-            usable[kept.numpy()] = True
-            if pixels is not None:
-                emb, _ = model.image(pixels.to(device, non_blocking=True))
-                img[kept.to(device)] = emb.float()
+        paths = ImageDataset(split, model.image_transform(train=False)).paths  # fails if no image exists
+        encoded = model.encode_images(paths, batch_size, skip_unreadable=True, workers=num_workers)
+        for i, reason in encoded.skipped:
+            log.warning("skipping unreadable image %s", BadImageError(paths[i], reason))
+        usable[:] = False
+        usable[encoded.kept] = True
+        img[torch.as_tensor(encoded.kept, dtype=torch.long, device=device)] = encoded.embeddings.float().to(device)
     txt = []
     for start in range(0, split.n_captions, batch_size):
         idx = list(range(start, min(start + batch_size, split.n_captions)))

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..config import ModelConfig, RunConfig, config_from_dict
 from ..losses import DEFAULT_LOGIT_SCALE
@@ -35,6 +37,14 @@ VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
 # model.text_model value meaning "BERT-base built from its config; its weights are in the checkpoint"
 # (the authors' released models, imported by ``vseinf convert``: there is no BERT-base folder here).
 BERT_BASE_FROM_CHECKPOINT = "bert-base-uncased-config"
+
+
+class ImageEncoding(NamedTuple):
+    """What :meth:`VSEModel.encode_images` returns with ``skip_unreadable=True``."""
+
+    embeddings: torch.Tensor  # m × d, one row per readable image, in input order
+    kept: list[int]  # the input positions of those rows
+    skipped: list[tuple[int, str]]  # (input position, why it was skipped)
 
 
 class VSEModel(nn.Module):
@@ -204,37 +214,69 @@ class VSEModel(nn.Module):
         backbone = self.image.backbone
         return ImageTransform(self.config.image_size, train=train, mean=backbone.mean, std=backbone.std)
 
-    @torch.no_grad()
-    def encode_images(self, images, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    def encode_images(self, images, batch_size: int = 32, *, skip_unreadable: bool = False,
+                      workers: int | None = None, progress: bool = False, on_batch=None,
+                      reference: bool = False):
         """Embed images given as paths or PIL images → (n × d) unit vectors on the model's device.
 
-        Raises :class:`vseinf.data.BadImageError` naming a file that is not a readable image (use
-        :func:`vseinf.search.build.encode_image_files` to skip such files instead).
+        The one loop that runs images through the model (``vseinf encode``, the demo, video queries
+        and the Python API all call it). Images go through the tower's inference copy
+        (:meth:`~vseinf.encoders.image.GridImageEncoder.for_inference`: BatchNorm folded into the
+        convolutions, channels-last; equal to the tower up to float rounding) while a thread
+        decodes the next batch.
+
+        Args:
+            images: a path, a PIL image, or a sequence of them.
+            batch_size: images per forward pass.
+            skip_unreadable: skip files that are not readable images and return
+                ``ImageEncoding(embeddings, kept, skipped)`` (kept: positions embedded, skipped:
+                ``(position, reason)``); else such a file raises :class:`vseinf.data.BadImageError`.
+            workers: processes decoding ahead (None: none on a CPU, up to 4 on a GPU).
+            progress: show a progress bar (images).
+            on_batch: called as ``on_batch(embeddings, kept positions)`` after every batch (e.g.
+                to save progress).
+            reference: the plain path the fast one is held to (the model's own tower, images
+                decoded between batches on this thread).
         """
+        # lazy: a text-only model (a search's query tower) never loads PIL or the image pipeline
         from PIL import Image
 
-        from ..data.images import load_rgb
+        from ..data.images import DecodedImageBatches, ReadAhead, default_decode_workers, image_batch_loader
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
-        transform = self.image_transform(train=False)
+        images = list(images)
+        batches = DecodedImageBatches(images, self.image_transform(train=False), batch_size, skip_unreadable)
+        fast = not reference and hasattr(self.image, "for_inference")
+        tower = self.image.for_inference() if fast else self.image
+        workers = default_decode_workers(len(images), batch_size, self.device) if workers is None else max(0, workers)
+        loader = ReadAhead(batches) if workers == 0 and fast else image_batch_loader(
+            batches, workers, pin_memory=self.device.type == "cuda")
+        out, kept, skipped = [], [], []
+        bar = tqdm(total=len(images), desc="images", unit="img", file=sys.stderr) if progress else None
         was_training = self.training
         self.eval()
-        out = []
         try:
-            batches = range(0, len(images), batch_size)
-            if progress:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc="images", unit="batch")
-            for start in batches:
-                chunk = images[start:start + batch_size]
-                pixels = [transform(im.convert("RGB") if isinstance(im, Image.Image) else load_rgb(im))
-                          for im in chunk]
-                out.append(self.embed_images(torch.stack(pixels).to(self.device)))
+            for pixels, batch_kept, batch_skipped in loader:
+                skipped.extend(batch_skipped)
+                if pixels is not None:
+                    with torch.inference_mode() if fast else torch.no_grad():
+                        out.append(tower(pixels.to(self.device, non_blocking=True))[0])
+                    kept.extend(batch_kept)
+                    if on_batch is not None:
+                        on_batch(out[-1], list(batch_kept))
+                if bar is not None:
+                    bar.update(len(batch_kept) + len(batch_skipped))
         finally:
+            if isinstance(loader, ReadAhead):
+                loader.close()
             self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+            if bar is not None:
+                bar.close()
+        embeddings = torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
+        if embeddings.is_inference():  # a normal tensor for the caller (inference tensors refuse autograd use)
+            embeddings = embeddings.clone()
+        return ImageEncoding(embeddings, kept, skipped) if skip_unreadable else embeddings
 
     @torch.no_grad()
     def encode_image_features(self, features: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:

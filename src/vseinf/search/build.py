@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -64,123 +63,19 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
-class _DecodedBatches:
-    """Item k = batch k of ``paths`` decoded and resized: (pixels | None, kept indices, skipped as
-    (index, reason)), read ahead by :func:`vseinf.data.images.image_batch_loader`. Unlike
-    :class:`vseinf.data.images.ImageBatches` it keeps each unreadable file's reason for the report."""
-
-    def __init__(self, paths: Sequence[str | os.PathLike], transform, batch_size: int):
-        self.paths, self.transform, self.batch_size = list(paths), transform, batch_size
-
-    def __len__(self) -> int:
-        return (len(self.paths) + self.batch_size - 1) // self.batch_size
-
-    def __getitem__(self, k: int):
-        import torch
-
-        from ..data.images import BadImageError, load_rgb  # lazy: see vseinf.search
-
-        pixels, kept, skipped = [], [], []
-        for i in range(k * self.batch_size, min((k + 1) * self.batch_size, len(self.paths))):
-            try:
-                pixels.append(self.transform(load_rgb(self.paths[i])))
-                kept.append(i)
-            except BadImageError as exc:
-                skipped.append((i, exc.reason))
-        return (torch.stack(pixels) if pixels else None), kept, skipped
-
-
-def default_workers(n_images: int, batch_size: int, device) -> int:
-    """Decoding processes for ``encode``: on a GPU, where decoding is the bottleneck, up to 4
-    (leaving a core to feed the GPU); none on a CPU, where the model costs ~15× the decoding and
-    workers only compete for its cores (benchmarks/live_images.py), nor for a few batches."""
-    import torch  # lazy: see vseinf.search
-
-    if n_images <= 4 * batch_size or torch.device(device).type == "cpu":
-        return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-class _ReadAhead:
-    """The batches of a :class:`_DecodedBatches` in order, each next one decoded by a thread while
-    the caller embeds the current one.
-
-    Besides the overlap, this keeps the per-image tensor work (a few small ops) off the thread that
-    runs the model: there torch splits each op between its intra-op threads, and on a busy 2-core
-    machine every split waits on a descheduled partner — decoding 64 photos cost 2.6 CPU-s that way
-    against 0.1 s on a thread of its own (benchmarks/encode_speed.py measures the whole effect).
-    """
-
-    def __init__(self, batches: "_DecodedBatches"):
-        self.batches = batches
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vseinf-decode")
-
-    def __iter__(self):
-        n = len(self.batches)
-        pending = self.pool.submit(self.batches.__getitem__, 0) if n else None
-        for k in range(n):
-            item = pending.result()  # an exception raised while decoding surfaces here
-            if k + 1 < n:
-                pending = self.pool.submit(self.batches.__getitem__, k + 1)
-            yield item
-
-    def close(self) -> None:
-        """Stop reading ahead (waits for a batch being decoded, never starts another)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def encode_image_files(model, paths: Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = False,
                        workers: int | None = None, on_batch=None,
                        reference: bool = False) -> tuple[np.ndarray, list[int], list[Skipped]]:
-    """Embed image files, skipping unreadable ones → (m × d float32, indices of encoded paths, skipped).
+    """Embed image files, skipping unreadable ones → (m × d float32, indices of encoded paths, skipped):
+    :meth:`~vseinf.model.VSEModel.encode_images` with ``skip_unreadable=True``, as numpy.
+    ``on_batch(embeddings m' × d float32, kept indices)`` is called after every batch."""
+    def batch_done(embeddings, kept):
+        on_batch(embeddings.float().cpu().numpy(), kept)
 
-    Each image is resized by the model's transform right after decoding, so a batch of large photos
-    costs S×S pixels each, not their full size. The images go through the tower's inference copy
-    (:meth:`~vseinf.encoders.image.GridImageEncoder.for_inference`: BatchNorm folded, channels-last),
-    which gives ``model.encode_images``' vectors up to float rounding, while a thread decodes the
-    next batch (:class:`_ReadAhead`). ``workers`` processes decode ahead instead (None: see
-    :func:`default_workers`). ``reference=True`` is the plain path the fast one is held to: the
-    model's own tower, images decoded here between batches. ``on_batch(embeddings, kept
-    indices)`` is called after every batch (e.g. to save progress).
-    """
-    import torch
-
-    from ..data.images import image_batch_loader  # lazy: see vseinf.search
-
-    batches = _DecodedBatches(paths, model.image_transform(train=False), batch_size)
-    fast = not reference and hasattr(model.image, "for_inference")
-    tower = model.image.for_inference() if fast else model.image
-    workers = default_workers(len(paths), batch_size, model.device) if workers is None else max(0, int(workers))
-    if workers == 0 and fast:
-        loader = _ReadAhead(batches)
-    else:
-        loader = image_batch_loader(batches, workers, pin_memory=model.device.type == "cuda")
-    out: list[np.ndarray] = []
-    kept: list[int] = []
-    skipped: list[Skipped] = []
-    bar = _progress(len(paths), "images", progress)
-    was_training = model.training
-    model.eval()
-    try:
-        for pixels, batch_kept, batch_skipped in loader:
-            skipped.extend(Skipped(str(paths[i]), reason) for i, reason in batch_skipped)
-            if pixels is not None:
-                with torch.inference_mode() if fast else torch.no_grad():
-                    emb, _ = tower(pixels.to(model.device, non_blocking=True))
-                out.append(emb.float().cpu().numpy())
-                kept.extend(batch_kept)
-                if on_batch is not None:
-                    on_batch(out[-1], list(batch_kept))
-            if bar is not None:
-                bar.update(len(batch_kept) + len(batch_skipped))
-    finally:
-        if isinstance(loader, _ReadAhead):
-            loader.close()
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-    dim = model.config.embed_dim
-    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), kept, skipped
+    encoded = model.encode_images(paths, batch_size, skip_unreadable=True, workers=workers, progress=progress,
+                                  on_batch=batch_done if on_batch is not None else None, reference=reference)
+    skipped = [Skipped(str(paths[i]), reason) for i, reason in encoded.skipped]
+    return encoded.embeddings.float().cpu().numpy(), encoded.kept, skipped
 
 
 def encode_texts_np(model, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
