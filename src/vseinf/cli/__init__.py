@@ -252,7 +252,7 @@ COMMANDS = {
     "encode": _lazy(".encode", "add_encode_parser", "run_encode"),
     "search": _lazy(".search", "add_search_parser", "run_search"),
     "serve": _lazy(".serve", "add_serve_parser", "run_serve"),
-    "demo": _lazy("..demo", "add_demo_parser", "run_demo"),
+    "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
     "convert": (_add_convert, _cmd_convert),
     "synth": (_add_synth, _cmd_synth),
     "study": _lazy("..studies.pooling", "add_study_parser", "run_study"),
