@@ -196,30 +196,6 @@ def _cmd_extract(args, extra):
     return 0
 
 
-def _add_synth(sub):
-    p = sub.add_parser("synth", help="the paper's synthetic check of the coefficient generators (supp. Table 6)",
-                       description="Train four coefficient generators (GPO's sin/cos + BiGRU and three "
-                                   "alternatives) to reproduce five fixed pooling patterns (average, max, top-10, "
-                                   "top half, linear decay) from pooled outputs of random sets of 20–100 "
-                                   "elements, then print the RMSE between learned and true coefficients on seen "
-                                   "and unseen set sizes (supplementary Table 6). About 5 minutes on 2 cores; "
-                                   "--quick in under one.")
-    try:
-        from ..studies.synth import add_arguments
-    except ImportError:  # pragma: no cover
-        return p
-    add_arguments(p)
-    return p
-
-
-def _cmd_synth(args, extra):
-    from ..studies.synth import run
-
-    if extra:
-        raise ValueError(f"synth: unknown arguments {' '.join(extra)}")
-    return run(args)
-
-
 def _add_convert(sub):
     from ..model.convert import add_convert_parser
 
@@ -254,9 +230,9 @@ COMMANDS = {
     "serve": _lazy(".serve", "add_serve_parser", "run_serve"),
     "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
     "convert": (_add_convert, _cmd_convert),
-    "synth": (_add_synth, _cmd_synth),
-    "study": _lazy("..studies.pooling", "add_study_parser", "run_study"),
-    "plot-pooling": _lazy("..studies.plots", "add_plot_pooling_parser", "run_plot_pooling"),
+    "synth": _lazy(".synth", "add_synth_parser", "run_synth_command"),
+    "study": _lazy(".study", "add_study_parser", "run_study"),
+    "plot-pooling": _lazy(".plot_pooling", "add_plot_pooling_parser", "run_plot_pooling"),
 }
 
 # Commands whose unknown --key value arguments are config overrides.
