@@ -196,18 +196,6 @@ def _cmd_extract(args, extra):
     return 0
 
 
-def _add_convert(sub):
-    from ..model.convert import add_convert_parser
-
-    return add_convert_parser(sub)
-
-
-def _cmd_convert(args, extra):
-    from ..model.convert import run_convert
-
-    return run_convert(args, extra)
-
-
 def _lazy(module: str, add: str, run: str):
     """Parser builder and runner that import their module only when that command is used."""
     import importlib
@@ -229,7 +217,7 @@ COMMANDS = {
     "search": _lazy(".search", "add_search_parser", "run_search"),
     "serve": _lazy(".serve", "add_serve_parser", "run_serve"),
     "demo": _lazy(".demo", "add_demo_parser", "run_demo"),
-    "convert": (_add_convert, _cmd_convert),
+    "convert": _lazy(".convert", "add_convert_parser", "run_convert"),
     "synth": _lazy(".synth", "add_synth_parser", "run_synth_command"),
     "study": _lazy(".study", "add_study_parser", "run_study"),
     "plot-pooling": _lazy(".plot_pooling", "add_plot_pooling_parser", "run_plot_pooling"),
