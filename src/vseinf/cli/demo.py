@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..argtypes import positive_int
 from ..demo import EXAMPLES, LIMIT_EXAMPLE, run_demo_session
+from .argtypes import positive_int
 from .encode import load_model_or_explain
 
 

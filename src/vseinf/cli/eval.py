@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..argtypes import nonnegative_int
+from .argtypes import nonnegative_int
 
 
 def add_eval_parser(sub):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import threading
 
-from ..argtypes import positive_float, positive_int
 from ..config import load_config, parse_overrides
 from ..data.splits import open_split
 from ..features import image_sets, text_sets
@@ -14,6 +13,7 @@ from ..model import build_model
 from ..train import uses_image_cache, uses_text_cache
 from ..video.decode import FrameSampler
 from ..video.extract import FrameExtractor, extract_video_features
+from .argtypes import positive_float, positive_int
 
 
 def add_extract_parser(sub):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..argtypes import positive_int
 from ..studies.pooling import parse_aggregators, parse_grid, plan_cells, run_pooling_study, study_config
+from .argtypes import positive_int
 
 
 def add_study_parser(sub):

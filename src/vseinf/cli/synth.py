@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..argtypes import nonnegative_int, positive_int
 from ..studies.synth import GENERATORS, PATTERNS, format_table, run_synth
+from .argtypes import nonnegative_int, positive_int
 
 
 def add_synth_parser(sub):
