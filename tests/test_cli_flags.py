@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vseinf import argtypes
-from vseinf.cli import main
+from vseinf.cli import argtypes, main
 
 # (command line, flag, bad value, what the message says is expected)
 CASES = [

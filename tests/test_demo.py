@@ -10,6 +10,7 @@ import torch
 skimage = pytest.importorskip("skimage")
 
 from vseinf import demo  # noqa: E402
+from vseinf.cli import demo as demo_cli  # noqa: E402
 from vseinf.cli.encode import load_model_or_explain  # noqa: E402
 from vseinf.model import BUNDLED_DIR  # noqa: E402
 from vseinf.search.gallery import Gallery  # noqa: E402
@@ -33,8 +34,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 def run_demo(argv):
     parser = argparse.ArgumentParser()
-    demo.add_demo_parser(parser.add_subparsers(dest="command"))
-    return demo.run_demo(parser.parse_args(["demo", *argv]), [])
+    demo_cli.add_demo_parser(parser.add_subparsers(dest="command"))
+    return demo_cli.run_demo(parser.parse_args(["demo", *argv]), [])
 
 
 def test_demo_indexes_the_sample_photos_and_answers_queries(tiny_checkpoint, tmp_path, capsys):

@@ -18,17 +18,11 @@ import torch
 from PIL import Image
 
 import vseinf.studies.pooling
+from vseinf.cli.plot_pooling import add_plot_pooling_parser, run_plot_pooling
+from vseinf.cli.study import add_study_parser, run_study
 from vseinf.pooling import build_pooling, pooling_coefficients
-from vseinf.studies.plots import add_plot_pooling_parser, default_sizes, run_plot_pooling
-from vseinf.studies.pooling import (
-    Cell,
-    add_study_parser,
-    cell_dir,
-    parse_grid,
-    plan_cells,
-    run_study,
-    study_config,
-)
+from vseinf.studies.plots import default_sizes
+from vseinf.studies.pooling import Cell, cell_dir, parse_grid, plan_cells, study_config
 
 SHARED = Path(os.environ.get("VSEINF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "flickr8k"
 

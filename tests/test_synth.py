@@ -11,18 +11,17 @@ import math
 import pytest
 import torch
 
+from vseinf.cli.synth import add_synth_arguments, run_synth_command
 from vseinf.pooling import AvgPool, InterpolatedIndexPool, KMaxPool, MaxPool, build_pooling
 from vseinf.studies.synth import (
     PAPER_SEEN,
     PATTERNS,
     SIZE_RANGES,
     _pattern_table,
-    add_arguments,
     coefficient_rmse,
     format_table,
     pattern_coefficients,
     pooled_by_pattern,
-    run,
     run_synth,
 )
 
@@ -108,9 +107,9 @@ A_MAX, M1_MAX = 0.006, 0.01  # quick GPO gets ≈ .004 and ≈ 0; a fresh GPO �
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "table6.json"
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_synth_arguments(parser)
     args = parser.parse_args(["--quick", "--seed", "0", "--out", str(out), "--no-progress"])
-    assert run(args) == 0
+    assert run_synth_command(args) == 0
     return json.loads(out.read_text())
 
 
@@ -152,11 +151,11 @@ def test_an_untrained_gpo_fails_the_thresholds():
 
 def test_command_line_selects_patterns_and_generators(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_synth_arguments(parser)
     out = tmp_path / "sub" / "r.json"
     args = parser.parse_args(["--steps", "2", "--patterns", "L", "--generators", "sincos_mlp",
                               "--out", str(out), "--no-progress"])
-    assert run(args) == 0
+    assert run_synth_command(args) == 0
     result = json.loads(out.read_text())
     assert list(result["rmse"]) == ["sincos_mlp"] and list(result["rmse"]["sincos_mlp"]["seen"]) == ["L"]
     assert result["config"]["steps"] == 2

@@ -321,17 +321,16 @@ def test_shared_subset_reads_as_documented():
 # Decoding and extraction from video files
 # --------------------------------------------------------------------------------------------
 
+from vseinf.cli.extract import add_extract_video_arguments, run_extract_video  # noqa: E402
 from vseinf.video import (  # noqa: E402
     FrameExtractor,
     FrameSampler,
     VideoDecodeError,
-    add_extract_video_arguments,
     decode_all_frames,
     decode_frames,
     embed_frame_features,
     extract_video_features,
     middle_frame,
-    run_extract_video,
 )
 
 

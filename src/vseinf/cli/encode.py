@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..argtypes import nonnegative_int, positive_int
 from ..search.build import encode_gallery
 from ..search.engines import ENGINES, FAISS_THRESHOLD
 from ..search.sources import detect_gallery_kind
+from .argtypes import nonnegative_int, positive_int
 
 
 def add_encode_parser(sub):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..argtypes import positive_int
 from ..search.build import encode_texts_np
 from ..search.engines import ENGINES, HNSW_EF_SEARCH, IVF_NPROBE, IVF_RERANK, engine_settings, tune_engine
 from ..search.files import json_text
 from ..search.gallery import Gallery, embed_query_images, embed_query_video, load_query_image
 from ..search.sources import printable
+from .argtypes import positive_int
 
 
 def add_engine_settings(p) -> None:

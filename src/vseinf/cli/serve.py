@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..argtypes import port_number
+from .argtypes import port_number
 from .search import add_engine_settings
 
 

@@ -27,7 +27,7 @@ naming the keys, so a conversion never silently leaves random weights behind.
 
 from __future__ import annotations
 
-import argparse
+import argparse  # the authors' checkpoints pickle their options as an argparse.Namespace
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -40,8 +40,6 @@ __all__ = [
     "ConversionReport",
     "read_authors_checkpoint",
     "convert_checkpoint",
-    "add_convert_parser",
-    "run_convert",
 ]
 
 TRUST_FLAG = "--trust-pickle"
@@ -595,34 +593,3 @@ def convert_checkpoint(path: str | Path, out: str | Path, *, trust_pickle: bool 
         text_encoder=("BERT-base" if bert else "BiGRU"), embed_dim=model_cfg.embed_dim, epoch=ckpt.epoch,
         best_rsum=ckpt.best_rsum, eiters=ckpt.eiters, n_image_tensors=len(img_state),
         n_text_tensors=len(txt_state), dropped=img_dropped + txt_dropped, notes=notes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (registered in vseinf.cli)
-
-
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "convert", help="import a checkpoint released by the VSE∞ authors",
-        description="Convert a checkpoint saved by the authors' VSE∞ code (region + BERT, grid + BERT, "
-                    "region + BiGRU) into a vseinf checkpoint directory for eval, search and serve. "
-                    "Their files are Python pickles, which can run arbitrary code when loaded: convert "
-                    f"only files you trust, and say so with {TRUST_FLAG}.")
-    p.add_argument("checkpoint", help="the authors' checkpoint file (e.g. model_best.pth)")
-    p.add_argument("--out", required=True, help="vseinf checkpoint directory to write")
-    p.add_argument("--vocab", help="vocabulary JSON (word2idx) of a BiGRU model")
-    p.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
-                   help="I trust this file: allow unpickling it (required)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip loading the result back to check it")
-    return p
-
-
-def run_convert(args, extra) -> int:
-    if extra:
-        raise ValueError(f"convert: unknown arguments {' '.join(extra)}")
-    report = convert_checkpoint(args.checkpoint, args.out, trust_pickle=args.trust_pickle, vocab=args.vocab,
-                                overwrite=args.overwrite, verify=args.verify)
-    print(report.summary())
-    return 0

@@ -32,18 +32,14 @@ only GPO and the interpolated baseline on A and M-1, in well under a minute.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..argtypes import nonnegative_int, positive_int
 from ..pooling import build_pooling
 
 __all__ = [
@@ -63,8 +59,6 @@ __all__ = [
     "train_generator",
     "run_synth",
     "format_table",
-    "add_arguments",
-    "run",
 ]
 
 PATTERNS = ("A", "M-1", "M-10", "T-50%", "L")
@@ -305,7 +299,7 @@ def run_synth(quick: bool = False, seed: int = 0, patterns=None, generators=None
 
 
 # ---------------------------------------------------------------------------------------------
-# Reporting and command line
+# Reporting
 
 
 def _fmt(value: float) -> str:
@@ -342,32 +336,3 @@ def format_table(result: dict) -> str:
                  f"{config.get('steps', '?')} Adam steps per run, seed {config.get('seed', '?')}, "
                  f"{result.get('seconds', float('nan')):.0f} s in all.")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``vseinf synth``."""
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: GPO and the interpolated baseline on patterns A and M-1, small budget")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of initialisation and data (default 0)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per run (overrides the budget)")
-    parser.add_argument("--patterns", nargs="+", choices=PATTERNS, default=None, metavar="PATTERN",
-                        help=f"patterns to run (default: all; {', '.join(PATTERNS)})".replace("%", "%%"))
-    parser.add_argument("--generators", nargs="+", choices=GENERATORS, default=None, metavar="GENERATOR",
-                        help=f"coefficient generators to run (default: all; {', '.join(GENERATORS)})")
-    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON to this file")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the synthetic check, print the table, optionally save the JSON; returns an exit code."""
-    result = run_synth(quick=args.quick, seed=args.seed, steps=args.steps,
-                       patterns=getattr(args, "patterns", None), generators=getattr(args, "generators", None),
-                       progress=getattr(args, "progress", True))
-    print(format_table(result))
-    if args.out is not None:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
-    return 0

@@ -29,9 +29,7 @@ from .extract import (
     SETTINGS_FILE,
     ExtractReport,
     FrameExtractor,
-    add_extract_video_arguments,
     extract_video_features,
-    run_extract_video,
 )
 
 __all__ = [
@@ -44,7 +42,6 @@ __all__ = [
     "FrameSampler",
     "VideoDecodeError",
     "VideoEmbedder",
-    "add_extract_video_arguments",
     "decode_all_frames",
     "decode_frames",
     "embed_frame_features",
@@ -52,5 +49,4 @@ __all__ = [
     "extract_video_features",
     "list_videos",
     "middle_frame",
-    "run_extract_video",
 ]

@@ -24,8 +24,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..argtypes import positive_float, positive_int
-from ..config import load_config
 from ..data.images import ImageTransform
 from ..encoders.cnn import build_backbone
 from .decode import FrameSampler, VideoDecodeError, decode_frames, list_videos
@@ -215,57 +213,3 @@ def extract_video_features(videos: str | os.PathLike | Sequence[str | os.PathLik
         if bar:
             bar.close()
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: vseinf extract --videos DIR --out DIR
-# --------------------------------------------------------------------------------------------
-
-
-def add_extract_video_arguments(parser) -> None:
-    """Adds the video-file options to the ``vseinf extract`` parser."""
-    g = parser.add_argument_group("video files (vseinf extract --videos DIR --out DIR)")
-    g.add_argument("--videos", help="a folder of video files: decode, sample frames, store T×D "
-                                    "features as <out>/<video_id>.npy")
-    g.add_argument("--out", help="output folder for the .npy frame features")
-    g.add_argument("--frames", type=positive_int, default=None,
-                   help="uniform frame count per clip (default 32)")
-    g.add_argument("--fps", type=positive_float, default=None, help="sample at this rate instead of a count")
-    g.add_argument("--max-frames", type=positive_int, default=None, help="with --fps: at most this many frames")
-    g.add_argument("--backbone", default=None,
-                   help="image backbone (default: the config's model.backbone, else mobilenet_v2)")
-    g.add_argument("--backbone-weights", default=None, help="'default', a weights file, or 'none'")
-    g.add_argument("--image-size", type=positive_int, default=None, help="frame input size (default 224)")
-    g.add_argument("--frame-batch", type=positive_int, default=32, help="frames per backbone call")
-    if not any("--device" in a.option_strings for a in parser._actions):
-        parser.add_argument("--device", default="cpu", help="where the backbones run (cpu, cuda, cuda:1…)")
-    if not any("--rebuild" in a.option_strings for a in parser._actions):
-        parser.add_argument("--rebuild", action="store_true", help="recompute existing features")
-    if not any("--no-progress" in a.option_strings for a in parser._actions):
-        parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
-
-
-def run_extract_video(args, extra=()) -> int:
-    """``vseinf extract --videos DIR --out DIR``: the video-file branch of the extract command."""
-    if extra:
-        raise ValueError(f"extract --videos: unknown arguments {' '.join(extra)}")
-    if not args.out:
-        raise ValueError("extract --videos needs --out DIR (where the .npy features go)")
-    if args.frames is not None and args.fps is not None:
-        raise ValueError("extract --videos: give --frames or --fps, not both")
-    backbone, weights, size = "mobilenet_v2", "default", 224
-    if getattr(args, "config", None):
-        cfg = load_config(args.config)
-        backbone, weights = cfg.model.backbone, cfg.model.backbone_weights
-    backbone = args.backbone or backbone
-    weights = args.backbone_weights or weights
-    weights = None if weights in ("none", "") else weights
-    sampler = (FrameSampler(num_frames=None, fps=args.fps, max_frames=args.max_frames)
-               if args.fps is not None else FrameSampler(num_frames=args.frames or 32))
-    extractor = FrameExtractor(backbone, weights, args.image_size or size, sampler,
-                               batch_size=args.frame_batch, device=args.device)
-    report = extract_video_features(args.videos, args.out, extractor,
-                                    rebuild=getattr(args, "rebuild", False),
-                                    progress=not getattr(args, "no_progress", False))
-    print(f"{args.out}: {report.summary()}")
-    return 0 if report.written or report.existing else 1
