@@ -294,6 +294,27 @@ def test_encode_gallery_skips_unreadable_files_and_matches_encode_images(photo_d
     assert all(abs(r[0]["score"] - 1) < 1e-4 for r in results)
 
 
+def test_encode_images_takes_paths_and_pil_images_and_skips_or_names_unreadable_ones(photo_dir, model):
+    from PIL import Image
+
+    from vseinf.data.images import BadImageError
+
+    add_broken_files(photo_dir)
+    good = sorted(photo_dir.glob("*.png"))[:2]
+    pil = Image.open(good[0])
+    inputs = [good[0], photo_dir / "random.jpg", pil, good[1], photo_dir / "empty.png"]
+    found = model.encode_images(inputs, batch_size=2, skip_unreadable=True)
+    assert found.kept == [0, 2, 3] and [i for i, _ in found.skipped] == [1, 4]
+    assert all(reason for _, reason in found.skipped) and found.embeddings.shape == (3, model.embed_dim)
+    # the PIL image and its file embed alike; every row is the reference path's, in input order
+    torch.testing.assert_close(found.embeddings[0], found.embeddings[1], atol=1e-5, rtol=0)
+    reference = model.encode_images([good[0], pil, good[1]], reference=True)
+    torch.testing.assert_close(found.embeddings, reference, atol=1e-5, rtol=0)
+    assert not found.embeddings.is_inference() and not found.embeddings.requires_grad
+    with pytest.raises(BadImageError, match="random.jpg"):
+        model.encode_images(inputs)
+
+
 def test_fast_encode_path_equals_the_reference_path(photo_dir, model, monkeypatch):
     """encode_image_files' default (inference tower, a thread decoding ahead) against
     reference=True (the model's own tower, decoding in line): the same files kept and skipped, in
