@@ -317,13 +317,33 @@ def test_every_command_has_a_description_and_every_flag_help():
     from vseinf.cli import build_parser
 
     seen = []
-    for name, parser in _parsers(build_parser()):
+    for name, parser in _parsers(build_parser(full=True)):
         seen.append(name)
         assert parser.description, f"{name} has no description"
         for action in parser._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
     assert {"vseinf eval", "vseinf extract", "vseinf synth", "vseinf study pooling"} <= set(seen)
+
+
+def test_top_level_help_lists_every_command_with_its_parser_summary_without_importing_torch():
+    import argparse
+    import subprocess
+    import sys
+
+    from vseinf.cli import COMMANDS, SUMMARIES, build_parser
+
+    def summaries(parser):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest: a.help for a in sub._choices_actions}
+
+    assert summaries(build_parser()) == summaries(build_parser(full=True)) == SUMMARIES
+    assert list(SUMMARIES) == list(COMMANDS)
+    code = "import sys; from vseinf.cli import main; main(['--help'])"
+    probe = code.replace("main(['--help'])", "main([])") + "; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("False"), proc.stdout + proc.stderr
+    assert all(name in proc.stdout for name in SUMMARIES)
 
 
 def test_train_help_lists_the_config_keys():

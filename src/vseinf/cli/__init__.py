@@ -45,20 +45,39 @@ COMMANDS = {
     "plot-pooling": _lazy(".plot_pooling", "add_plot_pooling_parser", "run_plot_pooling"),
 }
 
+# What `vseinf --help` lists: building every command's full parser would import each command's
+# module (torch among them) just to print this list. tests/test_cli.py holds these to the parsers.
+SUMMARIES = {
+    "train": "train a VSE∞ model",
+    "eval": "evaluate checkpoints (Recall@K, medr, meanr, RSUM)",
+    "extract": "run frozen backbones once over a dataset and cache their features",
+    "encode": "embed a folder of images or videos (or a captions file) into a search index",
+    "search": "search an index by text, image or video",
+    "serve": "web page + JSON API to search an index",
+    "demo": "index sample photos with the bundled model and search them (offline)",
+    "convert": "import a checkpoint released by the VSE∞ authors",
+    "synth": "the paper's synthetic check of the coefficient generators (supp. Table 6)",
+    "study": "the paper's studies: train one recipe per configuration",
+    "plot-pooling": "plot a model's learned pooling coefficients (paper Fig. 5)",
+}
+
 # Commands whose unknown --key value arguments are config overrides.
 TAKES_OVERRIDES = {"train", "extract", "study"}
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; with ``only``, just that command's (so a command imports only its module)."""
+def build_parser(only: str | None = None, full: bool = False) -> argparse.ArgumentParser:
+    """The argument parser: with ``only``, that command's full parser (so a command imports only its
+    module); else every command listed by its summary, or with ``full`` every full parser."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
     parser.add_argument("--version", action="version", version=f"vseinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (add, _) in COMMANDS.items():
-        if only is None or name == only:
+        if name == only or (only is None and full):
             add(sub)
+        elif only is None:
+            sub.add_parser(name, help=SUMMARIES[name])
     return parser
 
 
