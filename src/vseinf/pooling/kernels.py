@@ -69,7 +69,6 @@ class _SortedWeightedSum(torch.autograd.Function):
 
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exactly representable as float32
-_NEG_INF_BITS = -0x800000  # float32 -inf as int32: the key of padding, sorted before every valid value
 _TASK_ELEMENTS = 1 << 18  # elements of the sets one task handles: its buffers stay in the cache
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a pool does not survive fork
 _scratch = threading.local()
@@ -125,11 +124,11 @@ class _PackedSortWeightedSum(torch.autograd.Function):
     a magnitude that orders like |v| and then n (an IEEE float's bits order like its magnitude), so
     sorting the words sorts the values, ties by position, and carries each position along. numpy
     sorts float64 rows with x86-simd-sort's vectorised networks, several times faster than
-    torch.sort, which also writes an int64 index array beside the values. Padding is keyed -inf
-    with its position, larger than any valid one: it sorts first, before a valid -inf, and a NaN
-    (numpy sorts it last) stays among the valid values, as with torch.sort. So the value of
-    descending rank k sits at ascending position N-1-k whatever the set's size, and w is zero at
-    the ranks past it.
+    torch.sort, which also writes an int64 index array beside the values. Only each set's first n
+    (valid) keys are sorted, so padding costs no sorting and can hold anything; a NaN (numpy sorts
+    it last) stays among the valid values, as with torch.sort. The value of descending rank k then
+    sits at ascending position n-1-k, and the padding, zeroed, keeps positions n..N-1, where the
+    weights are gathered from the ranks past n (all zero).
 
     The backward pass sends g[b,d] · w[b, rank] to each element's position (a scatter by the
     positions the sort carried, no second sort) and contracts the sorted values with g for w's
@@ -152,25 +151,28 @@ class _PackedSortWeightedSum(torch.autograd.Function):
             keys = _scratch_array("keys", (hi - lo, dim, n_max, 2), np.int32)
             keys[..., 0] = np.arange(n_max, dtype=np.int32)
             keys[..., 1] = v.view(np.int32)
-            for b in range(lo, hi):
-                keys[b - lo, :, sizes[b]:, 1] = _NEG_INF_BITS
-            keys.view(np.float64).reshape(-1, n_max).sort(axis=1)
+            rows = keys.view(np.float64).reshape(hi - lo, dim, n_max)
+            for b in range(lo, hi):  # each set's valid prefix only: the padding stays where it is
+                rows[b - lo, :, :sizes[b]].sort(axis=1)
             v.view(np.int32)[...] = keys[..., 1]
             for b in range(lo, hi):
-                v[b - lo, :, :n_max - sizes[b]] = 0.0  # the padding, sorted first
+                v[b - lo, :, sizes[b]:] = 0.0  # the padding (it may hold anything, NaN included)
             if positions is not None:
                 positions[lo:hi] = keys[..., 0]
 
         _in_tasks(sort_sets, batch, n_max * dim)
-        w_asc = weights.detach().float().flip(1).contiguous()  # B × N, weight of each ascending position
+        # Ascending position j of a set of size n holds descending rank n-1-j; (n-1-j) mod N sends the
+        # padding positions j >= n to ranks >= n, whose weight is 0. The map is its own inverse.
+        to_rank = (lengths.view(-1, 1) - 1 - torch.arange(n_max, device=lengths.device)).remainder(n_max)
+        w_asc = weights.detach().float().gather(1, to_rank).contiguous()  # B × N, weight of each position
         ctx.positions = positions  # numpy: not a tensor autograd could save
         ctx.dtypes = features.dtype, weights.dtype
-        ctx.save_for_backward(values, w_asc)
+        ctx.save_for_backward(values, w_asc, to_rank)
         return torch.bmm(values, w_asc.unsqueeze(2)).squeeze(2).to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, w_asc = ctx.saved_tensors
+        values, w_asc, to_rank = ctx.saved_tensors
         grad_features = grad_weights = None
         if ctx.needs_input_grad[0]:
             batch, dim, n_max = values.shape
@@ -191,7 +193,8 @@ class _PackedSortWeightedSum(torch.autograd.Function):
             _in_tasks(scatter_sets, batch, n_max * dim)
             grad_features = grad_features.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_weights = torch.bmm(grad_out.float().unsqueeze(1), values).squeeze(1).flip(1).to(ctx.dtypes[1])
+            grad_asc = torch.bmm(grad_out.float().unsqueeze(1), values).squeeze(1)
+            grad_weights = grad_asc.gather(1, to_rank).to(ctx.dtypes[1])
         return grad_features, grad_weights, None
 
 
