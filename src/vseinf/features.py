@@ -180,10 +180,8 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     evaluation skip it. Resumable: an extraction that was stopped continues from its last
     progress record (every ``checkpoint_every`` images, default 1,024) unless ``restart``.
     """
-    from torch.utils.data import DataLoader, Subset
-
     from .data.cache import CHECKPOINT_EVERY
-    from .data.images import ImageDataset, collate_skip_broken
+    from .data.images import BadImageError, ImageDataset, skipped_report
 
     encoder = model.image
     encoder.eval()
@@ -198,9 +196,7 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     start = writer.count
     if start:
         print(f"grid features {split.name}: resuming after {start:,} of {split.n_images:,} images", flush=True)
-    dataset = ImageDataset(split, model.image_transform(train=False))
-    loader = DataLoader(Subset(dataset, range(start, split.n_images)), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_skip_broken)
+    paths = ImageDataset(split, model.image_transform(train=False)).paths  # fails if no image exists
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -211,21 +207,22 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
         writer.keys[index] = BROKEN_KEY
         writer.append(np.zeros((n_grid, dim), dtype=np.float32))
 
+    unreadable = []
     try:
         next_index = start
-        for batch in loader:
-            if batch is None:
-                continue
-            pixels, indices = batch
-            feats = encoder.features(pixels.to(model.device)).float().cpu()
-            for row, i in enumerate(indices.tolist()):
-                while next_index < i:  # images the loader skipped as unreadable
+        for feats, kept, skipped in model.iter_image_batches(paths[start:], batch_size, workers=num_workers,
+                                                             grid_features=True):
+            for row, position in enumerate(kept):
+                while next_index < start + position:  # images skipped as unreadable
                     broken(next_index)
                     next_index += 1
-                writer.append(feats[row])
+                writer.append(feats[row].float().cpu())
                 next_index += 1
+            for position, reason in skipped:
+                unreadable.append(paths[start + position])
+                log.warning("skipping unreadable image %s", BadImageError(paths[start + position], reason))
             if bar:
-                bar.update(len(indices))
+                bar.update(len(kept) + len(skipped))
         while next_index < split.n_images:
             broken(next_index)
             next_index += 1
@@ -238,9 +235,9 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     finally:
         if bar:
             bar.close()
-    if dataset.n_skipped:
-        log.warning("%s", dataset.skipped_report())
-        print(dataset.skipped_report())
+    if unreadable:
+        log.warning("%s", skipped_report(unreadable))
+        print(skipped_report(unreadable))
     return cache
 
 

@@ -265,13 +265,17 @@ class ImageDataset(Dataset):
 
     def skipped_report(self, limit: int = 5) -> str:
         """E.g. ``"skipped 3 unreadable images: a.jpg, b.jpg, c.jpg"`` (empty when none)."""
-        files = self.skipped
-        if not files:
-            return ""
-        names = ", ".join(p.name for p in files[:limit])
-        more = f", … and {len(files) - limit} more" if len(files) > limit else ""
-        noun = "image" if len(files) == 1 else "images"
-        return f"skipped {len(files)} unreadable {noun}: {names}{more}"
+        return skipped_report(self.skipped, limit)
+
+
+def skipped_report(files: Sequence[str | os.PathLike], limit: int = 5) -> str:
+    """E.g. ``"skipped 3 unreadable images: a.jpg, b.jpg, c.jpg"`` (empty when none)."""
+    if not files:
+        return ""
+    names = ", ".join(Path(p).name for p in files[:limit])
+    more = f", … and {len(files) - limit} more" if len(files) > limit else ""
+    noun = "image" if len(files) == 1 else "images"
+    return f"skipped {len(files)} unreadable {noun}: {names}{more}"
 
 
 def _check_some_image_exists(split: CaptionSplit, paths: Sequence[Path]) -> None:

@@ -214,27 +214,25 @@ class VSEModel(nn.Module):
         backbone = self.image.backbone
         return ImageTransform(self.config.image_size, train=train, mean=backbone.mean, std=backbone.std)
 
-    def encode_images(self, images, batch_size: int = 32, *, skip_unreadable: bool = False,
-                      workers: int | None = None, progress: bool = False, on_batch=None,
-                      reference: bool = False):
-        """Embed images given as paths or PIL images → (n × d) unit vectors on the model's device.
+    def iter_image_batches(self, images, batch_size: int = 32, *, skip_unreadable: bool = True,
+                           workers: int | None = None, grid_features: bool = False, reference: bool = False):
+        """The one loop that runs images through the model, a batch at a time: yields ``(outputs |
+        None, kept positions, skipped as (position, reason))`` per batch of ``images``.
 
-        The one loop that runs images through the model (``vseinf encode``, the demo, video queries
-        and the Python API all call it). Images go through the tower's inference copy
+        Images go through the tower's inference copy
         (:meth:`~vseinf.encoders.image.GridImageEncoder.for_inference`: BatchNorm folded into the
         convolutions, channels-last; equal to the tower up to float rounding) while a thread
-        decodes the next batch.
+        decodes the next batch. :meth:`encode_images`, ``vseinf encode``, ``vseinf extract`` and
+        evaluation on live images are built on it.
 
         Args:
-            images: a path, a PIL image, or a sequence of them.
+            images: paths or PIL images.
             batch_size: images per forward pass.
-            skip_unreadable: skip files that are not readable images and return
-                ``ImageEncoding(embeddings, kept, skipped)`` (kept: positions embedded, skipped:
-                ``(position, reason)``); else such a file raises :class:`vseinf.data.BadImageError`.
+            skip_unreadable: report unreadable files in ``skipped`` (else raise
+                :class:`vseinf.data.BadImageError` naming the file).
             workers: processes decoding ahead (None: none on a CPU, up to 4 on a GPU).
-            progress: show a progress bar (images).
-            on_batch: called as ``on_batch(embeddings, kept positions)`` after every batch (e.g.
-                to save progress).
+            grid_features: yield the backbone's grid as sets (B × N × C, what a feature cache
+                stores) instead of embeddings; computed by the tower itself (``tower.features``).
             reference: the plain path the fast one is held to (the model's own tower, images
                 decoded between batches on this thread).
         """
@@ -247,30 +245,60 @@ class VSEModel(nn.Module):
             images = [images]
         images = list(images)
         batches = DecodedImageBatches(images, self.image_transform(train=False), batch_size, skip_unreadable)
-        fast = not reference and hasattr(self.image, "for_inference")
+        fast = not reference and not grid_features and hasattr(self.image, "for_inference")
         tower = self.image.for_inference() if fast else self.image
         workers = default_decode_workers(len(images), batch_size, self.device) if workers is None else max(0, workers)
         loader = ReadAhead(batches) if workers == 0 and fast else image_batch_loader(
             batches, workers, pin_memory=self.device.type == "cuda")
-        out, kept, skipped = [], [], []
-        bar = tqdm(total=len(images), desc="images", unit="img", file=sys.stderr) if progress else None
         was_training = self.training
         self.eval()
         try:
-            for pixels, batch_kept, batch_skipped in loader:
-                skipped.extend(batch_skipped)
+            for pixels, kept, skipped in loader:
+                outputs = None
                 if pixels is not None:
                     with torch.inference_mode() if fast else torch.no_grad():
-                        out.append(tower(pixels.to(self.device, non_blocking=True))[0])
-                    kept.extend(batch_kept)
-                    if on_batch is not None:
-                        on_batch(out[-1], list(batch_kept))
-                if bar is not None:
-                    bar.update(len(batch_kept) + len(batch_skipped))
+                        pixels = pixels.to(self.device, non_blocking=True)
+                        outputs = tower.features(pixels) if grid_features else tower(pixels)[0]
+                yield outputs, kept, skipped
         finally:
             if isinstance(loader, ReadAhead):
                 loader.close()
             self.train(was_training)
+
+    def encode_images(self, images, batch_size: int = 32, *, skip_unreadable: bool = False,
+                      workers: int | None = None, progress: bool = False, on_batch=None,
+                      reference: bool = False):
+        """Embed images given as paths or PIL images → (n × d) unit vectors on the model's device.
+
+        Args:
+            images: a path, a PIL image, or a sequence of them.
+            batch_size: images per forward pass.
+            skip_unreadable: skip files that are not readable images and return
+                ``ImageEncoding(embeddings, kept, skipped)`` (kept: positions embedded, skipped:
+                ``(position, reason)``); else such a file raises :class:`vseinf.data.BadImageError`.
+            workers: processes decoding ahead (None: none on a CPU, up to 4 on a GPU).
+            progress: show a progress bar (images).
+            on_batch: called as ``on_batch(embeddings, kept positions)`` after every batch (e.g.
+                to save progress).
+            reference: the plain path the fast one is held to (see :meth:`iter_image_batches`).
+        """
+        if isinstance(images, (str, os.PathLike)) or type(images).__module__.startswith("PIL."):
+            images = [images]  # one image (PIL is imported only where images are decoded)
+        images = list(images)
+        out, kept, skipped = [], [], []
+        bar = tqdm(total=len(images), desc="images", unit="img", file=sys.stderr) if progress else None
+        try:
+            for emb, batch_kept, batch_skipped in self.iter_image_batches(
+                    images, batch_size, skip_unreadable=skip_unreadable, workers=workers, reference=reference):
+                skipped.extend(batch_skipped)
+                if emb is not None:
+                    out.append(emb)
+                    kept.extend(batch_kept)
+                    if on_batch is not None:
+                        on_batch(emb, list(batch_kept))
+                if bar is not None:
+                    bar.update(len(batch_kept) + len(batch_skipped))
+        finally:
             if bar is not None:
                 bar.close()
         embeddings = torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=self.device)
