@@ -421,3 +421,21 @@ def default_decode_workers(n_images: int, batch_size: int, device) -> int:
     if n_images <= 4 * batch_size or torch.device(device).type == "cpu":
         return 0
     return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def iter_image_batches(images: Sequence, transform, batch_size: int, *, skip_unreadable: bool = True,
+                       workers: int = 0, read_ahead: bool = True, pin_memory: bool = False):
+    """``images`` (paths or PIL images) decoded and transformed a batch at a time: yields ``(pixels
+    | None, kept positions, skipped as (position, reason))`` (see :class:`DecodedImageBatches`).
+
+    ``workers`` processes decode ahead; with none, a thread does (``read_ahead``) or each batch is
+    decoded when it is asked for. What runs images through a network loops over this:
+    :meth:`vseinf.model.VSEModel.iter_image_batches` and :class:`vseinf.video.extract.FrameExtractor`.
+    """
+    batches = DecodedImageBatches(images, transform, batch_size, skip_unreadable)
+    loader = ReadAhead(batches) if workers == 0 and read_ahead else image_batch_loader(batches, workers, pin_memory)
+    try:
+        yield from loader
+    finally:
+        if isinstance(loader, ReadAhead):
+            loader.close()

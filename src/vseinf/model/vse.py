@@ -239,21 +239,21 @@ class VSEModel(nn.Module):
         # lazy: a text-only model (a search's query tower) never loads PIL or the image pipeline
         from PIL import Image
 
-        from ..data.images import DecodedImageBatches, ReadAhead, default_decode_workers, image_batch_loader
+        from ..data.images import default_decode_workers, iter_image_batches
 
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
         images = list(images)
-        batches = DecodedImageBatches(images, self.image_transform(train=False), batch_size, skip_unreadable)
         fast = not reference and not grid_features and hasattr(self.image, "for_inference")
         tower = self.image.for_inference() if fast else self.image
         workers = default_decode_workers(len(images), batch_size, self.device) if workers is None else max(0, workers)
-        loader = ReadAhead(batches) if workers == 0 and fast else image_batch_loader(
-            batches, workers, pin_memory=self.device.type == "cuda")
+        batches = iter_image_batches(images, self.image_transform(train=False), batch_size,
+                                     skip_unreadable=skip_unreadable, workers=workers, read_ahead=fast,
+                                     pin_memory=self.device.type == "cuda")
         was_training = self.training
         self.eval()
         try:
-            for pixels, kept, skipped in loader:
+            for pixels, kept, skipped in batches:
                 outputs = None
                 if pixels is not None:
                     with torch.inference_mode() if fast else torch.no_grad():
@@ -261,8 +261,7 @@ class VSEModel(nn.Module):
                         outputs = tower.features(pixels) if grid_features else tower(pixels)[0]
                 yield outputs, kept, skipped
         finally:
-            if isinstance(loader, ReadAhead):
-                loader.close()
+            batches.close()  # stops the decoding thread now, also when the caller stops early
             self.train(was_training)
 
     def encode_images(self, images, batch_size: int = 32, *, skip_unreadable: bool = False,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import ImageTransform
+from ..data.images import ImageTransform, iter_image_batches
 from ..encoders.cnn import build_backbone
 from .decode import FrameSampler, VideoDecodeError, decode_frames, list_videos
 
@@ -111,9 +111,8 @@ class FrameExtractor:
     def embed_frames(self, frames: Sequence) -> np.ndarray:
         """PIL frames → ``T × D`` float32: the backbone's feature map averaged over its grid."""
         out = []
-        for start in range(0, len(frames), self.batch_size):
-            pixels = torch.stack([self.transform(f.convert("RGB"))
-                                  for f in frames[start:start + self.batch_size]])
+        for pixels, _, _ in iter_image_batches(frames, self.transform, self.batch_size, skip_unreadable=False,
+                                               read_ahead=False):
             fmap = self.backbone(pixels.to(self.device))
             out.append(fmap.float().mean(dim=(2, 3)).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
