@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import vseinf.studies.pooling
+import vseinf.studies.pooling_study
 from vseinf.cli.plot_pooling import add_plot_pooling_parser, run_plot_pooling
 from vseinf.cli.study import add_study_parser, run_study
 from vseinf.pooling import build_pooling, pooling_coefficients
 from vseinf.studies.plots import default_sizes
-from vseinf.studies.pooling import Cell, cell_dir, parse_grid, plan_cells, study_config
+from vseinf.studies.pooling_study import Cell, cell_dir, parse_grid, plan_cells, study_config
 
 SHARED = Path(os.environ.get("VSEINF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data")) / "flickr8k"
 
@@ -148,7 +148,7 @@ def test_study_trains_each_cell_writes_json_and_pictures_and_resumes(config_file
     def no_training(*a, **k):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr(vseinf.studies.pooling, "train", no_training)
+    monkeypatch.setattr(vseinf.studies.pooling_study, "train", no_training)
     again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool", "--plots", str(tmp_path / "d" / "p"))
     assert [c["rsum"] for c in again["cells"]] == [c["rsum"] for c in result["cells"]]
     assert (tmp_path / "d" / "p_grid.png").is_file() and (tmp_path / "d" / "p_aggregators.png").is_file()
@@ -158,14 +158,14 @@ def test_study_trains_each_cell_writes_json_and_pictures_and_resumes(config_file
     (killed / "metrics.json").unlink()
     (killed / "study_cell.json").unlink()
     calls = []
-    monkeypatch.setattr(vseinf.studies.pooling, "train", lambda cfg, run_dir, resume=False, progress=True:
+    monkeypatch.setattr(vseinf.studies.pooling_study, "train", lambda cfg, run_dir, resume=False, progress=True:
                         (calls.append((Path(run_dir), resume)), real_train(cfg, run_dir, resume, progress))[1])
     again = study(config_file, out, "--grid", "1,N", "--aggregators", "cls,fspool")
     assert calls == [(killed, True)]
     assert again["cells"][2]["rsum"] == result["cells"][2]["rsum"]
 
 
-real_train = vseinf.studies.pooling.train
+real_train = vseinf.studies.pooling_study.train
 
 
 def test_a_changed_recipe_gets_new_run_directories(config_file):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vseinf.data import DataFormatError, open_split
-from vseinf.data.video import (
+from vseinf.data.video_datasets import (
     H5Frames,
     NpyFrameFolder,
     VideoSplit,

@@ -1,10 +1,10 @@
-"""``vseinf study pooling``: the paper's pooling study (the study itself: :mod:`vseinf.studies.pooling`)."""
+"""``vseinf study pooling``: the paper's pooling study (the study itself: :mod:`vseinf.studies.pooling_study`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..studies.pooling import parse_aggregators, parse_grid, plan_cells, run_pooling_study, study_config
+from ..studies.pooling_study import parse_aggregators, parse_grid, plan_cells, run_pooling_study, study_config
 from .argtypes import positive_int
 
 

@@ -2,7 +2,7 @@
 
 Modules: ``records`` (the :class:`CaptionSplit` record every reader returns, :class:`DataFormatError`,
 what readers share), ``splits`` (image-caption datasets, and :func:`open_split`, which tells every
-layout apart), ``video`` (video-caption datasets and their frame features), ``jsonl`` (JSONL pair
+layout apart), ``video_datasets`` (video-caption datasets and their frame features), ``jsonl`` (JSONL pair
 files, images and videos alike), ``images`` (loading, transforms, datasets), ``cache`` (feature
 caches).
 

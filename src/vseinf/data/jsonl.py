@@ -4,7 +4,7 @@
     {"video": "video7", "captions": ["a man cooks", "someone is cooking"]}
 
 :func:`vseinf.data.splits.read_pairs_file` reads image pairs with it and
-:func:`vseinf.data.video.read_video_pairs` video pairs.
+:func:`vseinf.data.video_datasets.read_video_pairs` video pairs.
 """
 
 from __future__ import annotations

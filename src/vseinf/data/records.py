@@ -6,7 +6,7 @@
 - :func:`read_text` / :func:`read_lines` — UTF-8 text files, errors by line;
 - :func:`rows_of_split` — which rows of a file with a ``split`` column belong to a split.
 
-The image readers (:mod:`vseinf.data.splits`), the video readers (:mod:`vseinf.data.video`) and
+The image readers (:mod:`vseinf.data.splits`), the video readers (:mod:`vseinf.data.video_datasets`) and
 the JSONL pair parser (:mod:`vseinf.data.jsonl`) all build on this module, which imports none of
 them.
 """

@@ -9,7 +9,7 @@ the library never cares where the captions came from:
 - :func:`read_precomp` — the SCAN / VSE++ "precomp" layout of precomputed region features;
 - :func:`read_pairs_file` — a CSV / JSONL / TSV list of (image, caption) pairs;
 - :func:`open_split` — guesses the layout from a path and calls one of the above (or, for a
-  video dataset, :func:`vseinf.data.video.open_video_split`).
+  video dataset, :func:`vseinf.data.video_datasets.open_video_split`).
 
 Readers never assume five captions per image: an image may have any number of captions, and
 images without any caption are dropped (with a log line). Captions are grouped by image, in
@@ -41,7 +41,7 @@ from .records import (
     read_text,
     rows_of_split,
 )
-from .video import is_video_dataset, open_video_split
+from .video_datasets import is_video_dataset, open_video_split
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ def open_split(path: str | os.PathLike, split: str | None = None, **kwargs) -> C
     - a ``.csv``/``.jsonl``/``.tsv``/``.txt`` file, or a folder of images with a
       ``captions.{csv,jsonl,txt,tsv}`` inside → :func:`read_pairs_file`;
     - a video dataset (MSR-VTT / VaTeX JSON, or ``video,caption`` pairs, with frame features)
-      → :func:`vseinf.data.video.open_video_split`.
+      → :func:`vseinf.data.video_datasets.open_video_split`.
 
     Args:
         path: the file or folder.

@@ -4,13 +4,13 @@
                  metrics computed from them, the protocols (one table, COCO 1K/5K, n folds), the
                  argsort reference they are tested against, and the printed table
     ensemble.py  several models as one: averaged similarities, or weighted concatenated embeddings
-    encode.py    a model or saved checkpoint on a dataset split: embed every image and caption once,
+    embedding.py a model or saved checkpoint on a dataset split: embed every image and caption once,
                  then count the ranks (``vseinf eval``, and validation during training)
 
-Evaluation imports nothing from training; training imports :func:`vseinf.eval.encode.evaluate_split`.
+Evaluation imports nothing from training; training imports :func:`vseinf.eval.embedding.evaluate_split`.
 """
 
-from .encode import (
+from .embedding import (
     checkpoint_embeddings,
     drop_unusable,
     encode_split,

@@ -489,7 +489,7 @@ def _encode_video_folder(gallery: Path, out: Path, identity: dict, embedder, sta
 
 def _encode_feature_clips(path: Path, out: Path, model, identity: dict, batch_size: int, progress: bool):
     """Frame-feature files (a folder of ``<id>.npy`` or an ``.h5`` file) → (report, meta, embeddings)."""
-    from ..data.video import H5Frames, find_frame_features, open_frame_features  # lazy: see vseinf.search
+    from ..data.video_datasets import H5Frames, find_frame_features, open_frame_features  # lazy: see vseinf.search
     from ..video import embed_frame_features
 
     if model.config.image_encoder == "grid":

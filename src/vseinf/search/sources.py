@@ -117,7 +117,7 @@ def detect_gallery_kind(gallery: str | os.PathLike, exclude: Sequence[str | os.P
             has_video = has_video or suffix in VIDEO_SUFFIXES
     if has_video:
         return "videos"
-    from ..data.video import find_frame_features  # lazy: see vseinf.search
+    from ..data.video_datasets import find_frame_features  # lazy: see vseinf.search
 
     try:
         if find_frame_features(path) is not None:

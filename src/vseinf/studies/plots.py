@@ -7,7 +7,7 @@ are drawn for several set sizes N. A GPO trained on region features puts almost 
 k = 1 (max pooling); on grid features the weight spreads over the top positions (like K-max pooling
 with a larger K).
 
-``vseinf study pooling`` (:mod:`vseinf.studies.pooling`) ends with :func:`plot_study`: a heat map of
+``vseinf study pooling`` (:mod:`vseinf.studies.pooling_study`) ends with :func:`plot_study`: a heat map of
 validation RSUM over the K-max grid (Figure 6) and a bar chart of the aggregators (Figure 4).
 """
 

@@ -3,10 +3,10 @@
 - ``decode`` — which frames of a clip to keep (:class:`FrameSampler`) and decoding them with PyAV;
 - ``extract`` — a frozen image backbone over the sampled frames: ``T × D`` features per clip,
   stored as ``<video_id>.npy`` by ``vseinf extract --videos`` (:class:`FrameExtractor`);
-- ``encode`` — a trained model's video embeddings, from stored frame features or straight from
+- ``embed`` — a trained model's video embeddings, from stored frame features or straight from
   files (:class:`VideoEmbedder`, used by ``vseinf encode`` / ``search`` on video folders).
 
-Video *datasets* (captions + stored frame features) are read by :mod:`vseinf.data.video`.
+Video *datasets* (captions + stored frame features) are read by :mod:`vseinf.data.video_datasets`.
 """
 
 from .decode import (
@@ -18,7 +18,7 @@ from .decode import (
     list_videos,
     middle_frame,
 )
-from .encode import (
+from .embed import (
     IMAGE_MODEL_FRAMES,
     VIDEO_MODEL_FRAMES,
     VideoEmbedder,

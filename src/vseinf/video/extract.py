@@ -5,7 +5,7 @@
 decodes every clip (:mod:`vseinf.video.decode`), samples frames, runs a frozen image backbone on
 the frames in batches, averages each frame's feature map over its grid (one vector per frame) and
 stores ``T × D`` float32 features as ``<out>/<video_id>.npy`` — the layout
-:class:`vseinf.data.video.NpyFrameFolder` reads, so the folder can serve as a dataset's
+:class:`vseinf.data.video_datasets.NpyFrameFolder` reads, so the folder can serve as a dataset's
 ``features/``. A clip that cannot be decoded is reported by name and skipped. ``<out>/extract.json``
 records the settings, so features made with other settings are never mixed in by a later run;
 :meth:`FrameExtractor.from_settings` rebuilds the extractor from it.

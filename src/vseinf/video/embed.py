@@ -1,7 +1,7 @@
 """Video embeddings from a trained model, for search over videos (``vseinf encode`` / ``search``).
 
-- :func:`embed_frame_features` — a :class:`~vseinf.data.video.FrameFeatures` source (a folder of
-  ``.npy`` files or an HDF5 file, :func:`vseinf.data.video.open_frame_features`) → embeddings;
+- :func:`embed_frame_features` — a :class:`~vseinf.data.video_datasets.FrameFeatures` source (a folder of
+  ``.npy`` files or an HDF5 file, :func:`vseinf.data.video_datasets.open_frame_features`) → embeddings;
 - :func:`embed_video_files` — video files through a :class:`~vseinf.video.extract.FrameExtractor`
   and a video model's tower → embeddings;
 - :class:`VideoEmbedder` — any model on video files: a video model through its frame extractor
@@ -33,7 +33,7 @@ def embed_frame_features(model, source, batch_size: int = 128,
 
     Args:
         model: a :class:`vseinf.model.VSEModel` with ``image_encoder: frames`` (or region).
-        source: a :class:`vseinf.data.video.FrameFeatures` (e.g. from ``open_frame_features``).
+        source: a :class:`vseinf.data.video_datasets.FrameFeatures` (e.g. from ``open_frame_features``).
         batch_size: clips per forward pass.
         progress: show a progress bar.
 
