@@ -58,6 +58,14 @@ def init_distributed() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local)
 
 
+def leave_distributed() -> None:
+    """Leave the process group (if any) before the process exits. A torchrun process that exits
+    with its gloo group alive can abort while the interpreter shuts down ("terminate called without
+    an active exception", exit -6), failing a job whose work was done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def in_turns(world: World, device, work, what: str):
     """Runs ``work()`` on every rank, in three turns: rank 0; then the first process of every other
     machine; then the rest. Feature caches are built that way: rank 0 builds them, the other

@@ -61,10 +61,19 @@ def run_encode(args, extra) -> int:
     frames = getattr(args, "frames", None)
     if frames is not None and frames < 1:
         raise ValueError(f"encode: --frames must be a positive integer, got {frames}")
-    from ..distributed import init_distributed  # lazy: see vseinf.search
-    from ..video import VideoEmbedder
+    from ..distributed import init_distributed, leave_distributed  # lazy: see vseinf.search
 
     world = init_distributed()  # under torchrun: each process encodes a share of an image folder
+    try:
+        return _encode(args, world)
+    finally:
+        leave_distributed()
+
+
+def _encode(args, world) -> int:
+    from ..video import VideoEmbedder  # lazy: see vseinf.search
+
+    frames = getattr(args, "frames", None)
     device = args.device
     if world.size > 1 and str(device).startswith("cuda"):
         device = f"cuda:{world.local_rank}"

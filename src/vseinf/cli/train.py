@@ -51,6 +51,7 @@ def add_train_parser(sub):
 
 def run_train(args, extra) -> int:
     # imported here, not at the top, so `vseinf train --help` does not load torch
+    from ..distributed import leave_distributed
     from ..eval import format_table
     from ..train import train
 
@@ -59,7 +60,10 @@ def run_train(args, extra) -> int:
         overrides.insert(0, ("data.path", args.data))
     cfg = load_config(args.config, overrides)
     resume = {"yes": True, "no": False, "auto": "auto"}[args.resume]
-    metrics = train(cfg, args.out, resume=resume, progress=not args.no_progress)
+    try:
+        metrics = train(cfg, args.out, resume=resume, progress=not args.no_progress)
+    finally:
+        leave_distributed()  # under torchrun; see there
     if metrics:
         print(f"best checkpoint: {Path(args.out) / 'best'} (epoch {metrics.get('epoch')})")
         print(format_table(metrics, "video" if cfg.model.image_encoder == "frames" else "image"))
