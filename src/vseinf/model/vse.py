@@ -88,12 +88,7 @@ class VSEModel(nn.Module):
                 self.text = TransformerTextEncoder.build_from_config(
                     _transformer_config(config.text_model), config.embed_dim, config.text_pooling)
         elif config.text_encoder == "bigru":
-            from ..encoders.text import BiGRUTextEncoder, Vocabulary
-
-            if vocab is None:
-                raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
-            self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
-            self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
+            self.vocab, self.text = _bigru_text_tower(config, vocab)
         else:
             raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
         if logit_scale is None:
@@ -386,12 +381,7 @@ class TextOnlyVSEModel(VSEModel):
         if config.text_encoder == "transformer":
             self.text = _lite_text_encoder(config)
         elif config.text_encoder == "bigru":
-            from ..encoders.text import BiGRUTextEncoder, Vocabulary
-
-            if vocab is None:
-                raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
-            self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
-            self.text = BiGRUTextEncoder(len(self.vocab), config.word_dim, config.embed_dim, config.text_pooling)
+            self.vocab, self.text = _bigru_text_tower(config, vocab)
         else:
             raise ValueError(f"model.text_encoder: expected 'transformer' or 'bigru', got {config.text_encoder!r}")
 
@@ -404,6 +394,16 @@ class TextOnlyVSEModel(VSEModel):
 
     def _embed_images(self, images, lengths):
         raise ValueError("this model was loaded with text_only=True: it has no image tower")
+
+
+def _bigru_text_tower(config: ModelConfig, vocab):
+    """(vocabulary, BiGRU text tower) of a ``text_encoder: bigru`` model."""
+    from ..encoders.text import BiGRUTextEncoder, Vocabulary
+
+    if vocab is None:
+        raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
+    vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
+    return vocab, BiGRUTextEncoder(len(vocab), config.word_dim, config.embed_dim, config.text_pooling)
 
 
 def _lite_text_encoder(config: ModelConfig):
