@@ -49,6 +49,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "gpo-infonce-8ep": ("GPO/GPO, InfoNCE, 8 epochs", ["--train.loss", "infonce", "--train.epochs", "8",
                                                        "--train.lr_decay_epoch", "6"]),
     "gpo-lr1e-3": ("GPO/GPO, lr 1e-3", ["--train.lr", "1e-3"]),
+    # A GPO branch and a max branch in one model (1024-d each, one loss per branch): the ensemble of a
+    # GPO and a max model, trained in one run.
+    "gpo+max": ("a GPO and a max-pooling branch side by side on both sides (2 × 1024-d)",
+                ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max", "--model.embed_dim", "2048"]),
     # Fine-tuning as the paper does (text at 0.1x lr; the CNN end to end from epoch 2 at 0.1x, BatchNorm
     # frozen, on live 224-px photos with crops and flips). Each sees ~one caption per image an epoch
     # (47 steps of 128) to fit this CPU.

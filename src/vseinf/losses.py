@@ -17,7 +17,7 @@ use it, both exact:
   the whole global batch): both losses are sums over anchors (InfoNCE is divided by the *global*
   batch size), so the ranks' losses and gradients add up to the single-process ones.
 
-This module imports only torch.
+This module imports only torch and the pooling package (to split a branched model's embeddings).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .pooling.branches import split_branches
 
 __all__ = [
     "hinge_triplet_loss",
@@ -255,9 +257,13 @@ class VSELoss(nn.Module):
         kind: ``"hinge"`` or ``"infonce"``.
         margin: hinge margin α (hinge only).
         max_scale: clamp of the inverse temperature (infonce only).
+        branches: K > 1 for a model with a branched pooling ("gpo+max"): the embeddings hold K
+            unit vectors (one per slice, see :class:`vseinf.pooling.BranchPool`) and the loss is
+            the sum of each branch's loss, so the branches train as K separate models would.
     """
 
-    def __init__(self, kind: str = "hinge", margin: float = 0.2, max_scale: float = 100.0) -> None:
+    def __init__(self, kind: str = "hinge", margin: float = 0.2, max_scale: float = 100.0,
+                 branches: int = 1) -> None:
         super().__init__()
         if kind not in ("hinge", "infonce"):
             raise ValueError(f"kind: expected 'hinge' or 'infonce', got {kind!r}")
@@ -268,6 +274,9 @@ class VSELoss(nn.Module):
         self.kind = kind
         self.margin = float(margin)
         self.max_scale = float(max_scale)
+        if int(branches) < 1:
+            raise ValueError(f"branches: expected a positive integer, got {branches!r}")
+        self.branches = int(branches)
 
     def forward(
         self,
@@ -290,6 +299,12 @@ class VSELoss(nn.Module):
             logit_scale: InfoNCE's log inverse temperature (the model's ``logit_scale``); required
                 by InfoNCE, ignored by the hinge loss.
         """
+        if self.branches > 1:
+            return sum(self._loss(i, t, image_ids, warmup, local_rows, logit_scale)
+                       for i, t in zip(split_branches(img, self.branches), split_branches(txt, self.branches)))
+        return self._loss(img, txt, image_ids, warmup, local_rows, logit_scale)
+
+    def _loss(self, img, txt, image_ids, warmup, local_rows, logit_scale) -> torch.Tensor:
         if self.kind == "hinge":
             return hinge_triplet_loss(
                 img, txt, image_ids, self.margin, hardest=not warmup, local_rows=local_rows
@@ -301,7 +316,7 @@ class VSELoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, margin={self.margin}"
+        return f"kind={self.kind!r}, margin={self.margin}" + (f", branches={self.branches}" if self.branches > 1 else "")
 
 
 # ---------------------------------------------------------------------------------------------

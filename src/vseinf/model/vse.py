@@ -64,6 +64,10 @@ class VSEModel(nn.Module):
         from ..encoders.image import GridImageEncoder, RegionEncoder
 
         self.config = config
+        if self.branches != len(config.text_pooling.split("+")):
+            raise ValueError(f"model.image_pooling {config.image_pooling!r} and model.text_pooling "
+                             f"{config.text_pooling!r} must have as many '+' branches (each image branch "
+                             "is compared with the text branch in the same place)")
         kind = config.image_encoder
         if kind == "grid":
             weights = config.backbone_weights if pretrained else None
@@ -105,6 +109,11 @@ class VSEModel(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.config.embed_dim
+
+    @property
+    def branches(self) -> int:
+        """K for a branched pooling ("gpo+max": 2), whose embeddings hold K unit slices; else 1."""
+        return len(self.config.image_pooling.split("+"))
 
     @property
     def image_head(self) -> nn.Module:

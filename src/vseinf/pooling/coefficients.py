@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .baselines import FSPool
+from .branches import BranchPool
 from .fixed import AvgPool, KMaxPool, MaxPool
 
 
@@ -16,8 +17,10 @@ def pooling_coefficients(pool, sizes: list[int]) -> torch.Tensor:
     GPO-like pools give them directly; one θ per dimension (``gpo-perdim``) or FSPool curves are
     averaged over the dimensions. Fixed pools (avg, max, K-max) are probed with a random set of each
     size. Pools whose weights depend on the values (attention, GeM, cls, ``gpo-features``) have no
-    such coefficients: ValueError.
+    such coefficients: ValueError. A branched pool ("gpo+max") shows its first branch.
     """
+    if isinstance(pool, BranchPool):
+        pool = pool.branches[0]
     if not sizes or min(sizes) < 1:
         raise ValueError(f"set sizes must be positive integers, got {sizes}")
     n_max = max(sizes)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .branches import BranchPool
+
 __all__ = ["register_pooling", "build_pooling", "pooling_names"]
 
 
@@ -56,7 +58,18 @@ def build_pooling(name: str, dim: int | None = None, **kwargs) -> nn.Module:
         name: the pooling's name, case and surrounding spaces ignored.
         dim: feature dimension D (needed by the poolings with per-dimension parameters).
         **kwargs: passed to the constructor (e.g. ``d_pe``, ``d_hidden`` for GPO).
+
+    Names joined by "+" ("gpo+max") build a :class:`~vseinf.pooling.branches.BranchPool`: each
+    pooling gets an equal slice of the ``dim`` channels.
     """
+    if "+" in name:
+        parts = [part.strip() for part in name.split("+")]
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(f"pooling {name!r}: write branches as NAME+NAME, e.g. 'gpo+max'")
+        if dim is None or dim % len(parts):
+            raise ValueError(f"pooling {name!r} splits the embedding into {len(parts)} equal slices: "
+                             f"its dimension must be a multiple of {len(parts)}, got {dim}")
+        return BranchPool([build_pooling(part, dim // len(parts), **kwargs) for part in parts], parts)
     key = name.strip().lower()
     base, colon, value = key.partition(":")
     base = _ALIASES.get(base, base)

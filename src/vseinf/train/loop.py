@@ -159,7 +159,7 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
         usable_caps = usable_caps[~sides[0].source.broken[train_split.caption_to_image]]
     rngs = augmentation_rngs(t.seed, world.rank)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": -1.0, "best_epoch": -1}
-    run = TrainingRun(cfg, run_dir, world, device, model, VSELoss(t.loss, t.margin).to(device),
+    run = TrainingRun(cfg, run_dir, world, device, model, VSELoss(t.loss, t.margin, branches=model.branches).to(device),
                       build_optimizer(model, cfg), train_split, sides, usable_caps, rngs, state, progress)
     if resume:
         run.state = _restore(run)
