@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the file and key."""
@@ -273,8 +275,6 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
-                import yaml
-
                 data = yaml.safe_load(text) or {}
             else:
                 data = json.loads(text)

@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .data.cache import FeatureCache, FeatureCacheWriter, cache_path, open_cache
+from .data.cache import CHECKPOINT_EVERY, FeatureCache, FeatureCacheWriter, cache_path, open_cache
+from .data.images import BadImageError, ImageDataset, skipped_report
 from .data.splits import CaptionSplit
+from .encoders.text import default_transformer_path
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +183,6 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     evaluation skip it. Resumable: an extraction that was stopped continues from its last
     progress record (every ``checkpoint_every`` images, default 1,024) unless ``restart``.
     """
-    from .data.cache import CHECKPOINT_EVERY
-    from .data.images import BadImageError, ImageDataset, skipped_report
-
     encoder = model.image
     encoder.eval()
     size = model.config.image_size
@@ -199,8 +199,6 @@ def extract_grid_features(model, split: CaptionSplit, path: Path, signature: dic
     paths = ImageDataset(split, model.image_transform(train=False)).paths  # fails if no image exists
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=split.n_images, initial=start, desc=f"grid features {split.name}", unit="img")
 
     def broken(index: int) -> None:
@@ -266,8 +264,6 @@ def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool =
         print(f"text features {split.name}: resuming after {start:,} of {n:,} captions", flush=True)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n, initial=start, desc=f"text features {split.name}", unit="caption")
     try:
         for first in range(start, n, chunk):
@@ -290,8 +286,6 @@ def text_sets(model, split: CaptionSplit, batch_size: int = 64, progress: bool =
 
 
 def _text_weights_file(model) -> Path | None:
-    from .encoders.text import default_transformer_path
-
     folder = Path(model.config.text_model) if model.config.text_model else default_transformer_path()
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():

@@ -26,6 +26,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 THUMB_SIZE = 256
 JPEG_QUALITY = 85
 # Palette and 1-bit images resize with nearest-neighbour only: up to this many pixels they are
@@ -53,7 +55,7 @@ def load_thumbnail(path: str | os.PathLike, size: int = THUMB_SIZE):
     Raises:
         ThumbnailError: not a readable image, or over PIL's decompression-bomb limit.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps  # lazy: keeps PIL out of a text search (vseinf.search imports this module)
 
     try:
         with Image.open(path) as im:
@@ -76,7 +78,7 @@ def load_thumbnail(path: str | os.PathLike, size: int = THUMB_SIZE):
 
 def load_thumbnail_reference(path: str | os.PathLike, size: int = THUMB_SIZE):
     """:func:`load_thumbnail` the slow, obvious way (full decode, upright, RGB, then shrink); for tests."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps  # lazy: keeps PIL out of a text search (vseinf.search imports this module)
 
     with Image.open(path) as im:
         im.load()
@@ -133,8 +135,6 @@ def make_image_thumbnails(root: Path, items: list[dict], previous: Path | None, 
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(todo), desc="thumbnails", unit="img")
     try:
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:

@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 
+from .. import __version__
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -68,8 +70,6 @@ TAKES_OVERRIDES = {"train", "extract", "study"}
 def build_parser(only: str | None = None, full: bool = False) -> argparse.ArgumentParser:
     """The argument parser: with ``only``, that command's full parser (so a command imports only its
     module); else every command listed by its summary, or with ``full`` every full parser."""
-    from .. import __version__
-
     parser = argparse.ArgumentParser(prog="vseinf", description="VSE∞ image–text retrieval with GPO")
     parser.add_argument("--version", action="version", version=f"vseinf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

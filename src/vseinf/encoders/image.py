@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..pooling import build_pooling, check_set_batch, l2norm, size_augment, valid_mask
-from .cnn import Backbone, build_backbone, freeze_batchnorm, set_trainable
+from .cnn import Backbone, build_backbone, freeze_batchnorm, fuse_conv_bn, set_trainable
 
 __all__ = ["RegionMLP", "RegionEncoder", "GridHead", "GridImageEncoder", "InferenceGridTower"]
 
@@ -259,8 +259,6 @@ class InferenceGridTower(nn.Module):
 
     def __init__(self, tower: GridImageEncoder):
         super().__init__()
-        from .cnn import fuse_conv_bn
-
         self.backbone = fuse_conv_bn(tower.backbone).to(memory_format=torch.channels_last)
         self.image_encoder = copy.deepcopy(tower.image_encoder).requires_grad_(False)
         self.eval()

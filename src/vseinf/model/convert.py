@@ -34,6 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..config import ModelConfig, RunConfig, TrainConfig
+from ..encoders.cnn import BACKBONE_NAMES
+from ..encoders.text import BERT_BASE_CONFIG, Vocabulary
+from .vse import BERT_BASE_FROM_CHECKPOINT, build_model, load_model, save_model
+
 __all__ = [
     "UntrustedPickleError",
     "AuthorsCheckpoint",
@@ -76,8 +83,6 @@ class AuthorsCheckpoint:
 
 def _unpickle(path: Path):
     """The one place in vseinf that unpickles arbitrary objects; callers check trust first."""
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # unpickling fails in many exception types; all mean "not a checkpoint"
@@ -86,8 +91,6 @@ def _unpickle(path: Path):
 
 
 def _is_state_dict(obj) -> bool:
-    import torch
-
     return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
@@ -233,8 +236,6 @@ _VIEWS = {"base.0.": "conv1.", "base.1.": "bn1.", "base.4.": "layer1.", "base.5.
 
 def _backbone_state(sd: dict, where: str) -> tuple[dict, list]:
     """The CNN's tensors in torchvision layout; returns (state, dropped keys)."""
-    import torch
-
     backbone = _prefixed(sd, "backbone.")
     dropped = []
     views = {k: v for k, v in backbone.items() if k.startswith(("base.", "top."))}
@@ -287,8 +288,6 @@ def _resnet_layout(state: dict, where: str) -> tuple[int, int, int]:
 
 
 def _grid_backbone_name(depth: int, groups: int, width_per_group: int, source: str, where: str) -> str:
-    from ..encoders.cnn import BACKBONE_NAMES
-
     if groups > 1:
         if (depth, groups, width_per_group) != (101, 32, 8):
             raise ValueError(f"{where}: ResNeXt-{depth} {groups}×{width_per_group}d is not available in "
@@ -371,9 +370,6 @@ _IGNORED_BERT_BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_
 
 
 def _convert_bert(sd: dict, where: str) -> tuple[dict, dict, list, list]:
-    from ..encoders.text import BERT_BASE_CONFIG
-    from .vse import BERT_BASE_FROM_CHECKPOINT
-
     state, dropped = {}, []
     for key, value in sd.items():
         if key in _IGNORED_BERT_BUFFERS:  # index buffers some transformers versions save; rebuilt here
@@ -523,18 +519,11 @@ def convert_checkpoint(path: str | Path, out: str | Path, *, trust_pickle: bool 
         verify: load the written checkpoint back with ``load_model`` and check every tensor.
     """
     _check_may_open(path, trust_pickle)
-    import torch
-
-    from ..config import ModelConfig, RunConfig, TrainConfig
-    from .vse import build_model, load_model, save_model
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     vocabulary = None
     if vocab is not None:
-        from ..encoders.text import Vocabulary
-
         vocabulary = Vocabulary.load(vocab)
     ckpt = read_authors_checkpoint(path, trust_pickle=trust_pickle)
     name = ckpt.path.name

@@ -18,6 +18,7 @@ packages.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -29,6 +30,17 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig, RunConfig, config_from_dict
+from ..encoders.bert_lite import lite_transformer_folder, load_lite_transformer
+from ..encoders.text import (
+    BERT_BASE_CONFIG,
+    BiGRUTextEncoder,
+    TransformerTextEncoder,
+    Vocabulary,
+    augment_tokens,
+    default_transformer_path,
+    pad_token_features,
+    pad_token_ids,
+)
 from ..losses import DEFAULT_LOGIT_SCALE
 from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 
@@ -61,7 +73,7 @@ class VSEModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab: Sequence[str] | None = None, pretrained: bool = True,
                  logit_scale: float | None = None):
         super().__init__()
-        from ..encoders.image import GridImageEncoder, RegionEncoder
+        from ..encoders.image import GridImageEncoder, RegionEncoder  # lazy: keeps the CNN out of a text search
 
         self.config = config
         if self.branches != len(config.text_pooling.split("+")):
@@ -83,8 +95,6 @@ class VSEModel(nn.Module):
 
         self.vocab = None
         if config.text_encoder == "transformer":
-            from ..encoders.text import TransformerTextEncoder
-
             if pretrained and config.text_model != BERT_BASE_FROM_CHECKPOINT:
                 self.text = TransformerTextEncoder(config.text_model or None, config.embed_dim, config.text_pooling,
                                                    gradient_checkpointing=config.gradient_checkpointing)
@@ -186,8 +196,6 @@ class VSEModel(nn.Module):
             augment: for training, the random stream of the authors' caption augmentation (tokens
                 masked, replaced or deleted; see :func:`vseinf.encoders.text.augment_tokens`).
         """
-        from ..encoders.text import augment_tokens, pad_token_ids
-
         if augment is None:
             if self.config.text_encoder == "transformer":
                 return self.text.tokenize(list(texts), max_length=self.config.max_text_length)
@@ -211,7 +219,7 @@ class VSEModel(nn.Module):
     # -- inference API ---------------------------------------------------------------------------
 
     def image_transform(self, train: bool = False):
-        from ..data.images import ImageTransform
+        from ..data.images import ImageTransform  # lazy: keeps PIL out of a text search
 
         if self.config.image_encoder != "grid":
             raise ValueError("this model reads precomputed features, not images")
@@ -312,8 +320,6 @@ class VSEModel(nn.Module):
     @torch.no_grad()
     def encode_image_features(self, features: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
         """Embed precomputed sets (a list of N_i × C arrays: regions, grid vectors or video frames)."""
-        from ..encoders.text import pad_token_features
-
         was_training = self.training
         self.eval()
         out = []
@@ -339,8 +345,6 @@ class VSEModel(nn.Module):
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
             batches = range(0, len(texts), batch_size)
             if progress:
-                from tqdm.auto import tqdm
-
                 batches = tqdm(batches, desc="captions", unit="batch")
             for start in batches:
                 idx = order[start:start + batch_size]
@@ -407,8 +411,6 @@ class TextOnlyVSEModel(VSEModel):
 
 def _bigru_text_tower(config: ModelConfig, vocab):
     """(vocabulary, BiGRU text tower) of a ``text_encoder: bigru`` model."""
-    from ..encoders.text import BiGRUTextEncoder, Vocabulary
-
     if vocab is None:
         raise ValueError("model.text_encoder=bigru needs a vocabulary (built from the training captions)")
     vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary(list(vocab))
@@ -418,12 +420,7 @@ def _bigru_text_tower(config: ModelConfig, vocab):
 def _lite_text_encoder(config: ModelConfig):
     """The transformer text tower on :mod:`vseinf.encoders.bert_lite` where the transformer is a
     BERT it can read; otherwise (another architecture, weights only as a .bin) on transformers."""
-    from ..encoders.bert_lite import lite_transformer_folder, load_lite_transformer
-    from ..encoders.text import TransformerTextEncoder, default_transformer_path
-
     if config.text_model == BERT_BASE_FROM_CHECKPOINT:  # weights come from the checkpoint
-        from ..encoders.text import BERT_BASE_CONFIG
-
         bert, tokenizer = load_lite_transformer(config=BERT_BASE_CONFIG, tokenizer_path=default_transformer_path())
     else:
         folder = Path(config.text_model) if config.text_model else default_transformer_path()
@@ -436,13 +433,9 @@ def _lite_text_encoder(config: ModelConfig):
 
 def _transformer_config(text_model: str) -> dict | None:
     """Config of the text transformer for building it without weights (same architecture)."""
-    import json
-
     if text_model and (Path(text_model) / "config.json").is_file():
         return json.loads((Path(text_model) / "config.json").read_text())
     if not text_model:
-        from ..encoders.text import default_transformer_path
-
         return json.loads((default_transformer_path() / "config.json").read_text())
     return None  # BERT-base
 

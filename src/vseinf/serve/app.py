@@ -36,22 +36,29 @@ queries is answered in a few batched passes instead of one pass each.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run
-# time, and the fastapi names they use are imported inside create_app (so that the command line
-# works without the web extras installed).
+# time. This module needs the ``serve`` extra (fastapi, uvicorn); only ``vseinf serve`` imports it,
+# after checking that the extra is installed.
 import asyncio
 import concurrent.futures
 import contextlib
 import html
 import json
 import queue
+import socket
 import sys
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from ..pooling import pooling_coefficients
 from ..search.build import encode_texts_np
@@ -232,8 +239,6 @@ class QueryWorker:
 
 def _set_size_of_images(model) -> int:
     """How many vectors the image tower pools: grid cells of the CNN map, or 36 regions."""
-    import torch
-
     if model.config.image_encoder != "grid":
         return 36
     size = model.config.image_size
@@ -498,8 +503,6 @@ async def read_uploaded_image(file, max_upload_bytes: int, too_large: str):
 
 def add_page_routes(app) -> None:
     """The web page, the GPO plot page and the favicon (static files)."""
-    from fastapi.responses import FileResponse
-
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC_DIR / "index.html")
@@ -516,8 +519,6 @@ def add_page_routes(app) -> None:
 def add_gpo_routes(app, model) -> None:
     """/api/gpo (the model's learned pooling coefficients as JSON) and /api/gpo.svg (their plot),
     computed on the first request."""
-    from fastapi.responses import Response
-
     coefficients: dict = {}
 
     def get_coefficients() -> dict:
@@ -560,10 +561,6 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         max_thumb_decodes: photos decoded at once for thumbnails the index does not store (each
             may take its full size in memory while it decodes, e.g. a PNG).
     """
-    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-
     policy = HostPolicy(host, allow_hosts)  # before loading anything: a bad --allow-host fails fast
     if gallery is None:
         if index_dir is None:
@@ -650,11 +647,6 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
 @contextlib.contextmanager
 def background_server(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
     """Run ``app`` with uvicorn on a thread; yields its base URL (port 0 = any free port)."""
-    import socket
-    import time
-
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

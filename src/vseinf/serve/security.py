@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from collections.abc import Iterable
 
 # Names every browser resolves to this machine itself (``*.localhost`` included, RFC 6761):
@@ -87,8 +88,6 @@ class HostPolicy:
         if not self.any_ip:
             self.names.add(bind.rstrip("."))
         else:
-            import socket
-
             for name in {socket.gethostname(), socket.getfqdn()}:
                 if name:
                     self.names.add(name.lower().rstrip("."))
