@@ -14,6 +14,11 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+from .data.cache import cache_dir
+from .model import BUNDLED_DIR
+from .search.build import encode_gallery, encode_texts_np
+from .search.gallery import Gallery
+
 # The scikit-image samples that are photographs or photo-like scenes (skimage/data/<name>).
 SAMPLE_IMAGES = (
     "astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png",
@@ -82,8 +87,6 @@ def prepare_sample_gallery(dest: str | os.PathLike, names: Sequence[str] = SAMPL
 
 
 def default_demo_dir() -> Path:
-    from .data.cache import cache_dir
-
     return cache_dir() / "demo"
 
 
@@ -111,10 +114,6 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
         limit_example: a ``(query, expected)`` pair the model gets wrong, printed apart with
             :data:`LIMIT_NOTE` (the default demo shows one).
     """
-    from .model import BUNDLED_DIR
-    from .search.build import encode_gallery, encode_texts_np
-    from .search.gallery import Gallery
-
     workdir = Path(workdir) if workdir is not None else default_demo_dir()
     gallery_dir = Path(images) if images is not None else prepare_sample_gallery(workdir / "images")
     index_dir = workdir / "index"

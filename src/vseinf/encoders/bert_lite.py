@@ -27,6 +27,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 __all__ = ["BertLiteConfig", "BertLite", "WordPieceTokenizer", "lite_transformer_folder", "load_lite_transformer"]
 
@@ -201,8 +202,6 @@ class BertLite(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "BertLite":
         """Load a Hugging Face BERT folder (``config.json`` + ``model.safetensors``)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         config = BertLiteConfig.from_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
         model = cls(config)
@@ -245,7 +244,7 @@ class WordPieceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # installed with transformers (the `text` extra)
 
         self.path = Path(path)
         self._tok = Tokenizer.from_file(str(self.path))

@@ -626,6 +626,13 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
         image = await read_uploaded_image(file, max_upload_bytes, too_large)
         return await answer(worker.submit_image(image, n))
 
+    add_file_routes(app, worker, gallery, thumbs)
+    return app
+
+
+def add_file_routes(app, worker: QueryWorker, gallery: Gallery, thumbs: ThumbnailMaker) -> None:
+    """``/api/thumb`` (a result's thumbnail) and ``/api/file`` (the indexed file itself)."""
+
     @app.get("/api/thumb")
     def thumb(path: str | None = None):
         data = thumbnail_bytes(worker.gallery, path, thumbs)
@@ -640,8 +647,6 @@ def create_app(index_dir: str | Path | None = None, *, gallery: Gallery | None =
             raise BadRequest(f"{path[:200]!r} is not a file of this gallery", 404)
         # Only indexed images and video files get here; nosniff keeps browsers to the declared type.
         return FileResponse(full, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
-
-    return app
 
 
 @contextlib.contextmanager
