@@ -106,11 +106,6 @@ def embed_images(model: VSEModel, side: Side, image_indices, device, live=None):
     return (None if images is None else model.embed_images(images, lengths)), keep
 
 
-def embed_captions(model: VSEModel, side: Side, caption_indices, device, augment: bool,
-                   rng: random.Random | None = None, generator: torch.Generator | None = None):
-    return model.embed_texts(*caption_inputs(model, side, caption_indices, device, augment, rng, generator))
-
-
 def epoch_order(n: int, seed: int, epoch: int, world: World, batch_size: int) -> np.ndarray:
     """This rank's caption order for an epoch: a seeded permutation cut into global batches of
     ``batch_size × world.size``; rank r takes the r-th slice of each, so the union of the ranks' batch
