@@ -42,6 +42,14 @@ def padded(sets, n: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in parts]), torch.cat(lengths)
 
 
+def without_special_tokens(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop each caption's first ([CLS]) and last valid ([SEP]) token; the rest move up one place."""
+    keep = lengths - 2
+    out = feats[:, 1:-1].clone()
+    out[torch.arange(out.shape[1])[None, :] >= keep[:, None]] = 0  # the [SEP] now inside the width
+    return out, keep
+
+
 class Tower(nn.Module):
     """Linear → masked pooling → l2norm."""
 
@@ -95,6 +103,8 @@ def main() -> None:
     p.add_argument("--pool", choices=["max", "avg"], default="max")
     p.add_argument("--init", choices=["default", "xavier"], default="default")
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not negatives")
+    p.add_argument("--no-special-tokens", action="store_true",
+                   help="pool the caption's word pieces only, without [CLS] and [SEP]")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--decay-epoch", type=int, default=3)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -112,6 +122,9 @@ def main() -> None:
     dv_img, dv_img_len = padded(image_sets(model, dev), dev.n_images)
     dv_txt, dv_txt_len = padded(text_sets(model, dev), dev.n_captions)
     cap2img = torch.as_tensor(np.asarray(train.caption_to_image))
+    if args.no_special_tokens:  # the cache holds [CLS] w1 … wn [SEP]: keep w1 … wn
+        tr_txt, tr_txt_len = without_special_tokens(tr_txt, tr_txt_len)
+        dv_txt, dv_txt_len = without_special_tokens(dv_txt, dv_txt_len)
     del model
 
     torch.manual_seed(args.seed)

@@ -29,6 +29,10 @@ AVG = ["--model.image_pooling", "avg", "--model.text_pooling", "avg"]
 ROWS: dict[str, tuple[str, list[str]]] = {
     "baseline-max": ("reference trainer: Linear + max pooling, fp32, no masking", ["baseline:", "--pool", "max"]),
     "baseline-max-seed1": ("reference trainer, seed 1", ["baseline:", "--pool", "max", "--seed", "1"]),
+    "baseline-mask": ("reference trainer + same-image masking (another caption of the anchor's image is "
+                      "not a negative; vseinf does this)", ["baseline:", "--pool", "max", "--mask-same-image"]),
+    "baseline-no-special": ("reference trainer, captions pooled without [CLS] and [SEP]",
+                            ["baseline:", "--pool", "max", "--no-special-tokens"]),
     "xavier-max": ("vseinf max/max with the authors' Xavier head init (the old default)",
                    MAX + ["--model.head_init", "xavier"]),
     "fixed-max": ("vseinf max/max, PyTorch's head init (the new default)", MAX),
