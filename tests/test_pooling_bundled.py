@@ -60,20 +60,22 @@ def test_bundled_model_embeds_as_before():
         assert float((now[key] - before[key]).abs().max()) <= 1e-6, key
 
 
-def bundled_gpo(prefix: str) -> GPO:
+def bundled_gpo(side: str) -> GPO:
+    """The bundled model's GPO on one side (its GPO branch when the pooling is branched, "gpo+max")."""
     state = load_file(BUNDLED_DIR / "model.safetensors")
+    prefix = next(p for p in (f"{side}gpool.", f"{side}gpool.branches.0.") if f"{p}gru.weight_ih_l0" in state)
     gpo = GPO()
     gpo.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     return gpo
 
 
 @needs_bundled
-@pytest.mark.parametrize("prefix, n_max", [("image.image_encoder.gpool.", 49), ("text.gpool.", 20)])
-def test_bundled_gpos_fast_path_equals_reference_on_worker_threads(prefix, n_max, monkeypatch):
+@pytest.mark.parametrize("side, n_max", [("image.image_encoder.", 49), ("text.", 20)])
+def test_bundled_gpos_fast_path_equals_reference_on_worker_threads(side, n_max, monkeypatch):
     """The bundled GPOs (image: 7×7 grids, size-augmented; text: captions) against GPOReference:
     outputs, θ and all gradients. Tiny tasks and two threads make the CPU path split the batch over
     worker threads, as it does at full size; the thread count is restored afterwards."""
-    fast = bundled_gpo(prefix)
+    fast = bundled_gpo(side)
     ref = GPOReference()
     ref.load_state_dict(fast.state_dict(), strict=True)
     theta = fast.coefficients(torch.tensor([n_max]))[0]
