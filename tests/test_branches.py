@@ -84,3 +84,16 @@ def test_image_and_text_must_have_as_many_branches():
                       image_pooling="gpo+max", text_pooling="gpo")
     with pytest.raises(ValueError, match="as many '\\+' branches"):
         build_model(cfg, vocab=VOCAB, pretrained=False)
+
+
+def test_the_web_app_shows_the_gpo_branch_of_a_branched_model():
+    pytest.importorskip("fastapi")
+    from vseinf.serve.app import gpo_coefficients
+
+    cfg = ModelConfig(image_encoder="region", feature_dim=12, text_encoder="bigru", word_dim=8, embed_dim=16,
+                      image_pooling="gpo+max", text_pooling="gpo+max")
+    model = build_model(cfg, vocab=VOCAB, pretrained=False).eval()
+    shown = gpo_coefficients(model)
+    assert shown["image"]["pooling"] == shown["text"]["pooling"] == "GPO of gpo+max"
+    for entry in shown.values():
+        assert entry["sizes"] and all(abs(sum(t) - 1) < 1e-4 for t in entry["theta"])

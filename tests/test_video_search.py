@@ -120,7 +120,7 @@ def test_video_folder_gallery_has_every_clip_and_a_middle_frame_thumbnail(image_
     gallery = Gallery.load(index)
     assert gallery.kind == "videos" and gallery.video_source == "files"
     assert [it["path"] for it in gallery.items] == list(CLIPS) and len(gallery) == 2
-    assert gallery.embeddings.shape == (2, 1024)
+    assert gallery.embeddings.shape == (2, gallery.load_model().embed_dim)
     np.testing.assert_allclose(np.linalg.norm(gallery.embeddings, axis=1), 1.0, atol=1e-5)
     embedder = VideoEmbedder.from_settings(gallery.load_model(), gallery.meta["video"]["embedder"])
     assert embedder.sampler == FrameSampler(num_frames=3) and not embedder.video_model

@@ -51,7 +51,7 @@ EXAMPLE_QUERIES = tuple(q for q, _ in EXAMPLES) + (LIMIT_EXAMPLE[0],)
 # against the other 299).
 SCORE_NOTE = ("Scores are cosine similarities (−1 … 1) between the query's embedding and each photo's; "
               "only their order within one query matters.")
-BUNDLED_SCORE_NOTE = ("With the bundled model a caption and its own photo typically score 0.15–0.40 "
+BUNDLED_SCORE_NOTE = ("With the bundled model a caption and its own photo typically score 0.16–0.40 "
                       "(median 0.29), an unrelated photo about 0 (9 in 10 below 0.14).")
 
 

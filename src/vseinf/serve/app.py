@@ -60,7 +60,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from ..pooling import pooling_coefficients
+from ..pooling import BranchPool, pooling_coefficients
 from ..search.build import encode_texts_np
 from ..search.engines import IndexFormatError
 from ..search.gallery import Gallery, check_model, embed_query_images, load_query_image
@@ -262,14 +262,18 @@ def gpo_coefficients(model) -> dict:
 
     ``theta[i]`` has ``sizes[i]`` values (position 1 = the largest value of each dimension). A
     pooling without learned coefficients (avg, max, …) or whose weights depend on the feature values
-    gets empty lists and its name.
+    gets empty lists and its name. A branched pooling ("gpo+max") shows its first branch, named
+    with the branches ("GPO of gpo+max").
     """
     n_image = _set_size_of_images(model)
     image_sizes = sorted({max(2, round(n_image * f)) for f in (0.25, 0.5, 0.8, 1.0)})
     out = {}
     for modality, pool, sizes in (("image", getattr(model.image_head, "gpool", None), image_sizes),
                                   ("text", getattr(model.text, "gpool", None), list(TEXT_SET_SIZES))):
-        entry = {"pooling": type(pool).__name__, "sizes": [], "theta": []}
+        name = type(pool).__name__
+        if isinstance(pool, BranchPool):
+            name, pool = f"{type(pool.branches[0]).__name__} of {'+'.join(pool.names)}", pool.branches[0]
+        entry = {"pooling": name, "sizes": [], "theta": []}
         theta = _learned_coefficients(pool, sizes)
         if theta is not None:
             entry["sizes"] = sizes

@@ -122,7 +122,8 @@ def plot_model_pooling(model, out: str | Path, image_sizes: list[int] | None = N
             theta = pooling_coefficients(pool, sizes)
         except ValueError as exc:
             raise ValueError(f"{side} pooling {name!r}: {exc}") from None
-        panels.append((f"{side} ({name})", theta, sizes))
+        shown = f"{name.split('+')[0].strip()} branch of {name}" if "+" in name else name
+        panels.append((f"{side} ({shown})", theta, sizes))
     title = None
     metrics = getattr(model, "metrics", None) or {}
     if "rsum" in metrics:
