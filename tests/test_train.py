@@ -396,3 +396,27 @@ def test_pooling_lr_mult_puts_the_pooling_layers_in_their_own_group():
     expected = {id(p) for name, p in model.named_parameters() if ".gpool." in name}
     assert pooling_ids == expected and len(expected) > 0
     assert not pooling_ids & {id(p) for p in groups["heads"]["params"]}
+
+
+def test_a_branched_model_trains_with_one_loss_per_branch_and_saves(flickr8k_root, tmp_path, use_cache, monkeypatch):
+    """`gpo+max` on both sides (the bundled model's recipe): the loss gets the branch count, and the
+    saved model embeds two unit halves."""
+    built = []
+    original = VSELoss.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self.branches)
+
+    monkeypatch.setattr(VSELoss, "__init__", spy)
+    cfg = slice_config(flickr8k_root, max_train_images=40, max_val_images=20, epochs=2, lr_decay_epoch=1,
+                       max_steps_per_epoch=3, batch_size=16, image_pooling="gpo+max", text_pooling="gpo+max")
+    metrics = train(cfg, tmp_path / "run", progress=False)
+    assert built == [2] and metrics["rsum"] > 0
+    import vseinf
+
+    model = vseinf.load_model(tmp_path / "run" / "best")
+    emb = model.encode_texts(["a dog runs", "two people"])
+    assert emb.shape == (2, 512)
+    halves = emb.reshape(2, 2, 256).norm(dim=-1)
+    torch.testing.assert_close(halves, torch.full((2, 2), 2 ** -0.5))
