@@ -398,9 +398,10 @@ def test_pooling_lr_mult_puts_the_pooling_layers_in_their_own_group():
     assert not pooling_ids & {id(p) for p in groups["heads"]["params"]}
 
 
-def test_a_branched_model_trains_with_one_loss_per_branch_and_saves(flickr8k_root, tmp_path, use_cache, monkeypatch):
+def test_a_branched_model_trains_with_one_loss_per_branch_and_saves(flickr8k_root, tmp_path, use_cache, monkeypatch,
+                                                                    capsys):
     """`gpo+max` on both sides (the bundled model's recipe): the loss gets the branch count, and the
-    saved model embeds two unit halves."""
+    saved model embeds two unit halves. A 3-step warm-up is flagged as too short."""
     built = []
     original = VSELoss.__init__
 
@@ -413,6 +414,7 @@ def test_a_branched_model_trains_with_one_loss_per_branch_and_saves(flickr8k_roo
                        max_steps_per_epoch=3, batch_size=16, image_pooling="gpo+max", text_pooling="gpo+max")
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert built == [2] and metrics["rsum"] > 0
+    assert "warning: the warm-up is only 3 steps" in capsys.readouterr().out
     import vseinf
 
     model = vseinf.load_model(tmp_path / "run" / "best")
