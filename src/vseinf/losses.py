@@ -316,7 +316,8 @@ class VSELoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, margin={self.margin}" + (f", branches={self.branches}" if self.branches > 1 else "")
+        branches = f", branches={self.branches}" if self.branches > 1 else ""
+        return f"kind={self.kind!r}, margin={self.margin}{branches}"
 
 
 # ---------------------------------------------------------------------------------------------

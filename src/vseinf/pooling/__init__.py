@@ -13,8 +13,9 @@ padding. ``build_pooling(name, dim)`` makes one by its registered name.
 Modules: ``gpo`` (the paper's GPO, one screen), ``kernels`` (the sort-and-sum and BiGRU fast paths
 it calls, beside their slow twins), ``reference`` (``GPOReference``, the test oracle), ``variants``
 (GPO's supplementary variants), ``fixed`` (avg, max, K-max, first element), ``baselines`` (the
-study's other learned aggregators), ``branches`` (several poolings side by side: "gpo+max"), ``augment`` (set-size augmentation), ``functional`` (masks,
-checks), ``registry``, ``coefficients`` (θ over sorted positions for given set sizes, for plots).
+study's other learned aggregators), ``branches`` (several poolings side by side: "gpo+max"),
+``augment`` (set-size augmentation), ``functional`` (masks, checks), ``registry``,
+``coefficients`` (θ over sorted positions for given set sizes, for plots).
 The package imports nothing else from vseinf: it is a plug-and-play layer.
 """
 
@@ -41,5 +42,6 @@ __all__ = [
     "AvgPool", "MaxPool", "KMaxPool", "ClsPool", "GeMPool", "FSPool", "SelfAttentionPool",
     "InterpolatedIndexPool", "SinCosMLPPool", "IndexBiGRUPool",
     "rank_weighted_sum", "rank_weighted_sum_reference", "host_rand", "size_augment",
-    "BranchPool", "split_branches", "register_pooling", "build_pooling", "pooling_names", "POOLING_NAMES", "pooling_coefficients",
+    "BranchPool", "split_branches",
+    "register_pooling", "build_pooling", "pooling_names", "POOLING_NAMES", "pooling_coefficients",
 ]
