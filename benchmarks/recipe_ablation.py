@@ -64,6 +64,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "gpo+max+avg": ("GPO, max and average-pooling branches side by side on both sides (3 × 1024-d)",
                     ["--model.image_pooling", "gpo+max+avg", "--model.text_pooling", "gpo+max+avg",
                      "--model.embed_dim", "3072"]),
+    "gpo+max-seed1": ("gpo+max, seed 1", ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max",
+                                          "--model.embed_dim", "2048", "--train.seed", "1"]),
+    "gpo+max-5ep": ("gpo+max, 5 epochs, lr ÷ 10 for the last two",
+                    ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max", "--model.embed_dim", "2048",
+                     "--train.epochs", "5"]),
     # Fine-tuning as the paper does (text at 0.1x lr; the CNN end to end from epoch 2 at 0.1x, BatchNorm
     # frozen, on live 224-px photos with crops and flips). Each sees ~one caption per image an epoch
     # (47 steps of 128) to fit this CPU.
