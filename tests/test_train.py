@@ -422,3 +422,43 @@ def test_a_branched_model_trains_with_one_loss_per_branch_and_saves(flickr8k_roo
     assert emb.shape == (2, 512)
     halves = emb.reshape(2, 2, 256).norm(dim=-1)
     torch.testing.assert_close(halves, torch.full((2, 2), 2 ** -0.5))
+
+
+def test_init_from_starts_the_run_from_a_saved_model(trained_run, flickr8k_root, tmp_path, use_cache):
+    run, metrics = trained_run
+    # With a vanishing lr nothing moves: the new run's validation is the saved model's, to the digit
+    # (a run from scratch would score far lower after one step).
+    cfg = slice_config(flickr8k_root, epochs=1, lr=1e-12, weight_decay=0, max_steps_per_epoch=1,
+                       init_from=str(run / "best"), warmup_epochs=0)
+    again = train(cfg, tmp_path / "again", progress=False)
+    assert again["rsum"] == pytest.approx(metrics["rsum"], abs=1e-6)
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["train"]["init_from"] == str((run / "best").resolve())
+
+
+def test_init_from_fine_tunes_the_cnn_of_a_cached_feature_model(trained_run, flickr8k_root, tmp_path, use_cache):
+    run, _ = trained_run
+    cfg = slice_config(flickr8k_root, max_train_images=40, max_val_images=20, epochs=1, max_steps_per_epoch=2,
+                       batch_size=16, image_size=96, finetune_backbone="true", freeze_backbone_epochs=0,
+                       warmup_epochs=0, init_from=str(run / "best"))
+    train(cfg, tmp_path / "ft", progress=False)
+    start = load_file(str(run / "best" / "model.safetensors"))
+    state = load_file(str(tmp_path / "ft" / "last" / "model.safetensors"))
+    assert "image.backbone.features.18.0.weight" in state  # the CNN trained, so it is stored
+    assert "image.backbone.features.18.0.weight" not in start
+    # the heads went on from the saved ones (a fresh head would be ~1 away in relative terms)
+    key = next(k for k in start if k.startswith("image.") and k.endswith("weight") and start[k].dim() == 2)
+    assert (state[key] - start[key]).norm() < 0.1 * start[key].norm()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"embed_dim": 256}, "model.embed_dim=512"),
+    ({"text_pooling": "max"}, "model.text_pooling='gpo'"),
+    ({"init_from": "{tmp}/nothing"}, "train.init_from"),
+])
+def test_init_from_refuses_what_does_not_fit(trained_run, flickr8k_root, tmp_path, use_cache, override, message):
+    run, _ = trained_run
+    pairs = {"epochs": 1, "max_steps_per_epoch": 1, "init_from": str(run / "best"), **override}
+    pairs["init_from"] = pairs["init_from"].replace("{tmp}", str(tmp_path))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train(slice_config(flickr8k_root, **pairs), tmp_path / "r", progress=False)

@@ -113,6 +113,9 @@ class TrainConfig:
         finetune_backbone: train the CNN after ``freeze_backbone_epochs`` (needs live images).
         freeze_backbone_epochs: epochs with the CNN frozen (paper: 1).
         finetune_text: train the text transformer (off for the cached recipe).
+        init_from: a saved model (a run's ``best/`` or ``last/``) whose weights start this run; the
+            optimizer and schedule start fresh. E.g. fine-tune the CNN of a model trained on cached
+            features. Empty: heads from scratch, backbones from their pretrained weights.
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the hardware multiplies it
             natively — CUDA, AVX-512 BF16/AMX CPUs —, else fp32; see ``vseinf.precision``).
         seed: random seed.
@@ -141,6 +144,7 @@ class TrainConfig:
     finetune_backbone: bool = False
     freeze_backbone_epochs: int = 1
     finetune_text: bool = False
+    init_from: str = ""
     precision: str = "fp32"
     seed: int = 0
     eval_every: int = 1

@@ -65,6 +65,8 @@ from .state import (
     _restore,
     _save_last,
     augmentation_rngs,
+    init_vocabulary,
+    init_weights,
     reproducible,
     seed_everything,
     thread_count,
@@ -142,11 +144,18 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
     if cfg.model.text_encoder == "bigru":
         if resume:
             vocab = json.loads((run_dir / "last" / "config.json").read_text()).get("text.vocab")
+        elif t.init_from:
+            vocab = init_vocabulary(t.init_from)
         else:
             vocab = Vocabulary.build(train_split.captions).words
     model = build_model(cfg, vocab=vocab).to(device)
-    if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume:
+    if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume and not t.init_from:
         model.text.init_from_glove(model.vocab)
+    if t.init_from and not resume:  # a resumed run's last/ holds the weights it went on from
+        metrics = init_weights(model, t.init_from)
+        if world.main:
+            score = f" (val RSUM {metrics['rsum']:.1f})" if metrics and "rsum" in metrics else ""
+            print(f"starting from the weights of {t.init_from}{score}")
     if world.main:
         items = "videos" if cfg.model.image_encoder == "frames" else "images"
         print(f"train: {train_split.n_images} {items}, {train_split.n_captions} captions; "

@@ -16,12 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.deterministic as deterministic
+from torch import nn
 
 from ..config import RunConfig, config_from_dict
 from ..data.splits import resolve_data_path
 from ..distributed import World
 from ..model import save_model
 from ..model.checkpoint import (
+    CheckpointError,
+    check_shapes,
     load_checkpoint,
     load_trainer_state,
     optimizer_from_flat,
@@ -60,10 +63,57 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool | str, world: Worl
     if cfg.data.path:  # stored resolved: `vseinf eval --checkpoint RUN` works from any folder
         cfg.data.path = resolve_data_path(cfg.data.path, "data.path" if not resume else
                                           f"data.path of {run_dir / 'config.json'}")
+    if cfg.train.init_from and not resume:  # stored absolute: the run resumes from any folder
+        cfg.train.init_from = str(Path(cfg.train.init_from).resolve())
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg, bool(resume)
+
+
+# Model fields that decide the weights' layout: a checkpoint starts a run only where they agree.
+ARCHITECTURE_FIELDS = ("image_encoder", "backbone", "feature_dim", "text_encoder", "text_model", "word_dim",
+                       "embed_dim", "grid_mlp", "image_pooling", "text_pooling")
+
+
+def init_vocabulary(path: str | Path) -> list[str] | None:
+    """The BiGRU vocabulary of the checkpoint ``train.init_from`` names (None for other text towers):
+    its word embeddings are indexed by it, so the run must use it rather than build its own."""
+    try:
+        _, config, _ = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ValueError(f"train.init_from: {exc}") from None
+    return config.get("text.vocab")
+
+
+def init_weights(model: nn.Module, path: str | Path) -> dict | None:
+    """Start ``model`` from a saved model's weights (``train.init_from``); the optimizer, schedule and
+    counters start fresh. The usual use: fine-tune the CNN or the text transformer of a model first
+    trained on cached features (the paper's frozen first epoch, made cheap). Returns the checkpoint's
+    metrics (None if it has none).
+
+    Raises ValueError naming the field when the checkpoint's architecture differs from the run's."""
+    where = f"train.init_from ({path})"
+    try:
+        state, config, metrics = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ValueError(f"train.init_from: {exc}") from None
+    saved = config.get("model", {})
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved and saved[name] != getattr(model.config, name):
+            raise ValueError(f"{where}: that model has model.{name}={saved[name]!r}, this run "
+                             f"{getattr(model.config, name)!r}; the weights only fit the same architecture")
+    state = upgrade_state_dict(state)
+    check_shapes(model.state_dict(), state, where, saved)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    skipped = tuple(config.get("stored_prefixes_skipped", []))
+    # Frozen pretrained parts were not stored (the model keeps its freshly loaded copies); InfoNCE's
+    # temperature exists only in models trained with it.
+    missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
+    if missing or unexpected:
+        raise ValueError(f"{where}: the checkpoint does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return metrics
 
 
 def seed_everything(seed: int) -> None:
