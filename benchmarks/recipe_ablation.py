@@ -24,6 +24,13 @@ from _report import emit  # benchmarks/_report.py
 HERE = Path(__file__).resolve().parent
 MAX = ["--model.image_pooling", "max", "--model.text_pooling", "max"]
 AVG = ["--model.image_pooling", "avg", "--model.text_pooling", "avg"]
+GPO_MAX = ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max", "--model.embed_dim", "2048"]
+# Stage 2 of a fine-tuning row: start from the gpo+max row's model (trained on cached features, the
+# paper's frozen first epochs made cheap), then one epoch with the backbone(s) training at 5e-5 (the
+# paper's 0.1 x 5e-4) and the heads at the rate they finished at. "{runs}" is this script's --runs.
+STAGE2 = GPO_MAX + ["--train.init_from", "{runs}/gpo+max/best", "--train.epochs", "1", "--train.warmup_epochs", "0",
+                    "--train.lr", "5e-5", "--train.backbone_lr_mult", "1", "--train.text_backbone_lr_mult", "1",
+                    "--train.freeze_backbone_epochs", "0"]
 
 # name → (what changes, arguments). "baseline:" rows run the reference trainer instead of vseinf.
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -64,11 +71,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "gpo+max+avg": ("GPO, max and average-pooling branches side by side on both sides (3 × 1024-d)",
                     ["--model.image_pooling", "gpo+max+avg", "--model.text_pooling", "gpo+max+avg",
                      "--model.embed_dim", "3072"]),
-    "gpo+max-seed1": ("gpo+max, seed 1", ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max",
-                                          "--model.embed_dim", "2048", "--train.seed", "1"]),
-    "gpo+max-5ep": ("gpo+max, 5 epochs, lr ÷ 10 for the last two",
-                    ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max", "--model.embed_dim", "2048",
-                     "--train.epochs", "5"]),
+    "gpo+max-seed1": ("gpo+max, seed 1", GPO_MAX + ["--train.seed", "1"]),
+    "gpo+max-5ep": ("gpo+max, 5 epochs, lr ÷ 10 for the last two", GPO_MAX + ["--train.epochs", "5"]),
+    "gpo+max-effnet": ("gpo+max on EfficientNet-Lite0 grids instead of MobileNetV2's",
+                       GPO_MAX + ["--model.backbone", "efficientnet_lite0"]),
     # Fine-tuning as the paper does (text at 0.1x lr; the CNN end to end from epoch 2 at 0.1x, BatchNorm
     # frozen, on live 224-px photos with crops and flips). Each sees ~one caption per image an epoch
     # (47 steps of 128) to fit this CPU.
@@ -87,11 +93,23 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "ft-cnn-effnet": ("GPO/GPO, EfficientNet-Lite0 fine-tuned from epoch 2, 47 steps an epoch",
                       ["--model.backbone", "efficientnet_lite0", "--train.finetune_backbone", "true",
                        "--train.max_steps_per_epoch", "47"]),
+    # Two stages: gpo+max on cached features (the row above), then the backbones fine-tuned from it.
+    "ft-text-stage2": ("gpo+max, then MiniLM fine-tuned for one epoch (234 steps, every caption once)",
+                       STAGE2 + ["--train.finetune_text", "true"]),
+    "ft-cnn-stage2": ("gpo+max, then MobileNetV2 fine-tuned on live photos (crops, flips) for 47 steps",
+                      STAGE2 + ["--train.finetune_backbone", "true", "--train.max_steps_per_epoch", "47"]),
+    "ft-both-stage2": ("gpo+max, then MiniLM and MobileNetV2 fine-tuned for 47 steps",
+                       STAGE2 + ["--train.finetune_text", "true", "--train.finetune_backbone", "true",
+                                 "--train.max_steps_per_epoch", "47"]),
+    "ft-cnn-effnet-stage2": ("gpo+max-effnet, then EfficientNet-Lite0 fine-tuned for 47 steps",
+                             [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2]
+                             + ["--model.backbone", "efficientnet_lite0", "--train.finetune_backbone", "true",
+                                "--train.max_steps_per_epoch", "47"]),
 }
 
 
 def command(name: str, run_dir: Path, config: str) -> list[str]:
-    args = ROWS[name][1]
+    args = [a.replace("{runs}", str(run_dir.parent)) for a in ROWS[name][1]]
     if args and args[0] == "baseline:":
         return [sys.executable, str(HERE / "baseline_trainer.py"), "--config", config,
                 "--json", str(run_dir / "metrics.json"), *args[1:]]
