@@ -96,6 +96,19 @@ def evaluate(img_tower, txt_tower, img, img_len, txt, txt_len, t2i) -> dict:
     return retrieval_metrics(ie @ te.T, t2i)
 
 
+def caption_order(cap2img: torch.Tensor, order: str, gen: torch.Generator) -> torch.Tensor:
+    """The epoch's captions in training order (see --order); both orders use every caption once."""
+    if order == "captions":
+        return torch.randperm(len(cap2img), generator=gen)
+    grouped = torch.randperm(len(cap2img), generator=gen)
+    grouped = grouped[torch.argsort(cap2img[grouped], stable=True)]  # by photo, shuffled within one
+    photo = cap2img[grouped]
+    counts = torch.bincount(photo)
+    rank = torch.arange(len(photo)) - (torch.cumsum(counts, 0) - counts)[photo]  # the caption's round
+    photo_key = torch.rand(len(counts), generator=gen)[photo]  # photos in a new random order each epoch
+    return grouped[torch.argsort(rank + photo_key)]  # round first (photo_key < 1), then the photos
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/flickr8k.yaml")
@@ -105,6 +118,10 @@ def main() -> None:
     p.add_argument("--mask-same-image", action="store_true", help="captions of one image are not negatives")
     p.add_argument("--no-special-tokens", action="store_true",
                    help="pool the caption's word pieces only, without [CLS] and [SEP]")
+    p.add_argument("--order", choices=["captions", "images"], default="captions",
+                   help="captions: every caption once an epoch, shuffled (vseinf's order); images: rounds "
+                        "that take every photo once with one of its unused captions, so a batch never holds "
+                        "a photo twice")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--decay-epoch", type=int, default=3)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -137,7 +154,7 @@ def main() -> None:
     for epoch in range(args.epochs):
         for group in opt.param_groups:
             group["lr"] = args.lr * (0.1 if epoch >= args.decay_epoch else 1.0)
-        order = torch.randperm(len(cap2img), generator=gen)
+        order = caption_order(cap2img, args.order, gen)
         losses = []
         for s in range(len(order) // args.batch_size):
             caps = order[s * args.batch_size:(s + 1) * args.batch_size]

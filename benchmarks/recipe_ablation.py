@@ -44,6 +44,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                             ["baseline:", "--pool", "max", "--mask-same-image", "--seed", "1"]),
     "baseline-no-special-seed1": ("reference trainer without [CLS] and [SEP], seed 1",
                                   ["baseline:", "--pool", "max", "--no-special-tokens", "--seed", "1"]),
+    "baseline-image-order": ("reference trainer, batches drawn photo by photo (every photo once a round, with one "
+                             "of its unused captions) instead of shuffled captions", ["baseline:", "--pool", "max",
+                                                                                       "--order", "images"]),
+    "baseline-image-order-seed1": ("the same, seed 1", ["baseline:", "--pool", "max", "--order", "images",
+                                                        "--seed", "1"]),
     "xavier-max": ("vseinf max/max with the authors' Xavier head init (the old default)",
                    MAX + ["--model.head_init", "xavier"]),
     "fixed-max": ("vseinf max/max, PyTorch's head init (the new default)", MAX),
