@@ -106,6 +106,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "ft-both-stage2": ("gpo+max, then MiniLM and MobileNetV2 fine-tuned for 47 steps",
                        STAGE2 + ["--train.finetune_text", "true", "--train.finetune_backbone", "true",
                                  "--train.max_steps_per_epoch", "47"]),
+    "ft-text-effnet-stage2": ("gpo+max-effnet, then MiniLM fine-tuned for one epoch (234 steps)",
+                              [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2]
+                              + ["--model.backbone", "efficientnet_lite0", "--train.finetune_text", "true"]),
     "ft-cnn-effnet-stage2": ("gpo+max-effnet, then EfficientNet-Lite0 fine-tuned for 47 steps",
                              [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2]
                              + ["--model.backbone", "efficientnet_lite0", "--train.finetune_backbone", "true",
