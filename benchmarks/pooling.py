@@ -33,7 +33,7 @@ from _report import emit  # benchmarks/ is on sys.path when run as a script
 import vseinf
 from vseinf.pooling import GPO, AvgPool, GPOReference, MaxPool, check_set_batch, kernels, valid_mask
 
-BUNDLED = Path(vseinf.__file__).resolve().parent / "assets" / "flickr8k_mobilenet_minilm" / "model.safetensors"
+BUNDLED = Path(vseinf.__file__).resolve().parent / "assets" / "flickr8k_effnet_minilm" / "model.safetensors"
 BUNDLED_IMAGE_GPO = "image.image_encoder.gpool."
 
 

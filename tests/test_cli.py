@@ -366,7 +366,7 @@ def test_version_and_no_loading_bar(tmp_path):
     proc = vseinf("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"vseinf {package.__version__}"
     # loading the bundled model (MiniLM through transformers) prints no "Loading weights" bar
-    proc = vseinf("plot-pooling", str(REPO / "src" / "vseinf" / "assets" / "flickr8k_mobilenet_minilm"),
+    proc = vseinf("plot-pooling", str(REPO / "src" / "vseinf" / "assets" / "flickr8k_effnet_minilm"),
                   "--out", str(tmp_path / "gpo.png"))
     assert proc.returncode == 0, proc.stderr
     assert "Loading weights" not in proc.stderr + proc.stdout and proc.stderr.strip() == ""

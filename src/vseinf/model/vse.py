@@ -44,7 +44,7 @@ from ..encoders.text import (
 from ..losses import DEFAULT_LOGIT_SCALE
 from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "flickr8k_mobilenet_minilm"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "flickr8k_effnet_minilm"
 VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
 # model.text_model value meaning "BERT-base built from its config; its weights are in the checkpoint"
 # (the authors' released models, imported by ``vseinf convert``: there is no BERT-base folder here).
