@@ -104,7 +104,7 @@ def test_bundled_model_ranks_each_curated_photo_first(tmp_path):
     import vseinf
 
     lines = []
-    answers = demo.run_demo_session(vseinf.load_model(), workdir=tmp_path, k=2, progress=False, echo=lines.append,
+    answers = demo.run_demo_session(vseinf.load_model(), workdir=tmp_path, k=1, progress=False, echo=lines.append,
                                     limit_example=demo.LIMIT_EXAMPLE)
     for query, expected in demo.EXAMPLES:
         assert answers[query][0]["path"] in expected, (query, answers[query])
