@@ -483,17 +483,27 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         state = {k: v for k, v in state.items() if k.startswith("text.")}
     else:
         model = build_model(run_config, vocab=vocab, pretrained=True)
-    check_shapes(model.state_dict(), state, str(path / "model.safetensors"), dataclasses.asdict(run_config.model))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Older InfoNCE checkpoints kept the temperature with the loss; embedding does not need it.
-    missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    load_stored_weights(model, state, skipped, path, dataclasses.asdict(run_config.model))
     model.run_config = run_config
     model.metrics = metrics
     model.checkpoint_path = path
     return model.to(device).eval()
+
+
+def load_stored_weights(model: nn.Module, state: dict, skipped: tuple[str, ...], path: Path,
+                        model_config: dict) -> None:
+    """Load a checkpoint's tensors (``state``, upgraded) into ``model``, which keeps its own copies of
+    the frozen pretrained parts that were not stored (``skipped`` prefixes). Raises CheckpointError
+    naming the checkpoint ``path`` for a tensor of the wrong shape, a stored tensor the model has no
+    place for, or one it needs that is missing."""
+    check_shapes(model.state_dict(), state, str(path / "model.safetensors"), model_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Older InfoNCE checkpoints kept the temperature with the loss; embedding does not need it, and
+    # models trained with another loss have none.
+    missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
 
 
 def _string_list(value, path: Path, key: str) -> list[str] | None:

@@ -65,8 +65,8 @@ from .state import (
     _restore,
     _save_last,
     augmentation_rngs,
-    init_vocabulary,
     init_weights,
+    read_init_checkpoint,
     reproducible,
     seed_everything,
     thread_count,
@@ -141,18 +141,20 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
     seed_everything(t.seed)
     train_split, val_split = load_splits(cfg)
     vocab = None
+    init = read_init_checkpoint(t.init_from) if t.init_from and not resume else None
     if cfg.model.text_encoder == "bigru":
         if resume:
             vocab = json.loads((run_dir / "last" / "config.json").read_text()).get("text.vocab")
-        elif t.init_from:
-            vocab = init_vocabulary(t.init_from)
+        elif init:
+            vocab = init[1].get("text.vocab")
         else:
             vocab = Vocabulary.build(train_split.captions).words
     model = build_model(cfg, vocab=vocab).to(device)
-    if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume and not t.init_from:
+    if cfg.model.text_encoder == "bigru" and cfg.model.glove and not resume and not init:
         model.text.init_from_glove(model.vocab)
-    if t.init_from and not resume:  # a resumed run's last/ holds the weights it went on from
-        metrics = init_weights(model, t.init_from)
+    if init:  # not on a resume: the run's last/ holds the weights it went on from
+        init_weights(model, t.init_from, init)
+        metrics = init[2]
         if world.main:
             score = f" (val RSUM {metrics['rsum']:.1f})" if metrics and "rsum" in metrics else ""
             print(f"starting from the weights of {t.init_from}{score}")

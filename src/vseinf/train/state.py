@@ -24,13 +24,13 @@ from ..distributed import World
 from ..model import save_model
 from ..model.checkpoint import (
     CheckpointError,
-    check_shapes,
     load_checkpoint,
     load_trainer_state,
     optimizer_from_flat,
     optimizer_to_flat,
     upgrade_state_dict,
 )
+from ..model.vse import load_stored_weights
 
 if TYPE_CHECKING:  # a type only: the loop imports this module
     from .loop import TrainingRun
@@ -76,44 +76,34 @@ ARCHITECTURE_FIELDS = ("image_encoder", "backbone", "feature_dim", "text_encoder
                        "embed_dim", "grid_mlp", "image_pooling", "text_pooling")
 
 
-def init_vocabulary(path: str | Path) -> list[str] | None:
-    """The BiGRU vocabulary of the checkpoint ``train.init_from`` names (None for other text towers):
-    its word embeddings are indexed by it, so the run must use it rather than build its own."""
+def read_init_checkpoint(path: str | Path) -> tuple[dict, dict, dict | None]:
+    """``(tensors, config, metrics)`` of the saved model ``train.init_from`` names, read once: the
+    BiGRU vocabulary comes from its config (the word embeddings are indexed by it), the weights from
+    its tensors (:func:`init_weights`)."""
     try:
-        _, config, _ = load_checkpoint(path)
+        return load_checkpoint(path)
     except CheckpointError as exc:
         raise ValueError(f"train.init_from: {exc}") from None
-    return config.get("text.vocab")
 
 
-def init_weights(model: nn.Module, path: str | Path) -> dict | None:
-    """Start ``model`` from a saved model's weights (``train.init_from``); the optimizer, schedule and
-    counters start fresh. The usual use: fine-tune the CNN or the text transformer of a model first
-    trained on cached features (the paper's frozen first epoch, made cheap). Returns the checkpoint's
-    metrics (None if it has none).
+def init_weights(model: nn.Module, path: str | Path, checkpoint: tuple[dict, dict, dict | None]) -> None:
+    """Start ``model`` from a saved model's weights (``train.init_from``, read by
+    :func:`read_init_checkpoint`); the optimizer, schedule and counters start fresh. The usual use:
+    fine-tune the CNN or the text transformer of a model first trained on cached features (the
+    paper's frozen first epoch, made cheap).
 
     Raises ValueError naming the field when the checkpoint's architecture differs from the run's."""
-    where = f"train.init_from ({path})"
-    try:
-        state, config, metrics = load_checkpoint(path)
-    except CheckpointError as exc:
-        raise ValueError(f"train.init_from: {exc}") from None
+    state, config, _ = checkpoint
     saved = config.get("model", {})
     for name in ARCHITECTURE_FIELDS:
         if name in saved and saved[name] != getattr(model.config, name):
-            raise ValueError(f"{where}: that model has model.{name}={saved[name]!r}, this run "
-                             f"{getattr(model.config, name)!r}; the weights only fit the same architecture")
-    state = upgrade_state_dict(state)
-    check_shapes(model.state_dict(), state, where, saved)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            raise ValueError(f"train.init_from ({path}): that model has model.{name}={saved[name]!r}, this "
+                             f"run {getattr(model.config, name)!r}; the weights only fit the same architecture")
     skipped = tuple(config.get("stored_prefixes_skipped", []))
-    # Frozen pretrained parts were not stored (the model keeps its freshly loaded copies); InfoNCE's
-    # temperature exists only in models trained with it.
-    missing = [k for k in missing if not k.startswith(skipped) and k != "logit_scale"]
-    if missing or unexpected:
-        raise ValueError(f"{where}: the checkpoint does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return metrics
+    try:
+        load_stored_weights(model, upgrade_state_dict(state), skipped, Path(path), saved)
+    except CheckpointError as exc:
+        raise ValueError(f"train.init_from: {exc}") from None
 
 
 def seed_everything(seed: int) -> None:
