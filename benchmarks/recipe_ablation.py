@@ -31,6 +31,7 @@ GPO_MAX = ["--model.image_pooling", "gpo+max", "--model.text_pooling", "gpo+max"
 STAGE2 = GPO_MAX + ["--train.init_from", "{runs}/gpo+max/best", "--train.epochs", "1", "--train.warmup_epochs", "0",
                     "--train.lr", "5e-5", "--train.backbone_lr_mult", "1", "--train.text_backbone_lr_mult", "1",
                     "--train.freeze_backbone_epochs", "0"]
+STAGE2_EFFNET = [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2] + ["--model.backbone", "efficientnet_lite0"]
 
 # name → (what changes, arguments). "baseline:" rows run the reference trainer instead of vseinf.
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -107,12 +108,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                        STAGE2 + ["--train.finetune_text", "true", "--train.finetune_backbone", "true",
                                  "--train.max_steps_per_epoch", "47"]),
     "ft-text-effnet-stage2": ("gpo+max-effnet, then MiniLM fine-tuned for one epoch (234 steps)",
-                              [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2]
-                              + ["--model.backbone", "efficientnet_lite0", "--train.finetune_text", "true"]),
+                              STAGE2_EFFNET + ["--train.finetune_text", "true"]),
     "ft-cnn-effnet-stage2": ("gpo+max-effnet, then EfficientNet-Lite0 fine-tuned for 47 steps",
-                             [a.replace("gpo+max/", "gpo+max-effnet/") for a in STAGE2]
-                             + ["--model.backbone", "efficientnet_lite0", "--train.finetune_backbone", "true",
-                                "--train.max_steps_per_epoch", "47"]),
+                             STAGE2_EFFNET + ["--train.finetune_backbone", "true", "--train.max_steps_per_epoch", "47"]),
 }
 
 
