@@ -451,6 +451,30 @@ def test_init_from_fine_tunes_the_cnn_of_a_cached_feature_model(trained_run, fli
     assert (state[key] - start[key]).norm() < 0.1 * start[key].norm()
 
 
+@pytest.mark.parametrize("train_embeddings", [True, False])
+def test_text_fine_tuning_stores_what_it_trained(trained_run, flickr8k_root, tmp_path, use_cache, train_embeddings):
+    from vseinf.model import build_model, load_model
+
+    run, _ = trained_run
+    cfg = slice_config(flickr8k_root, max_train_images=40, max_val_images=20, epochs=1, max_steps_per_epoch=2,
+                       batch_size=16, warmup_epochs=0, lr=1e-3, text_backbone_lr_mult=1, finetune_text="true",
+                       text_train_embeddings=str(train_embeddings).lower(), init_from=str(run / "best"))
+    train(cfg, tmp_path / "ft", progress=False)
+    state = load_file(str(tmp_path / "ft" / "last" / "model.safetensors"))
+    pretrained = build_model(cfg).state_dict()
+    layer, words = "text.bert.encoder.layer.5.output.dense.weight", "text.bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(state[layer], pretrained[layer])  # the transformer trained and is stored
+    loaded = load_model(tmp_path / "ft" / "last").state_dict()
+    assert torch.equal(loaded[layer], state[layer])
+    if train_embeddings:
+        assert not torch.equal(state[words], pretrained[words])
+    else:  # left at the package's values: not stored, and rebuilt from the package on load
+        assert not any(k.startswith("text.bert.embeddings.") for k in state)
+        saved = json.loads((tmp_path / "ft" / "last" / "config.json").read_text())
+        assert "text.bert.embeddings." in saved["stored_prefixes_skipped"]
+        assert torch.equal(loaded[words], pretrained[words])
+
+
 @pytest.mark.parametrize("override, message", [
     ({"embed_dim": 256}, "model.embed_dim=512"),
     ({"text_pooling": "max"}, "model.text_pooling='gpo'"),

@@ -113,6 +113,10 @@ class TrainConfig:
         finetune_backbone: train the CNN after ``freeze_backbone_epochs`` (needs live images).
         freeze_backbone_epochs: epochs with the CNN frozen (paper: 1).
         finetune_text: train the text transformer (off for the cached recipe).
+        text_train_embeddings: with ``finetune_text``, train the transformer's token and position
+            embeddings too (paper: yes). Off, they stay at their pretrained values and the checkpoint
+            stores only the transformer's layers: for MiniLM 21 MB fp16 instead of 45 MB, at the same
+            recall on Flickr8k (315.2 with them reset after training vs 315.1).
         init_from: a saved model (a run's ``best/`` or ``last/``) whose weights start this run; the
             optimizer and schedule start fresh. E.g. fine-tune the CNN of a model trained on cached
             features. Empty: heads from scratch, backbones from their pretrained weights.
@@ -144,6 +148,7 @@ class TrainConfig:
     finetune_backbone: bool = False
     freeze_backbone_epochs: int = 1
     finetune_text: bool = False
+    text_train_embeddings: bool = True
     init_from: str = ""
     precision: str = "fp32"
     seed: int = 0

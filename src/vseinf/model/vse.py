@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import ModelConfig, RunConfig, config_from_dict
+from ..config import ModelConfig, RunConfig, TrainConfig, config_from_dict
 from ..encoders.bert_lite import lite_transformer_folder, load_lite_transformer
 from ..encoders.text import (
     BERT_BASE_CONFIG,
@@ -45,6 +45,9 @@ from ..losses import DEFAULT_LOGIT_SCALE
 from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "flickr8k_effnet_minilm"
+# The text transformer's token/position embeddings: left at their pretrained values (and not stored)
+# when a run fine-tunes the transformer with train.text_train_embeddings off.
+TEXT_EMBEDDINGS = "text.bert.embeddings."
 VOCAB_KEY = "text.vocab"  # BiGRU vocabulary, stored in the config JSON
 # model.text_model value meaning "BERT-base built from its config; its weights are in the checkpoint"
 # (the authors' released models, imported by ``vseinf convert``: there is no BERT-base folder here).
@@ -216,6 +219,12 @@ class VSEModel(nn.Module):
         if self.config.image_encoder == "grid":
             self.image.set_backbone_trainable(trainable)
 
+    def set_text_embeddings_trainable(self, trainable: bool) -> None:
+        """Freeze (False) or unfreeze (True) the text transformer's token and position embeddings."""
+        for name, p in self.named_parameters():
+            if name.startswith(TEXT_EMBEDDINGS):
+                p.requires_grad_(trainable)
+
     # -- inference API ---------------------------------------------------------------------------
 
     def image_transform(self, train: bool = False):
@@ -361,14 +370,18 @@ class VSEModel(nn.Module):
 
     # -- what a checkpoint stores ---------------------------------------------------------------
 
-    def frozen_prefixes(self, finetuned_backbone: bool, finetuned_text: bool) -> tuple[str, ...]:
-        """State-dict prefixes rebuilt from pretrained packages rather than stored."""
+    def frozen_prefixes(self, train: TrainConfig) -> tuple[str, ...]:
+        """State-dict prefixes that a run with recipe ``train`` leaves at their pretrained values, so
+        that its checkpoint rebuilds them from the installed packages rather than storing them."""
         prefixes = []
-        if self.config.image_encoder == "grid" and not finetuned_backbone:
+        if self.config.image_encoder == "grid" and not train.finetune_backbone:
             prefixes.append("image.backbone.")
-        if (self.config.text_encoder == "transformer" and not finetuned_text
-                and self.config.text_model != BERT_BASE_FROM_CHECKPOINT):  # no package to rebuild it from
-            prefixes.append("text.bert.")
+        if self.config.text_encoder == "transformer" and self.config.text_model != BERT_BASE_FROM_CHECKPOINT:
+            # (BERT-base from a checkpoint has no package to rebuild it from)
+            if not train.finetune_text:
+                prefixes.append("text.bert.")
+            elif not train.text_train_embeddings:
+                prefixes.append(TEXT_EMBEDDINGS)
         return tuple(prefixes)
 
 
@@ -453,7 +466,7 @@ def build_model(config: ModelConfig | RunConfig, vocab: Sequence[str] | None = N
 def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics: dict | None = None,
                trainer_state=None) -> Path:
     """Save the trained parts of ``model`` with the run's full config (atomically)."""
-    skip = model.frozen_prefixes(run_config.train.finetune_backbone, run_config.train.finetune_text)
+    skip = model.frozen_prefixes(run_config.train)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     config = run_config.to_dict()
     config["stored_prefixes_skipped"] = list(skip)

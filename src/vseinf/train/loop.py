@@ -158,6 +158,8 @@ def start_run(cfg: RunConfig, run_dir: Path, resume: bool, world: World, progres
         if world.main:
             score = f" (val RSUM {metrics['rsum']:.1f})" if metrics and "rsum" in metrics else ""
             print(f"starting from the weights of {t.init_from}{score}")
+    if t.finetune_text and not t.text_train_embeddings:
+        model.set_text_embeddings_trainable(False)
     if world.main:
         items = "videos" if cfg.model.image_encoder == "frames" else "images"
         print(f"train: {train_split.n_images} {items}, {train_split.n_captions} captions; "

@@ -7,6 +7,7 @@ import torch
 
 from ..config import RunConfig
 from ..model import VSEModel
+from ..model.vse import TEXT_EMBEDDINGS
 
 
 def build_optimizer(model: VSEModel, cfg: RunConfig) -> torch.optim.AdamW:
@@ -20,7 +21,7 @@ def build_optimizer(model: VSEModel, cfg: RunConfig) -> torch.optim.AdamW:
             if t.finetune_backbone:
                 backbone.append(p)
         elif name.startswith("text.bert."):
-            if t.finetune_text:
+            if t.finetune_text and (t.text_train_embeddings or not name.startswith(TEXT_EMBEDDINGS)):
                 text_backbone.append(p)
         elif ".gpool." in name and t.pooling_lr_mult != 1.0:
             pooling.append(p)
