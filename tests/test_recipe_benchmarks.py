@@ -43,3 +43,33 @@ def test_the_image_order_never_puts_a_photo_twice_in_a_round():
         assert len(set(round_.tolist())) == 600
     shuffled = cap2img[baseline_trainer.caption_order(cap2img, "captions", torch.Generator().manual_seed(0))]
     assert any(len(set(r.tolist())) < 600 for r in shuffled.view(5, 600))  # what the order avoids
+
+
+def test_bundle_model_halves_the_weights_and_checks_the_embeddings(flickr8k_root, tmp_path, monkeypatch):
+    """benchmarks/bundle_model.py: fp16 tensors, machine paths replaced, embeddings checked against
+    fp32 — and a bundle whose embeddings fp16 would move is refused, with nothing written."""
+    import json
+
+    import bundle_model
+    from safetensors.torch import load_file
+
+    from vseinf.config import ModelConfig, RunConfig
+    from vseinf.encoders.text import Vocabulary
+    from vseinf.model import build_model, save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=64, text_encoder="bigru", word_dim=32, embed_dim=32)
+    model = build_model(cfg, vocab=Vocabulary.build(["a dog runs on the grass"], min_count=1))
+    run = RunConfig(model=cfg)
+    run.data.path, run.train.init_from = str(flickr8k_root), str(tmp_path / "stage1" / "best")
+    ckpt = save_model(model, tmp_path / "ckpt", run)
+    argv = ["bundle_model.py", str(ckpt), str(tmp_path / "bundle"), "--data", str(flickr8k_root), "--images", "8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bundle_model.main() == 0
+    state = load_file(str(tmp_path / "bundle" / "model.safetensors"))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    saved = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert saved["data"]["path"] == "data/flickr8k" and saved["train"]["init_from"] == "runs/stage1/best"
+    monkeypatch.setattr(sys, "argv", argv[:2] + [str(tmp_path / "refused")] + argv[3:] + ["--min-cosine", "1.01"])
+    assert bundle_model.main() == 1
+    assert not (tmp_path / "refused").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.cache import cache_dir
-from .model import BUNDLED_DIR
+from .model import bundled_name
 from .search.build import encode_gallery, encode_texts_np
 from .search.gallery import Gallery
 
@@ -46,13 +46,14 @@ LIMIT_NOTE = ("Flickr8k's photos show people, dogs and everyday scenes, not astr
 
 EXAMPLE_QUERIES = tuple(q for q, _ in EXAMPLES) + (LIMIT_EXAMPLE[0],)
 
-# What a score is, and the range of this model's scores: measured with the bundled model on the
-# first 300 Flickr8k dev photos and their 1,500 captions (a caption against its own photo, and
-# against the other 299).
+# What a score is, and the range of each bundled model's scores: measured on the first 300 Flickr8k
+# dev photos and their 1,500 captions (a caption against its own photo, and against the other 299).
 SCORE_NOTE = ("Scores are cosine similarities (−1 … 1) between the query's embedding and each photo's; "
               "only their order within one query matters.")
-BUNDLED_SCORE_NOTE = ("With the bundled model a caption and its own photo typically score 0.15–0.39 "
-                      "(median 0.28), an unrelated photo about 0 (9 in 10 below 0.12).")
+BUNDLED_SCORE_NOTES = {
+    "flickr8k-effnet-minilm": ("With this bundled model a caption and its own photo typically score 0.15–0.39 "
+                               "(median 0.28), an unrelated photo about 0 (9 in 10 below 0.12)."),
+}
 
 
 def sample_images_dir() -> Path:
@@ -125,10 +126,9 @@ def run_demo_session(model, images: str | os.PathLike | None = None, workdir: st
     if limit_example is not None:
         asked.append(_query_and_expected(limit_example))
     vectors = encode_texts_np(model, [q for q, _ in asked])
-    checkpoint = getattr(model, "checkpoint_path", None)
-    bundled = checkpoint is not None and Path(checkpoint).resolve() == BUNDLED_DIR.resolve()
+    bundled_note = BUNDLED_SCORE_NOTES.get(bundled_name(getattr(model, "checkpoint_path", None)))
     echo("")
-    echo(textwrap.fill(SCORE_NOTE + (" " + BUNDLED_SCORE_NOTE if bundled else ""), width=100))
+    echo(textwrap.fill(SCORE_NOTE + (" " + bundled_note if bundled_note else ""), width=100))
     answers, hits, checked = {}, 0, 0
     # Every photo is ranked, so the expected photo's rank is known even when it is not in the top k.
     for n, ((query, expected), ranked) in enumerate(zip(asked, gallery.search(vectors, len(gallery)))):

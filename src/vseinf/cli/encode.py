@@ -21,7 +21,7 @@ def add_encode_parser(sub):
     p.add_argument("gallery", help="folder of images or video files (searched recursively), frame features "
                                    "(folder of <id>.npy or an .h5 file), or a captions file")
     p.add_argument("--out", required=True, help="index directory to create or update")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint directory or bundled model name (default: the bundled model)")
     p.add_argument("--engine", default="auto", choices=["auto", *ENGINES],
                    help=f"search engine (auto: HNSW from {FAISS_THRESHOLD:,} items; IVF-PQ, compressed codes "
                         "re-ranked exactly, once the rows take 8 GiB)")

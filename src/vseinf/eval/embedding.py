@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..data.images import BadImageError, ImageDataset
 from ..data.splits import CaptionSplit, open_split, resolve_data_path
 from ..features import image_sets, text_sets, uses_image_cache, uses_text_cache
-from ..model import VSEModel, load_model
+from ..model import VSEModel, checkpoint_path, load_model
 from .ensemble import ensemble_embeddings
 from .metrics import (
     evaluate_protocol_from_embeddings,
@@ -138,8 +138,8 @@ def evaluate_split(model: VSEModel, image: Any, text: Any, device="cpu", num_wor
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its ``best/``)."""
-    path = Path(path)
+    """A checkpoint directory, a run directory (its ``best/``) or a bundled model's name."""
+    path = checkpoint_path(path)
     if (path / "model.safetensors").is_file():
         return path
     if (path / "best" / "model.safetensors").is_file():

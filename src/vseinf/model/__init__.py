@@ -3,6 +3,18 @@
 released weights (:mod:`.convert`). The towers' parts live in :mod:`vseinf.encoders` (CNNs, text
 transformers, heads) and :mod:`vseinf.pooling` (GPO)."""
 
-from .vse import BUNDLED_DIR, TextOnlyVSEModel, VSEModel, build_model, load_model, save_model
+from .vse import (
+    BUNDLED_DIR,
+    BUNDLED_MODELS,
+    DEFAULT_BUNDLED,
+    TextOnlyVSEModel,
+    VSEModel,
+    build_model,
+    bundled_name,
+    checkpoint_path,
+    load_model,
+    save_model,
+)
 
-__all__ = ["BUNDLED_DIR", "TextOnlyVSEModel", "VSEModel", "build_model", "load_model", "save_model"]
+__all__ = ["BUNDLED_DIR", "BUNDLED_MODELS", "DEFAULT_BUNDLED", "TextOnlyVSEModel", "VSEModel", "build_model",
+           "bundled_name", "checkpoint_path", "load_model", "save_model"]

@@ -2,6 +2,7 @@
 
     >>> import vseinf
     >>> model = vseinf.load_model()                       # the bundled Flickr8k model
+    >>> same = vseinf.load_model("flickr8k-effnet-minilm")   # a bundled model by name
     >>> img = model.encode_images(["photo.jpg"])          # n × d, unit norm
     >>> txt = model.encode_texts(["a dog on the beach"])  # m × d, unit norm
     >>> scores = img @ txt.T
@@ -44,7 +45,16 @@ from ..encoders.text import (
 from ..losses import DEFAULT_LOGIT_SCALE
 from .checkpoint import CheckpointError, check_shapes, load_checkpoint, save_checkpoint, upgrade_state_dict
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "flickr8k_effnet_minilm"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+# The models shipped inside the package, by name (README, "The bundled models": how each was trained, its
+# scores). ``load_model()`` and ``vseinf demo`` use DEFAULT_BUNDLED; every command that takes a
+# checkpoint directory also takes one of these names.
+BUNDLED_MODELS = {
+    # gpo+max heads on EfficientNet-Lite0 grids, both backbones frozen (cached features), 7 MB
+    "flickr8k-effnet-minilm": ASSETS_DIR / "flickr8k_effnet_minilm",
+}
+DEFAULT_BUNDLED = "flickr8k-effnet-minilm"
+BUNDLED_DIR = BUNDLED_MODELS[DEFAULT_BUNDLED]
 # The text transformer's token/position embeddings: left at their pretrained values (and not stored)
 # when a run fine-tunes the transformer with train.text_train_embeddings off.
 TEXT_EMBEDDINGS = "text.bert.embeddings."
@@ -475,16 +485,34 @@ def save_model(model: VSEModel, path: str | Path, run_config: RunConfig, metrics
     return save_checkpoint(path, state, config, metrics, trainer_state)
 
 
+def checkpoint_path(path: str | os.PathLike | None) -> Path:
+    """The folder of a checkpoint given as a path or as a bundled model's name (None: the default
+    bundled model). A folder of that name in the working directory wins over the bundled one."""
+    if path is None:
+        return BUNDLED_DIR
+    if isinstance(path, str) and path in BUNDLED_MODELS and not Path(path).exists():
+        return BUNDLED_MODELS[path]
+    return Path(path)
+
+
+def bundled_name(path: str | os.PathLike | None) -> str | None:
+    """The name of the bundled model stored at ``path``, or None when it is not one of them."""
+    if path is None:
+        return None
+    where = Path(path).resolve()
+    return next((name for name, folder in BUNDLED_MODELS.items() if folder.resolve() == where), None)
+
+
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu",
                text_only: bool = False) -> VSEModel:
     """Load a checkpoint directory saved by vseinf (default: the bundled Flickr8k model).
 
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory, or the name of a bundled model (:data:`BUNDLED_MODELS`).
         device: where the model runs.
         text_only: load only the text tower (a :class:`TextOnlyVSEModel`), for text queries.
     """
-    path = Path(path) if path is not None else BUNDLED_DIR
+    path = checkpoint_path(path)
     state, config_dict, metrics = load_checkpoint(path)
     vocab = _string_list(config_dict.pop(VOCAB_KEY, None), path, VOCAB_KEY)
     skipped = tuple(_string_list(config_dict.pop("stored_prefixes_skipped", []), path, "stored_prefixes_skipped"))

@@ -359,7 +359,7 @@ def meta_schema():
     version of vseinf adds are allowed (an index stays readable); the ones read here must have
     the right types.
     """
-    from typing import Literal, Optional
+    from typing import Literal, Optional, Union
 
     from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -370,7 +370,7 @@ def meta_schema():
 
     class ModelInfo(Open):
         checkpoint: Optional[StrictStr] = None
-        bundled: StrictBool = False
+        bundled: Union[StrictStr, StrictBool, None] = None  # a bundled model's name (True: older indexes)
         config_hash: Optional[StrictStr] = None  # without them the index matches no model: search says so
         weights_hash: Optional[StrictStr] = None
         embed_dim: Optional[StrictInt] = positive

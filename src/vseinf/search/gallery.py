@@ -350,8 +350,9 @@ class Gallery:
 
         info = self.meta["model"]
         if model_path is None:
-            if info.get("bundled"):
-                model = load_model(device=device, text_only=text_only)
+            if info.get("bundled"):  # a name; True in indexes older than the named bundled models
+                name = info["bundled"] if isinstance(info["bundled"], str) else None
+                model = load_model(name, device=device, text_only=text_only)
             elif info.get("checkpoint") and Path(info["checkpoint"]).is_dir():
                 model = load_model(info["checkpoint"], device=device, text_only=text_only)
             else:

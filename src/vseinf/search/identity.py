@@ -19,7 +19,7 @@ def _sha256_file(path: Path) -> str:
 
 def model_identity(model) -> dict:
     """What makes two models' embeddings comparable: config hash + weights hash (+ where it came from)."""
-    from ..model import BUNDLED_DIR  # lazy: see vseinf.search
+    from ..model import bundled_name  # lazy: see vseinf.search
 
     ckpt = getattr(model, "checkpoint_path", None)
     config = None
@@ -42,10 +42,10 @@ def model_identity(model) -> dict:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         weights_hash = h.hexdigest()[:16]
-    bundled = ckpt is not None and Path(ckpt).resolve() == BUNDLED_DIR.resolve()
     return {
         "checkpoint": None if ckpt is None else str(Path(ckpt).resolve()),
-        "bundled": bool(bundled),
+        # the bundled model's name: found again by name when the package moves (a reinstall)
+        "bundled": bundled_name(ckpt),
         "config_hash": config_hash,
         "weights_hash": weights_hash,
         "embed_dim": int(model.config.embed_dim),

@@ -453,7 +453,7 @@ def gallery_info(gallery: Gallery, model, max_k: int, max_query_chars: int, max_
             "video_source": gallery.video_source, "image_queries": accepts_image_queries(gallery, model),
             # the checkpoint's folder name only: the page needs no paths of the serving machine
             "model": {"checkpoint": Path(m["checkpoint"]).name if m.get("checkpoint") else None,
-                      "bundled": m.get("bundled", False), "config_hash": m.get("config_hash")},
+                      "bundled": m.get("bundled") or None, "config_hash": m.get("config_hash")},
             "skipped": len(gallery.meta.get("skipped", [])), "max_k": max_k,
             "max_query_chars": max_query_chars, "max_upload_bytes": max_upload_bytes}
 
