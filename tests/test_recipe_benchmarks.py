@@ -28,6 +28,19 @@ def test_every_vseinf_row_is_a_valid_config(name, tmp_path):
         assert Path(cfg.train.init_from).parent.parent == tmp_path
 
 
+@pytest.mark.parametrize("config, row", [("flickr8k_effnet_gpo_max.yaml", "gpo+max-effnet"),
+                                         ("flickr8k_effnet_ft_text.yaml", "ft-text-layers-effnet-2ep")])
+def test_the_bundled_models_configs_are_their_ablation_rows(config, row, tmp_path):
+    """The README reproduces each bundled model from a config file; the number it reports is the
+    ablation row's: the two must be the same run."""
+    cmd = recipe_ablation.command(row, tmp_path / row, str(BENCHMARKS.parent / "configs" / "flickr8k.yaml"))
+    args = cmd[cmd.index("auto") + 1:]
+    from_row = load_config(BENCHMARKS.parent / "configs" / "flickr8k.yaml",
+                           [(args[i].removeprefix("--"), args[i + 1]) for i in range(0, len(args), 2)])
+    from_file = load_config(BENCHMARKS.parent / "configs" / config, [("train.init_from", from_row.train.init_from)])
+    assert from_file.to_dict() == from_row.to_dict()
+
+
 @pytest.mark.parametrize("per_photo", [[5] * 300, [1, 2, 3, 4, 5, 6, 7] * 40])
 def test_both_sampling_orders_use_every_caption_once(per_photo):
     cap2img = torch.repeat_interleave(torch.arange(len(per_photo)), torch.tensor(per_photo))
