@@ -86,3 +86,16 @@ def test_bundle_model_halves_the_weights_and_checks_the_embeddings(flickr8k_root
     monkeypatch.setattr(sys, "argv", argv[:2] + [str(tmp_path / "refused")] + argv[3:] + ["--min-cosine", "1.01"])
     assert bundle_model.main() == 1
     assert not (tmp_path / "refused").exists()
+
+
+def test_finetune_curve_counts_each_epochs_training_time():
+    import finetune_curve
+
+    log = [{"step": 50, "sec_per_step": 2.0}, {"step": 60, "sec_per_step": 3.0},
+           {"epoch": 1, "val": {"rsum": 250.0}},
+           {"step": 100, "sec_per_step": 1.5},
+           {"step": 80, "sec_per_step": 9.0},  # resumed from step 80: 81-100 run (and are counted) again
+           {"step": 120, "sec_per_step": 1.5},
+           {"epoch": 2, "val": {"rsum": 300.123}}]
+    assert finetune_curve.epoch_curve(log) == [{"epoch": 1, "rsum": 250.0, "train_min": round(130 / 60, 1)},
+                                               {"epoch": 2, "rsum": 300.12, "train_min": round(120 / 60, 1)}]
