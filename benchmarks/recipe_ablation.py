@@ -113,6 +113,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                   "for two epochs (468 steps)",
                                   STAGE2_EFFNET + ["--train.finetune_text", "true", "--train.text_train_embeddings",
                                                    "false", "--train.epochs", "2"]),
+    "ft-text-layers-effnet-4ep": ("ft-text-layers-effnet-2ep, then two more epochs of the same (lr ÷ 10 in the "
+                                  "second; the optimizer starts fresh)",
+                                  [a.replace("gpo+max-effnet/", "ft-text-layers-effnet-2ep/") for a in STAGE2_EFFNET]
+                                  + ["--train.finetune_text", "true", "--train.text_train_embeddings", "false",
+                                     "--train.epochs", "2", "--train.lr_decay_epoch", "1"]),
     "ft-cnn-effnet-stage2": ("gpo+max-effnet, then EfficientNet-Lite0 fine-tuned for 47 steps",
                              STAGE2_EFFNET + ["--train.finetune_backbone", "true", "--train.max_steps_per_epoch", "47"]),
 }
