@@ -14,7 +14,8 @@ def add_demo_parser(sub):
                        description="Index scikit-image's sample photos (or --images DIR) with the bundled model, "
                                    "run a few example queries and show how to open the web page.")
     p.add_argument("--images", help="a folder of your own photos instead of the samples")
-    p.add_argument("--model", help="checkpoint directory or bundled model name (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint directory or bundled model name (default: the bundled model, "
+                                  "flickr8k-effnet-minilm-ft; flickr8k-effnet-minilm is the smaller frozen-backbone one)")
     p.add_argument("--out", help="demo working folder (default: $VSEINF_CACHE/demo or ~/.cache/vseinf/demo)")
     p.add_argument("--query", action="append", help="a query to run (repeatable; default: a few examples)")
     p.add_argument("-k", type=positive_int, default=3, help="results per query")
