@@ -98,6 +98,7 @@ def test_missing_bundled_model_says_what_to_do(tmp_path, monkeypatch):
 
 def test_bundled_models_are_found_by_name_even_after_the_package_moves(tiny_checkpoint, tmp_path, monkeypatch):
     import vseinf.model.vse as vse
+    from vseinf.eval.embedding import resolve_checkpoint
     from vseinf.model import load_model
     from vseinf.search.build import encode_gallery
 
@@ -106,6 +107,7 @@ def test_bundled_models_are_found_by_name_even_after_the_package_moves(tiny_chec
     monkeypatch.setattr(vse, "BUNDLED_MODELS", {"tiny-bundled": installed})
     model = load_model("tiny-bundled")
     assert model.checkpoint_path == installed
+    assert resolve_checkpoint("tiny-bundled") == installed  # what eval and plot-pooling take
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy2(demo.sample_images_dir() / "coffee.png", photos / "coffee.png")
