@@ -109,6 +109,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                                  "--train.max_steps_per_epoch", "47"]),
     "ft-text-effnet-stage2": ("gpo+max-effnet, then MiniLM fine-tuned for one epoch (234 steps)",
                               STAGE2_EFFNET + ["--train.finetune_text", "true"]),
+    "ft-both-effnet-stage2": ("gpo+max-effnet, then MiniLM and EfficientNet-Lite0 fine-tuned for 47 steps",
+                              STAGE2_EFFNET + ["--train.finetune_text", "true", "--train.finetune_backbone", "true",
+                                               "--train.max_steps_per_epoch", "47"]),
     "ft-text-layers-effnet-2ep": ("gpo+max-effnet, then MiniLM's layers fine-tuned (its embeddings left pretrained) "
                                   "for two epochs (468 steps)",
                                   STAGE2_EFFNET + ["--train.finetune_text", "true", "--train.text_train_embeddings",
